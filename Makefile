@@ -1,0 +1,25 @@
+# The two commands of the README. Both set everything up first (idempotent, fast when done).
+.PHONY: setup profile test golden gpu-check lint
+
+setup:
+	@bash scripts/setup.sh
+
+# The main job: fused against unfused, side by side, on every device present.
+profile: setup
+	cargo bench --bench profile
+
+# All tests (no GPU needed), plus the golden runner's report.
+test: setup
+	cargo test --release
+	cargo run --release --example golden -- tests/data/mmdet_cases.json --only FocalLoss,QualityFocalLoss,VarifocalLoss
+
+golden: setup
+	cargo run --release --example golden -- tests/data/mmdet_cases.json
+
+# Builds the bundle that scripts/gpu-check.sh runs on a GPU machine without Rust.
+gpu-check: setup
+	bash scripts/gpu-check.sh build
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings

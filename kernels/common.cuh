@@ -1,0 +1,114 @@
+// Shared by every kernel body and both executors: the argument block, the portability macro
+// and the numerically stable building blocks of the sigmoid-family losses.
+//
+// This header is compiled twice: by nvcc for the device executor (kernels.cu) and by the host
+// C++ compiler for the CPU executor (host.cpp). Nothing here may depend on either side.
+#pragma once
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define DL_HD __host__ __device__ __forceinline__
+#else
+#define DL_HD inline __attribute__((always_inline))
+#endif
+
+#if !defined(__CUDACC__)
+#include <cmath>
+#endif
+
+namespace dl {
+
+// Mirrors `DlArgs` in src/fused.rs (#[repr(C)]); one block describes one launch.
+// Pointers are device addresses on CUDA and host addresses on the CPU.
+struct Args {
+  uint64_t pred;        // [n, c] contiguous, element type T
+  uint64_t target;      // dense: [n, c] contiguous T; labels: [n] int64
+  uint64_t score;       // labels + scores (QFL): [n] T
+  uint64_t weight;      // 0 or T; element (i, j) at i * w_sn + j * w_sc, w_sc in {0, 1}
+  uint64_t avg_factor;  // 0 or a 0-dim tensor of the accumulation type
+  uint64_t grad_out;    // backward: upstream gradient T at i * g_sn + j * g_sc, g_sc in {0, 1}
+  uint64_t out;         // forward: loss ('none') or the reduced scalar; backward: grad of pred
+  uint64_t partials;    // forward reductions on CUDA: one accumulation-type value per block
+  int64_t n, c;
+  int64_t w_sn, w_sc, g_sn, g_sc;
+  double avg_factor_value;  // used when has_avg_factor == 1
+  double loss_weight;
+  double p0, p1;  // loss parameters (focal: gamma, alpha; QFL: beta; VFL: gamma, alpha)
+  int32_t flags;  // FLAG_* below
+  int32_t target_mode;
+  int32_t reduction;
+  int32_t has_avg_factor;  // 0 none, 1 avg_factor_value, 2 the avg_factor pointer
+  int32_t n_partials;
+  int32_t pad_;
+};
+
+enum : int32_t { FLAG_ACTIVATED = 1, FLAG_IOU_WEIGHTED = 2, FLAG_ROW_SUM = 4, FLAG_STRICT_LABELS = 8 };
+enum : int32_t { TARGET_DENSE = 0, TARGET_LABELS = 1, TARGET_LABELS_SCORES = 2 };
+enum : int32_t { RED_NONE = 0, RED_MEAN = 1, RED_SUM = 2 };
+enum : int32_t { LOSS_FOCAL = 0, LOSS_QFL = 1, LOSS_VFL = 2 };
+enum : int32_t { PASS_FORWARD = 0, PASS_BACKWARD = 1 };
+enum : int32_t { DT_F32 = 0, DT_F64 = 1, DT_F16 = 2, DT_BF16 = 3 };
+
+// torch.finfo(torch.float32).eps, which MMDetection adds to avg_factor whatever the dtype.
+constexpr double AVG_FACTOR_EPS = 1.1920928955078125e-07;
+
+// The math functions, named once so that each executor can pick the vectorizable or the
+// device overloads (the host build declares the glibc vector variants for float and double).
+DL_HD float dl_exp(float x) { return expf(x); }
+DL_HD double dl_exp(double x) { return exp(x); }
+DL_HD float dl_log(float x) { return logf(x); }
+DL_HD double dl_log(double x) { return log(x); }
+DL_HD float dl_log1p(float x) { return log1pf(x); }
+DL_HD double dl_log1p(double x) { return log1p(x); }
+#if defined(__CUDA_ARCH__)
+// libdevice's pow is a large out-of-line routine that spills; the bases here are >= 0 (|d|, pt),
+// so exp2(y log2 x), with torch's 0^0 = 1 and 0^y = 0 for y > 0, serves.
+DL_HD float dl_pow(float x, float y) { return x == 0.f ? (y == 0.f ? 1.f : 0.f) : exp2f(y * log2f(x)); }
+DL_HD double dl_pow(double x, double y) { return x == 0.0 ? (y == 0.0 ? 1.0 : 0.0) : exp2(y * log2(x)); }
+#else
+DL_HD float dl_pow(float x, float y) { return powf(x, y); }
+DL_HD double dl_pow(double x, double y) { return pow(x, y); }
+#endif
+
+template <class A> DL_HD A dl_min(A a, A b) { return a < b ? a : b; }
+template <class A> DL_HD A dl_max(A a, A b) { return a > b ? a : b; }
+template <class A> DL_HD A dl_abs(A a) { return a < A(0) ? -a : a; }
+// torch.sign: 0 at 0, so |d| has gradient 0 there, as in autograd.
+template <class A> DL_HD A dl_sign(A a) { return A((a > A(0)) - (a < A(0))); }
+
+// x^y for the exponents of the loss definitions. POW2 is the default exponent (2.0), done with a
+// multiplication; the general path is pow(), whose 0^0 = 1 matches torch.
+template <bool POW2, class A> DL_HD A dl_powe(A x, A y) {
+  if (POW2) return x * x;
+  return dl_pow(x, y);
+}
+// d/dx x^y = y * x^(y-1); torch's pow backward is exactly 0 when y == 0.
+template <bool POW2, class A> DL_HD A dl_dpowe(A x, A y) {
+  if (POW2) return A(2) * x;
+  return y == A(0) ? A(0) : y * dl_pow(x, y - A(1));
+}
+
+// The sigmoid of a logit and BCE-with-logits, stable for every finite x: exp() only ever sees
+// -|x|, and log(sigmoid) is taken through log1p. The BCE form is torch's
+// (1 - t) x - log_sigmoid(x), with log_sigmoid(x) = min(x, 0) - log1p(exp(-|x|)).
+template <class A> struct Logit {
+  A p;    // sigmoid(x)
+  A bce;  // binary_cross_entropy_with_logits(x, t)
+  DL_HD Logit(A x, A t) {
+    A e = dl_exp(-dl_abs(x));
+    A r = A(1) / (A(1) + e);
+    p = x >= A(0) ? r : e * r;
+    bce = (A(1) - t) * x - dl_min(x, A(0)) + dl_log1p(e);
+  }
+};
+
+// F.binary_cross_entropy on a probability, with torch's clamp of each log term at -100 and its
+// gradient (p - t) / max(p (1 - p), 1e-12).
+template <class A> DL_HD A bce_prob(A p, A t) {
+  return (t - A(1)) * dl_max(dl_log1p(-p), A(-100)) - t * dl_max(dl_log(p), A(-100));
+}
+template <class A> DL_HD A bce_prob_grad(A p, A t) {
+  return (p - t) / dl_max((A(1) - p) * p, A(1e-12));
+}
+
+}  // namespace dl

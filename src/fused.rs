@@ -1,0 +1,395 @@
+//! The one place that runs a fused kernel: input checks, the argument block, dispatch to the
+//! CPU or CUDA executor, and the autograd node whose backward is the fused backward pass.
+//!
+//! A loss module (focal.rs, ...) only says which kernel body, with which parameters and
+//! MMDetection broadcasting, and hands its tensors here.
+
+use anyhow::{bail, ensure, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::reduction::{check_avg_factor, AvgFactor, Reduction};
+
+/// The kernel bodies in `kernels/` (ids shared with `common.cuh`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Body {
+    Focal = 0,
+    QualityFocal = 1,
+    Varifocal = 2,
+}
+
+impl Body {
+    fn kernel_name(self) -> &'static str {
+        match self {
+            Body::Focal => "focal",
+            Body::QualityFocal => "quality_focal",
+            Body::Varifocal => "varifocal",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pass {
+    Forward = 0,
+    Backward = 1,
+}
+
+const FLAG_ACTIVATED: i32 = 1;
+const FLAG_IOU_WEIGHTED: i32 = 2;
+const FLAG_ROW_SUM: i32 = 4;
+const FLAG_STRICT_LABELS: i32 = 8;
+
+/// Mirrors `dl::Args` in kernels/common.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct DlArgs {
+    pub pred: u64,
+    pub target: u64,
+    pub score: u64,
+    pub weight: u64,
+    pub avg_factor: u64,
+    pub grad_out: u64,
+    pub out: u64,
+    pub partials: u64,
+    pub n: i64,
+    pub c: i64,
+    pub w_sn: i64,
+    pub w_sc: i64,
+    pub g_sn: i64,
+    pub g_sc: i64,
+    pub avg_factor_value: f64,
+    pub loss_weight: f64,
+    pub p0: f64,
+    pub p1: f64,
+    pub flags: i32,
+    pub target_mode: i32,
+    pub reduction: i32,
+    pub has_avg_factor: i32,
+    pub n_partials: i32,
+    pub pad: i32,
+}
+
+/// What a loss module asks of the executor.
+#[derive(Clone, Debug)]
+pub(crate) struct Spec {
+    pub body: Body,
+    /// The MMDetection class name, for errors and the autograd node.
+    pub name: &'static str,
+    pub p0: f64,
+    pub p1: f64,
+    pub activated: bool,
+    pub iou_weighted: bool,
+    /// The loss of an anchor is the sum over its classes (QFL): 'none' gives (N,) and 'mean'
+    /// divides by N.
+    pub row_sum: bool,
+    /// Labels must lie in [0, C] (C = background); otherwise anything outside [0, C) is background.
+    pub strict_labels: bool,
+    pub loss_weight: f64,
+    pub reduction: Reduction,
+}
+
+/// The target as the kernels read it.
+pub(crate) enum KTarget<'a> {
+    /// (N, C), any floating kind (converted to pred's).
+    Dense(&'a Tensor),
+    /// Class indices (N,).
+    Labels(&'a Tensor),
+    /// Class indices and the score of each anchor's class (N,), (N,).
+    LabelsScores(&'a Tensor, &'a Tensor),
+}
+
+/// Tensors prepared for the kernels, kept by the autograd node for the backward pass (the
+/// pointers in `args` point into them).
+struct Prepared {
+    spec: Spec,
+    args: DlArgs,
+    kind: Kind,
+    device: Device,
+    /// pred, target, score, weight and avg_factor as the kernels read them.
+    _keep: Vec<Tensor>,
+}
+
+fn dtype_code(kind: Kind) -> Option<i32> {
+    match kind {
+        Kind::Float => Some(0),
+        Kind::Double => Some(1),
+        Kind::Half => Some(2),
+        Kind::BFloat16 => Some(3),
+        _ => None,
+    }
+}
+
+/// The accumulation kind of the kernels for an input kind.
+fn acc_kind(kind: Kind) -> Kind {
+    if kind == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
+}
+
+fn ptr(t: &Tensor) -> u64 {
+    if t.numel() == 0 {
+        0
+    } else {
+        t.data_ptr() as u64
+    }
+}
+
+fn same_device(name: &str, what: &str, t: &Tensor, device: Device) -> Result<()> {
+    ensure!(
+        t.device() == device,
+        "{name}: {what} is on {:?} but pred is on {:?}; move them to one device",
+        t.device(),
+        device
+    );
+    Ok(())
+}
+
+/// Runs the fused forward pass and records its backward. `weight` must already have the
+/// loss's MMDetection shape handling applied; here it is broadcast (plain torch rules) against
+/// (N, C) or, for row-sum losses, (N, 1).
+pub(crate) fn run(
+    spec: Spec,
+    pred: &Tensor,
+    target: KTarget<'_>,
+    weight: Option<&Tensor>,
+    avg_factor: Option<&AvgFactor>,
+) -> Result<Tensor> {
+    let name = spec.name;
+    let p = prepare(spec, pred, target, weight, avg_factor)?;
+    let out_shape: Vec<i64> = match (p.spec.reduction, p.spec.row_sum) {
+        (Reduction::None, false) => vec![p.args.n, p.args.c],
+        (Reduction::None, true) => vec![p.args.n],
+        _ => vec![],
+    };
+    let out = Tensor::f_empty(out_shape.as_slice(), (p.kind, p.device))?;
+    let mut args = p.args;
+    args.out = ptr(&out);
+    launch(&p, Pass::Forward, &mut args)?;
+
+    crate::autograd::record(
+        &format!("{name}Backward"),
+        &[pred],
+        &[&out],
+        move |grads: &[Tensor]| Ok(vec![Some(backward(&p, &grads[0])?)]),
+    )?;
+    Ok(out)
+}
+
+fn prepare(
+    spec: Spec,
+    pred: &Tensor,
+    target: KTarget<'_>,
+    weight: Option<&Tensor>,
+    avg_factor: Option<&AvgFactor>,
+) -> Result<Prepared> {
+    let name = spec.name;
+    let kind = pred.f_kind()?;
+    let dtype = dtype_code(kind);
+    ensure!(
+        dtype.is_some(),
+        "{name}: pred must be float32, float64, float16 or bfloat16, got {kind:?}"
+    );
+    ensure!(
+        pred.dim() == 2,
+        "{name}: pred must be (N, C), got shape {:?}",
+        pred.size()
+    );
+    let device = pred.device();
+    ensure!(
+        matches!(device, Device::Cpu | Device::Cuda(_)),
+        "{name}: pred is on {device:?}; only CPU and CUDA are supported"
+    );
+    let (n, c) = (pred.size()[0], pred.size()[1]);
+    let reduction = spec.reduction;
+    check_avg_factor(reduction, avg_factor).context(name)?;
+
+    let pred_c = pred.detach().contiguous();
+    let mut args = DlArgs {
+        pred: ptr(&pred_c),
+        n,
+        c,
+        loss_weight: spec.loss_weight,
+        p0: spec.p0,
+        p1: spec.p1,
+        reduction: reduction as i32,
+        ..Default::default()
+    };
+    args.flags = (if spec.activated { FLAG_ACTIVATED } else { 0 })
+        | (if spec.iou_weighted {
+            FLAG_IOU_WEIGHTED
+        } else {
+            0
+        })
+        | (if spec.row_sum { FLAG_ROW_SUM } else { 0 })
+        | (if spec.strict_labels {
+            FLAG_STRICT_LABELS
+        } else {
+            0
+        });
+
+    let labels = |t: &Tensor| -> Result<Tensor> {
+        same_device(name, "target", t, device)?;
+        ensure!(
+            t.dim() == 1 && t.size()[0] == n,
+            "{name}: class-index target must be ({n},) for pred of shape {:?}, got {:?}",
+            pred.size(),
+            t.size()
+        );
+        ensure!(
+            matches!(
+                t.kind(),
+                Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
+            ),
+            "{name}: class-index target must be an integer tensor, got {:?}",
+            t.kind()
+        );
+        Ok(t.to_kind(Kind::Int64).contiguous())
+    };
+    let (target_t, score) = match target {
+        KTarget::Dense(t) => {
+            same_device(name, "target", t, device)?;
+            ensure!(
+                t.size() == pred.size(),
+                "{name}: target must have pred's shape {:?}, got {:?}",
+                pred.size(),
+                t.size()
+            );
+            args.target_mode = 0;
+            (t.detach().to_kind(kind).contiguous(), None)
+        }
+        KTarget::Labels(t) => {
+            args.target_mode = 1;
+            (labels(t)?, None)
+        }
+        KTarget::LabelsScores(l, s) => {
+            args.target_mode = 2;
+            let l = labels(l)?;
+            same_device(name, "score", s, device)?;
+            ensure!(
+                s.dim() == 1 && s.size()[0] == n,
+                "{name}: score must be ({n},), got {:?}",
+                s.size()
+            );
+            ensure!(
+                s.is_floating_point(),
+                "{name}: score must be floating point, got {:?}",
+                s.kind()
+            );
+            (l, Some(s.detach().to_kind(kind).contiguous()))
+        }
+    };
+    args.target = ptr(&target_t);
+    args.score = score.as_ref().map_or(0, ptr);
+
+    let weight = match weight {
+        None => None,
+        Some(w) => {
+            same_device(name, "weight", w, device)?;
+            ensure!(
+                w.is_floating_point()
+                    || w.kind() == Kind::Bool
+                    || w.kind() == Kind::Int64
+                    || w.kind() == Kind::Int,
+                "{name}: weight must be numeric, got {:?}",
+                w.kind()
+            );
+            let shape: Vec<i64> = if spec.row_sum { vec![n, 1] } else { vec![n, c] };
+            let w = w.detach().to_kind(kind);
+            let e = w.f_expand(shape.as_slice(), false).map_err(|_| {
+                anyhow::anyhow!(
+                    "{name}: weight of shape {:?} does not broadcast against the loss of shape {:?}",
+                    w.size(),
+                    if spec.row_sum { vec![n] } else { vec![n, c] }
+                )
+            })?;
+            // The kernels take a row stride and a column stride of 0 or 1.
+            let e = if e.stride()[1] == 0 || e.stride()[1] == 1 || e.size()[1] <= 1 {
+                e
+            } else {
+                e.contiguous()
+            };
+            let st = e.stride();
+            args.w_sn = st[0];
+            args.w_sc = if e.size()[1] <= 1 { 0 } else { st[1] };
+            args.weight = ptr(&e);
+            if args.weight == 0 && n * c > 0 {
+                bail!("{name}: empty weight for a non-empty loss");
+            }
+            Some(e)
+        }
+    };
+
+    let avg_factor = match (reduction, avg_factor) {
+        (Reduction::Mean, Some(AvgFactor::Value(v))) => {
+            args.has_avg_factor = 1;
+            args.avg_factor_value = *v;
+            None
+        }
+        (Reduction::Mean, Some(AvgFactor::Tensor(t))) => {
+            let t = t
+                .detach()
+                .to_device(device)
+                .to_kind(acc_kind(kind))
+                .reshape([1])
+                .contiguous();
+            args.has_avg_factor = 2;
+            args.avg_factor = ptr(&t);
+            Some(t)
+        }
+        _ => None, // 'none' ignores avg_factor, as MMDetection does
+    };
+
+    let _keep = [Some(pred_c), Some(target_t), score, weight, avg_factor]
+        .into_iter()
+        .flatten()
+        .collect();
+    Ok(Prepared {
+        spec,
+        args,
+        kind,
+        device,
+        _keep,
+    })
+}
+
+fn backward(p: &Prepared, grad: &Tensor) -> Result<Tensor> {
+    let name = p.spec.name;
+    let grad = grad.to_kind(p.kind).to_device(p.device).contiguous();
+    let out = Tensor::f_empty([p.args.n, p.args.c], (p.kind, p.device))?;
+    // `args` points into the saved tensors, which the node keeps alive.
+    let mut args = p.args;
+    args.grad_out = ptr(&grad);
+    args.out = ptr(&out);
+    (args.g_sn, args.g_sc) = match (p.spec.reduction, p.spec.row_sum) {
+        (Reduction::None, false) => (p.args.c, 1),
+        (Reduction::None, true) => (1, 0),
+        _ => (0, 0),
+    };
+    launch(p, Pass::Backward, &mut args).with_context(|| format!("{name} backward"))?;
+    Ok(out)
+}
+
+fn launch(p: &Prepared, pass: Pass, args: &mut DlArgs) -> Result<()> {
+    let name = p.spec.name;
+    let dtype = dtype_code(p.kind).expect("checked in prepare");
+    match p.device {
+        Device::Cpu => {
+            let bad = crate::host::run(p.spec.body as i32, pass as i32, dtype, args)
+                .with_context(|| format!("{name}: CPU kernel"))?;
+            if bad > 0 {
+                bail!(
+                    "{name}: {bad} class-index target(s) outside [0, {c}] (0..{c} are classes, {c} is background)",
+                    c = args.c
+                );
+            }
+            Ok(())
+        }
+        Device::Cuda(ordinal) => {
+            let acc = acc_kind(p.kind);
+            crate::cuda::launch(p.spec.body.kernel_name(), pass, p.kind, acc, ordinal, args)
+                .with_context(|| format!("{name}: CUDA kernel"))
+        }
+        d => bail!("{name}: unsupported device {d:?}"),
+    }
+}

@@ -1,0 +1,271 @@
+//! Runs MMDetection reference cases (the `mmdet_cases.json` format of `tests/data/README.md`)
+//! through the public config API: build the loss from the case's config dict, call it with the
+//! case's inputs, and compare the loss and the gradient of its sum with MMDetection's.
+//!
+//! `cargo run --release --example golden -- FILE` prints a report; the test suite asserts that
+//! every case of every shipped loss passes.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use serde_json::Value;
+use tch::{Kind, Tensor};
+
+use crate::{registry, AvgFactor, LossArgs, Reduction, Target};
+
+/// A tensor as the case file stores it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct CaseTensor {
+    /// Its shape.
+    pub shape: Vec<i64>,
+    /// `float64`, `float32` or `int64`.
+    pub dtype: String,
+    /// Row-major values.
+    pub data: Vec<f64>,
+}
+
+impl CaseTensor {
+    /// The tensor, on the CPU.
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        let t = Tensor::from_slice(&self.data).reshape(self.shape.as_slice());
+        Ok(match self.dtype.as_str() {
+            "float64" => t,
+            "float32" => t.to_kind(Kind::Float),
+            "int64" => t.to_kind(Kind::Int64),
+            d => bail!("unknown dtype {d}"),
+        })
+    }
+}
+
+/// One reference case.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Case {
+    /// Its name.
+    pub name: String,
+    /// The MMDetection class.
+    pub loss: String,
+    /// The config dict.
+    pub config: Value,
+    /// The call's arguments.
+    pub call: Value,
+    /// Named inputs (`pred`, `target`, ...).
+    pub inputs: serde_json::Map<String, Value>,
+    /// `loss` and `grad_pred` (absent for error cases).
+    #[serde(default)]
+    pub outputs: Option<serde_json::Map<String, Value>>,
+    /// Successive calls on one loss object (stateful losses).
+    #[serde(default)]
+    pub sequence: Option<Vec<Value>>,
+    /// What MMDetection raised (error cases).
+    #[serde(default)]
+    pub error: Option<Value>,
+}
+
+/// A whole case file.
+#[derive(Clone, Debug, Deserialize)]
+pub struct CaseFile {
+    /// Cases with outputs.
+    pub cases: Vec<Case>,
+    /// Cases that MMDetection rejects.
+    #[serde(default)]
+    pub error_cases: Vec<Case>,
+}
+
+impl CaseFile {
+    /// Reads a case file.
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// How one case went.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Loss and gradient within tolerance; the worst relative errors.
+    Pass {
+        /// Of the loss.
+        loss_err: f64,
+        /// Of the gradient.
+        grad_err: f64,
+    },
+    /// An expected error was raised; its message.
+    Rejected(String),
+    /// Wrong result, or an unexpected error.
+    Fail(String),
+    /// The loss type is not registered (yet).
+    Unsupported,
+}
+
+/// The error of `got` against `want`, relative to `want`'s largest magnitude.
+pub fn rel_err(got: &Tensor, want: &Tensor) -> Result<f64> {
+    if got.size() != want.size() {
+        bail!("shape {:?}, expected {:?}", got.size(), want.size());
+    }
+    if want.numel() == 0 {
+        return Ok(0.0);
+    }
+    let got = got.to_kind(Kind::Double);
+    let want = want.to_kind(Kind::Double);
+    // NaN in the same places counts as equal.
+    let both_nan = got.isnan().logical_and(&want.isnan());
+    let diff = (&got - &want).abs().masked_fill(&both_nan, 0.0);
+    let scale = want
+        .abs()
+        .masked_fill(&want.isnan(), 0.0)
+        .max()
+        .double_value(&[])
+        .max(f64::MIN_POSITIVE);
+    let d = diff.max().double_value(&[]);
+    Ok(if d.is_nan() { f64::INFINITY } else { d / scale })
+}
+
+fn input(inputs: &serde_json::Map<String, Value>, key: &str) -> Result<Option<Tensor>> {
+    match inputs.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => Ok(Some(
+            serde_json::from_value::<CaseTensor>(v.clone())?.to_tensor()?,
+        )),
+    }
+}
+
+/// Calls the loss on one set of inputs; returns the loss and the gradient of its sum.
+fn call(
+    loss: &dyn crate::Loss,
+    call: &Value,
+    inputs: &serde_json::Map<String, Value>,
+) -> Result<(Tensor, Tensor)> {
+    for key in ["label_weight", "ignore_index"] {
+        if call.get(key).is_some_and(|v| !v.is_null()) {
+            bail!("call argument {key} is not supported by this runner");
+        }
+    }
+    let pred = input(inputs, "pred")?
+        .ok_or_else(|| anyhow!("no pred"))?
+        .set_requires_grad(true);
+    let target = input(inputs, "target")?.ok_or_else(|| anyhow!("no target"))?;
+    let score = input(inputs, "score")?;
+    let weight = match call.get("weight").and_then(Value::as_str) {
+        Some("inputs.weight") => input(inputs, "weight")?,
+        _ => None,
+    };
+    let mut args = LossArgs::new();
+    if let Some(w) = &weight {
+        args = args.weight(w);
+    }
+    if let Some(af) = call.get("avg_factor").and_then(Value::as_f64) {
+        args = args.avg_factor(AvgFactor::Value(af));
+    }
+    if let Some(r) = call.get("reduction_override").and_then(Value::as_str) {
+        args = args.reduction(r.parse::<Reduction>()?);
+    }
+    let target = match &score {
+        Some(s) => Target::LabelsScores {
+            labels: &target,
+            scores: s,
+        },
+        None => Target::Tensor(&target),
+    };
+    let out = loss.forward(&pred, target, &args)?;
+    out.f_sum(out.kind())?.f_backward()?;
+    Ok((out.detach(), pred.grad()))
+}
+
+fn tolerance(outputs: &serde_json::Map<String, Value>) -> f64 {
+    // MMDetection computes some losses in float32 even for float64 inputs (README).
+    let f32_loss = outputs
+        .get("loss")
+        .and_then(|l| l.get("dtype"))
+        .and_then(Value::as_str)
+        == Some("float32");
+    if f32_loss {
+        1e-6
+    } else {
+        1e-10
+    }
+}
+
+fn check(
+    loss: &dyn crate::Loss,
+    call_v: &Value,
+    inputs: &serde_json::Map<String, Value>,
+    outputs: &serde_json::Map<String, Value>,
+) -> Result<(f64, f64)> {
+    let (got, grad) = call(loss, call_v, inputs)?;
+    let want = input(outputs, "loss")?.ok_or_else(|| anyhow!("case has no loss output"))?;
+    let want_grad = input(outputs, "grad_pred")?.ok_or_else(|| anyhow!("case has no grad_pred"))?;
+    let tol = tolerance(outputs);
+    let le = rel_err(&got, &want).context("loss")?;
+    let ge = rel_err(&grad, &want_grad).context("grad")?;
+    if !(le <= tol && ge <= tol) {
+        bail!("loss error {le:.3e}, grad error {ge:.3e} (tolerance {tol:.0e})");
+    }
+    Ok((le, ge))
+}
+
+/// One call of a case: its call arguments, inputs and expected outputs.
+type Step = (
+    Value,
+    serde_json::Map<String, Value>,
+    serde_json::Map<String, Value>,
+);
+
+/// Runs one case.
+pub fn run_case(case: &Case) -> Outcome {
+    if !registry::registered_types().contains(&case.loss) {
+        return Outcome::Unsupported;
+    }
+    let result = (|| -> Result<Outcome> {
+        let loss = registry::build(&case.config);
+        if let Some(err) = &case.error {
+            let expected = err
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let outcome = loss.and_then(|l| call(l.as_ref(), &case.call, &case.inputs));
+            return Ok(match outcome {
+                Err(e) => Outcome::Rejected(format!("{e:#}")),
+                Ok(_) => Outcome::Fail(format!(
+                    "accepted an input that MMDetection rejects ({expected})"
+                )),
+            });
+        }
+        let loss = loss?;
+        let steps: Vec<Step> = match &case.sequence {
+            Some(seq) => seq
+                .iter()
+                .map(|s| {
+                    let obj = |k: &str| {
+                        s.get(k)
+                            .and_then(Value::as_object)
+                            .cloned()
+                            .ok_or_else(|| anyhow!("sequence step without {k}"))
+                    };
+                    Ok((
+                        s.get("call").cloned().unwrap_or_else(|| case.call.clone()),
+                        obj("inputs")?,
+                        obj("outputs")?,
+                    ))
+                })
+                .collect::<Result<_>>()?,
+            None => vec![(
+                case.call.clone(),
+                case.inputs.clone(),
+                case.outputs.clone().ok_or_else(|| anyhow!("no outputs"))?,
+            )],
+        };
+        let (mut le, mut ge) = (0f64, 0f64);
+        for (i, (c, inp, out)) in steps.iter().enumerate() {
+            let (l, g) =
+                check(loss.as_ref(), c, inp, out).with_context(|| format!("call {}", i + 1))?;
+            le = le.max(l);
+            ge = ge.max(g);
+        }
+        Ok(Outcome::Pass {
+            loss_err: le,
+            grad_err: ge,
+        })
+    })();
+    result.unwrap_or_else(|e| Outcome::Fail(format!("{e:#}")))
+}

@@ -1,0 +1,108 @@
+//! The common interface of every loss: MMDetection's call
+//! `loss(pred, target, weight=None, avg_factor=None, reduction_override=None)`.
+
+use anyhow::Result;
+use tch::Tensor;
+
+use crate::reduction::{AvgFactor, Reduction};
+
+/// A loss target, as MMDetection's losses accept it.
+///
+/// Most losses take one tensor (class indices or a dense target; the loss tells them apart by
+/// their number of dimensions, as MMDetection does). QualityFocalLoss also takes a
+/// `(labels, scores)` pair.
+#[derive(Clone, Copy, Debug)]
+pub enum Target<'a> {
+    /// One tensor: class indices `(N,)` or a dense target `(N, C)`.
+    Tensor(&'a Tensor),
+    /// QualityFocalLoss's `(labels (N,), scores (N,))`.
+    LabelsScores {
+        /// Class index per anchor; `C` (or anything outside `0..C`) is background.
+        labels: &'a Tensor,
+        /// IoU-quality score of each anchor's positive class.
+        scores: &'a Tensor,
+    },
+}
+
+impl<'a> From<&'a Tensor> for Target<'a> {
+    fn from(t: &'a Tensor) -> Self {
+        Target::Tensor(t)
+    }
+}
+
+impl<'a> From<(&'a Tensor, &'a Tensor)> for Target<'a> {
+    fn from((labels, scores): (&'a Tensor, &'a Tensor)) -> Self {
+        Target::LabelsScores { labels, scores }
+    }
+}
+
+/// The optional arguments of a loss call: `weight`, `avg_factor` and `reduction_override`.
+///
+/// ```
+/// use tch_detloss::{LossArgs, Reduction};
+/// let w = tch::Tensor::ones([8], (tch::Kind::Float, tch::Device::Cpu));
+/// let args = LossArgs::new().weight(&w).avg_factor(4.0);
+/// let sum = LossArgs::new().reduction(Reduction::Sum);
+/// # let _ = (args, sum);
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct LossArgs<'a> {
+    /// Element weights (`label_weights`, `bbox_weights`), broadcast as the loss defines.
+    pub weight: Option<&'a Tensor>,
+    /// The divisor of `mean`.
+    pub avg_factor: Option<AvgFactor>,
+    /// Overrides the configured reduction for this call.
+    pub reduction_override: Option<Reduction>,
+}
+
+impl<'a> LossArgs<'a> {
+    /// No weight, no `avg_factor`, the configured reduction.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Sets the element weights.
+    pub fn weight(mut self, weight: &'a Tensor) -> Self {
+        self.weight = Some(weight);
+        self
+    }
+    /// Sets `avg_factor`: a number or a 0-dim tensor.
+    pub fn avg_factor(mut self, avg_factor: impl Into<AvgFactor>) -> Self {
+        self.avg_factor = Some(avg_factor.into());
+        self
+    }
+    /// Sets `reduction_override`.
+    pub fn reduction(mut self, reduction: Reduction) -> Self {
+        self.reduction_override = Some(reduction);
+        self
+    }
+}
+
+/// A configured loss: what the registry builds from an MMDetection config dict.
+///
+/// ```
+/// use tch_detloss::{losses::FocalLoss, Loss, LossArgs};
+/// use tch::{Device, Kind, Tensor};
+/// let pred = Tensor::randn([6, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+/// let labels = Tensor::from_slice(&[0i64, 1, 2, 3, 3, 1]); // 3 = background
+/// let loss = FocalLoss::default().forward(&pred, (&labels).into(), &LossArgs::new().avg_factor(4.0))?;
+/// loss.backward();
+/// # anyhow::Ok(())
+/// ```
+pub trait Loss: Send + Sync + std::fmt::Debug {
+    /// The MMDetection class name (the config's `type`).
+    fn type_name(&self) -> &str;
+
+    /// The loss, computed by the fused kernels where the loss has them.
+    fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor>;
+
+    /// The same loss composed from stock tch ops, op for op as MMDetection writes it: the
+    /// reference and the baseline to profile against. Defaults to [`Loss::forward`].
+    fn forward_unfused(
+        &self,
+        pred: &Tensor,
+        target: Target<'_>,
+        args: &LossArgs<'_>,
+    ) -> Result<Tensor> {
+        self.forward(pred, target, args)
+    }
+}
