@@ -10,6 +10,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "src/ptxas.rs"]
+#[allow(dead_code)]
+mod ptxas;
+
 const KERNEL_HEADERS: &[&str] = &[
     "kernels/common.cuh",
     "kernels/dispatch.cuh",
@@ -55,23 +59,21 @@ fn main() {
     ];
     let target_arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
 
-    let cxx = |name: &str| {
+    let cxx = || {
         let mut b = cc::Build::new();
         b.cpp(true)
             .std("c++17")
             .define("_GLIBCXX_USE_CXX11_ABI", "1")
             .includes(&includes)
-            .flag_if_supported("-Wno-unused-parameter")
             .flag_if_supported("-Wno-deprecated-declarations")
             .warnings(false);
-        let _ = name;
         b
     };
 
     // The CPU executor. -fno-math-errno/-fno-trapping-math let GCC vectorize the math calls
     // without changing a single result (no fast-math).
     let host = |isa: &str, extra: &[&str]| {
-        let mut b = cxx(isa);
+        let mut b = cxx();
         b.file("kernels/host.cpp")
             .out_dir(PathBuf::from(env::var("OUT_DIR").unwrap()).join(format!("host_{isa}")))
             .opt_level(3)
@@ -84,17 +86,6 @@ fn main() {
         }
         b.compile(&format!("dl_host_{isa}"));
     };
-    host("base", &[]);
-    if target_arch == "x86_64" {
-        host("v3", &["-march=x86-64-v3", "-DDL_SIMD_MATH"]);
-        println!("cargo:rustc-cfg=dl_host_v3");
-        println!("cargo:rustc-link-lib=mvec");
-    }
-
-    cxx("autograd")
-        .file("kernels/autograd.cpp")
-        .opt_level(2)
-        .compile("dl_autograd");
 
     let nvcc = if env::var_os("TCH_DETLOSS_NO_CUDA").is_some() {
         None
@@ -103,25 +94,46 @@ fn main() {
     };
     let cuda_include = nvcc
         .as_ref()
-        .and_then(|n| n.parent()?.parent().map(|p| p.join("include")));
-    let have_c10_cuda = lib_dir.join("libc10_cuda.so").exists();
-    if let (Some(inc), true) = (&cuda_include, have_c10_cuda) {
-        if inc.join("cuda_runtime_api.h").exists() {
-            cxx("stream")
-                .file("kernels/stream.cpp")
-                .include(inc)
-                .opt_level(2)
-                .compile("dl_stream");
-            println!("cargo:rustc-link-lib=dylib=c10_cuda");
-            println!("cargo:rustc-cfg=dl_cuda_stream");
-        }
-    }
+        .and_then(|n| n.parent()?.parent().map(|p| p.join("include")))
+        .filter(|inc| {
+            inc.join("cuda_runtime_api.h").exists() && lib_dir.join("libc10_cuda.so").exists()
+        });
 
-    match &nvcc {
-        Some(nvcc) => {
-            build_fatbin(nvcc);
-            println!("cargo:rustc-cfg=dl_cuda_kernels");
+    // The compilations are independent: run them side by side.
+    std::thread::scope(|s| {
+        s.spawn(|| host("base", &[]));
+        if target_arch == "x86_64" {
+            s.spawn(|| host("v3", &["-march=x86-64-v3", "-DDL_SIMD_MATH"]));
         }
+        s.spawn(|| {
+            cxx()
+                .file("kernels/autograd.cpp")
+                .opt_level(2)
+                .compile("dl_autograd")
+        });
+        if let Some(inc) = &cuda_include {
+            s.spawn(move || {
+                cxx()
+                    .file("kernels/stream.cpp")
+                    .include(inc)
+                    .opt_level(2)
+                    .compile("dl_stream")
+            });
+        }
+        if let Some(nvcc) = &nvcc {
+            s.spawn(move || build_fatbin(nvcc));
+        }
+    });
+    if target_arch == "x86_64" {
+        println!("cargo:rustc-cfg=dl_host_v3");
+        println!("cargo:rustc-link-lib=mvec");
+    }
+    if cuda_include.is_some() {
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+        println!("cargo:rustc-cfg=dl_cuda_stream");
+    }
+    match &nvcc {
+        Some(_) => println!("cargo:rustc-cfg=dl_cuda_kernels"),
         None => println!(
             "cargo:warning=nvcc not found (set TCH_DETLOSS_NVCC or CUDA_HOME, or run scripts/setup.sh): \
              tch-detloss is built for the CPU only"
@@ -178,34 +190,11 @@ fn build_fatbin(nvcc: &Path) {
     if !output.status.success() {
         panic!("nvcc failed on kernels/kernels.cu:\n{log}");
     }
-    // ptxas -v prints, per entry point, "Compiling entry function 'X'" and then its spill counts.
-    let mut current = String::new();
-    let mut spills = Vec::new();
-    for line in log.lines() {
-        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-            current = rest.split('\'').next().unwrap_or_default().to_string()
-                + rest
-                    .split("for '")
-                    .nth(1)
-                    .map(|a| format!(" ({}", a.trim_end_matches('\'')))
-                    .as_deref()
-                    .unwrap_or("")
-                + ")";
-        }
-        if line.contains("bytes spill stores")
-            && !line
-                .trim_start()
-                .starts_with("0 bytes stack frame, 0 bytes spill")
-        {
-            let spilled = line.split(',').any(|part| {
-                let part = part.trim();
-                part.contains("spill") && !part.starts_with("0 ")
-            });
-            if spilled {
-                spills.push(format!("{current}: {}", line.trim()));
-            }
-        }
-    }
+    let spills: Vec<String> = ptxas::parse(&log)
+        .into_iter()
+        .filter(|k| k.spill_bytes > 0)
+        .map(|k| format!("{} ({}): {} bytes", k.name, k.arch, k.spill_bytes))
+        .collect();
     if !spills.is_empty() {
         panic!(
             "register spills in the CUDA kernels:\n{}",

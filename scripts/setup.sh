@@ -38,6 +38,10 @@ NEW=$(cat <<TOML
 LIBTORCH = "$LIBTORCH"
 LIBTORCH_BYPASS_VERSION_CHECK = "0"
 TCH_DETLOSS_NVCC = "$NVCC"
+
+# Doctests get no link arguments from build.rs: give them the rpath to libtorch here.
+[build]
+rustdocflags = ["-C", "link-arg=-Wl,-rpath,$LIBTORCH/lib"]
 TOML
 )
 if [ ! -f "$CONFIG" ] || [ "$(cat "$CONFIG")" != "$NEW" ]; then

@@ -4,9 +4,20 @@
 //! Nothing here reads a device value back to the host, so a training step that calls a loss
 //! stays asynchronous and capturable in a CUDA graph.
 
+pub use crate::ptxas::KernelReport;
+
 /// Whether this build carries CUDA kernels (nvcc was found at build time).
 pub fn kernels_built() -> bool {
     cfg!(dl_cuda_kernels)
+}
+
+/// What ptxas reported for each embedded kernel (registers, spills); empty without kernels.
+pub fn ptxas_report() -> Vec<KernelReport> {
+    #[cfg(dl_cuda_kernels)]
+    let log = include_str!(concat!(env!("OUT_DIR"), "/ptxas.log"));
+    #[cfg(not(dl_cuda_kernels))]
+    let log = "";
+    crate::ptxas::parse(log)
 }
 
 #[cfg(not(dl_cuda_kernels))]

@@ -29,6 +29,7 @@ pub mod golden;
 mod host;
 mod loss;
 pub mod losses;
+mod ptxas;
 pub mod reduction;
 pub mod registry;
 

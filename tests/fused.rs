@@ -1,1 +1,496 @@
+//! The fused kernels against the unfused stock-op compositions (evaluated in float64 on the same
+//! inputs): every loss variant, every dtype, empty and single-class shapes, odd sizes that leave
+//! vector tails, non-contiguous inputs, every weight shape and reduction; gradients of the fused
+//! backward against autograd of the unfused path; and the documented handling of bad inputs.
 
+use rstest::rstest;
+use tch::{Device, Kind, Tensor};
+use tch_detloss::golden::rel_err;
+use tch_detloss::losses::{FocalLoss, QualityFocalLoss};
+use tch_detloss::{registry, AvgFactor, Loss, LossArgs, Reduction, Target};
+
+/// How a variant's target looks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Tgt {
+    Labels,
+    Dense,
+    LabelsScores,
+}
+
+/// The loss variants under test: a config dict and the target it takes.
+const VARIANTS: &[(&str, Tgt, bool)] = &[
+    (r#"{"type": "FocalLoss"}"#, Tgt::Labels, false),
+    (
+        r#"{"type": "FocalLoss", "gamma": 1.5, "alpha": 0.5}"#,
+        Tgt::Labels,
+        false,
+    ),
+    (r#"{"type": "FocalLoss", "gamma": 0.0}"#, Tgt::Labels, false),
+    (
+        r#"{"type": "FocalLoss", "gamma": 2.0, "loss_weight": 0.5}"#,
+        Tgt::Dense,
+        false,
+    ),
+    (
+        r#"{"type": "FocalLoss", "activated": true}"#,
+        Tgt::Labels,
+        true,
+    ),
+    (
+        r#"{"type": "FocalLoss", "activated": true, "gamma": 1.5}"#,
+        Tgt::Dense,
+        true,
+    ),
+    (r#"{"type": "QualityFocalLoss"}"#, Tgt::LabelsScores, false),
+    (
+        r#"{"type": "QualityFocalLoss", "beta": 1.0, "loss_weight": 2.0}"#,
+        Tgt::Dense,
+        false,
+    ),
+    (
+        r#"{"type": "QualityFocalLoss", "activated": true}"#,
+        Tgt::LabelsScores,
+        true,
+    ),
+    (
+        r#"{"type": "QualityFocalLoss", "activated": true, "beta": 1.5}"#,
+        Tgt::Dense,
+        true,
+    ),
+    (r#"{"type": "VarifocalLoss"}"#, Tgt::Dense, false),
+    (
+        r#"{"type": "VarifocalLoss", "iou_weighted": false, "gamma": 1.5, "alpha": 0.5}"#,
+        Tgt::Dense,
+        false,
+    ),
+];
+
+struct Inputs {
+    pred: Tensor,
+    target: Tensor,
+    scores: Option<Tensor>,
+}
+
+impl Inputs {
+    fn target(&self) -> Target<'_> {
+        match &self.scores {
+            Some(s) => Target::LabelsScores {
+                labels: &self.target,
+                scores: s,
+            },
+            None => Target::Tensor(&self.target),
+        }
+    }
+}
+
+/// Random inputs of a variant. `pred` is built transposed (non-contiguous) when asked.
+fn inputs(tgt: Tgt, prob: bool, n: i64, c: i64, kind: Kind, transposed: bool) -> Inputs {
+    let opts = (Kind::Double, Device::Cpu);
+    let mut logits = Tensor::randn([n, c], opts) * 2.5;
+    if prob {
+        logits = logits.sigmoid();
+        if matches!(kind, Kind::Half | Kind::BFloat16) {
+            // A half probability of exactly 0 or 1 has a BCE gradient of 1e12, beyond half's
+            // range (as with stock torch); keep half inputs off the saturated ends.
+            logits = logits.clamp(1e-3, 1.0 - 1e-3);
+        }
+    }
+    let pred = if transposed {
+        logits.t_copy().contiguous().t_()
+    } else {
+        logits
+    };
+    let pred = pred.to_kind(kind);
+    let labels = Tensor::randint(c + 1, [n], (Kind::Int64, Device::Cpu)); // c = background
+    let (target, scores) = match tgt {
+        Tgt::Labels => (labels, None),
+        Tgt::LabelsScores => (labels, Some(Tensor::rand([n], opts).to_kind(kind))),
+        Tgt::Dense => {
+            // Mostly zeros, some soft positives and some exact ones.
+            let soft = Tensor::rand([n, c], opts);
+            let keep = Tensor::rand([n, c], opts).gt(0.7).to_kind(Kind::Double);
+            let ones = Tensor::rand([n, c], opts).gt(0.95).to_kind(Kind::Double);
+            ((soft * keep).maximum(&ones).to_kind(kind), None)
+        }
+    };
+    Inputs {
+        pred,
+        target,
+        scores,
+    }
+}
+
+/// Weight shapes each loss accepts, as MMDetection broadcasts them.
+fn weights(ty: &str, n: i64, c: i64) -> Vec<(&'static str, Option<Tensor>)> {
+    let w = |shape: &[i64]| Some(Tensor::rand(shape, (Kind::Double, Device::Cpu)) + 0.25);
+    let mut v = vec![("none", None)];
+    match ty {
+        "FocalLoss" => {
+            v.push(("(N,)", w(&[n])));
+            v.push(("(N*C,)", w(&[n * c])));
+            v.push(("(N,C)", w(&[n, c])));
+            // A transposed (non-contiguous) (N, C) weight.
+            v.push(("(N,C)^T", w(&[c, n]).map(|t| t.transpose(0, 1))));
+        }
+        "QualityFocalLoss" => {
+            v.push(("(N,)", w(&[n])));
+            v.push(("()", w(&[])));
+        }
+        _ => {
+            v.push(("(N,C)", w(&[n, c])));
+            v.push(("(C,)", w(&[c])));
+            v.push(("(N,1)", w(&[n, 1])));
+        }
+    }
+    v
+}
+
+/// Relative tolerance of a dtype's fused result against the float64 reference.
+fn tolerance(kind: Kind) -> f64 {
+    match kind {
+        Kind::Double => 1e-10,
+        Kind::Float => 2e-5,
+        Kind::Half => 4e-3,
+        _ => 3e-2, // bfloat16: 8 bits of mantissa
+    }
+}
+
+const SHAPES: &[(i64, i64)] = &[(0, 5), (7, 1), (37, 13), (3, 300), (257, 80)];
+const REDUCTIONS: &[(&str, Option<Reduction>, Option<f64>, bool)] = &[
+    ("none", Some(Reduction::None), None, false),
+    ("mean", Some(Reduction::Mean), None, false),
+    ("sum", Some(Reduction::Sum), None, false),
+    ("mean/avg", Some(Reduction::Mean), Some(13.5), false),
+    ("mean/avg-tensor", Some(Reduction::Mean), Some(7.25), true),
+    ("none/avg", Some(Reduction::None), Some(3.0), false),
+    ("config", None, None, false),
+];
+
+fn call_args(
+    w: Option<&Tensor>,
+    red: Option<Reduction>,
+    avg: Option<f64>,
+    avg_tensor: bool,
+    k: Kind,
+) -> LossArgs<'_> {
+    let mut a = LossArgs::new();
+    if let Some(w) = w {
+        a = a.weight(w);
+    }
+    if let Some(r) = red {
+        a = a.reduction(r);
+    }
+    match (avg, avg_tensor) {
+        (Some(v), false) => a.avg_factor(v),
+        (Some(v), true) => a.avg_factor(AvgFactor::Tensor(Tensor::from(v).to_kind(k))),
+        _ => a,
+    }
+}
+
+#[rstest]
+fn fused_matches_unfused(
+    #[values(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)] variant: usize,
+    #[values(Kind::Double, Kind::Float, Kind::Half, Kind::BFloat16)] kind: Kind,
+) {
+    tch::manual_seed(variant as i64 * 31 + kind as i64);
+    let (config, tgt, prob) = VARIANTS[variant];
+    let loss = registry::build_str(config).unwrap();
+    let ty = loss.type_name().to_string();
+    let tol = tolerance(kind);
+    let mut checked = 0;
+    for &(n, c) in SHAPES {
+        for transposed in [false, true] {
+            let inp = inputs(tgt, prob, n, c, kind, transposed);
+            for (wname, weight) in weights(&ty, n, c) {
+                for &(rname, red, avg, avg_tensor) in REDUCTIONS {
+                    let ctx = format!("{config} {kind:?} [{n}, {c}] transposed={transposed} weight={wname} {rname}");
+                    let weight_k = weight.as_ref().map(|w| w.to_kind(kind));
+
+                    // Fused, in the input dtype.
+                    let pred = inp.pred.detach().set_requires_grad(true);
+                    let out = loss
+                        .forward(
+                            &pred,
+                            inp.target(),
+                            &call_args(weight_k.as_ref(), red, avg, avg_tensor, kind),
+                        )
+                        .expect(&ctx);
+                    let upstream =
+                        Tensor::rand(out.size().as_slice(), (Kind::Double, Device::Cpu)) + 0.5;
+                    (&out * upstream.to_kind(out.kind()))
+                        .sum(Kind::Double)
+                        .backward();
+
+                    // Unfused, in float64 on the same values.
+                    let pred64 = inp
+                        .pred
+                        .to_kind(Kind::Double)
+                        .detach()
+                        .set_requires_grad(true);
+                    let scores64 = inp.scores.as_ref().map(|s| s.to_kind(Kind::Double));
+                    let target64 = if tgt == Tgt::Dense {
+                        inp.target.to_kind(Kind::Double)
+                    } else {
+                        inp.target.shallow_clone()
+                    };
+                    let t64 = match &scores64 {
+                        Some(s) => Target::LabelsScores {
+                            labels: &target64,
+                            scores: s,
+                        },
+                        None => Target::Tensor(&target64),
+                    };
+                    let w64 = weight_k.as_ref().map(|w| w.to_kind(Kind::Double));
+                    let want = loss
+                        .forward_unfused(
+                            &pred64,
+                            t64,
+                            &call_args(w64.as_ref(), red, avg, avg_tensor, Kind::Double),
+                        )
+                        .expect(&ctx);
+                    (&want * &upstream).sum(Kind::Double).backward();
+
+                    assert_eq!(out.kind(), kind, "{ctx}: output dtype");
+                    let le = rel_err(&out, &want).expect(&ctx);
+                    let ge = rel_err(&pred.grad(), &pred64.grad()).expect(&ctx);
+                    assert!(le <= tol, "{ctx}: loss error {le:e} > {tol:e}");
+                    assert!(ge <= tol, "{ctx}: grad error {ge:e} > {tol:e}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        checked >= SHAPES.len() * 2 * REDUCTIONS.len() * 2,
+        "only {checked} combinations ran"
+    );
+}
+
+/// The CPU result does not depend on the thread count: the chunking is fixed by the shape and
+/// the partials are added in order.
+#[test]
+fn cpu_result_is_bitwise_independent_of_threads() {
+    let inp = inputs(Tgt::Labels, false, 5000, 80, Kind::Float, false);
+    let loss = FocalLoss::default();
+    let run = |threads: i32| {
+        tch::set_num_threads(threads);
+        let pred = inp.pred.detach().set_requires_grad(true);
+        let l = loss
+            .forward(&pred, inp.target(), &LossArgs::new().avg_factor(100.0))
+            .unwrap();
+        l.backward();
+        (l.double_value(&[]), pred.grad())
+    };
+    let (l1, g1) = run(1);
+    let (l2, g2) = run(2);
+    tch::set_num_threads(2);
+    assert_eq!(l1.to_bits(), l2.to_bits());
+    assert!(g1.equal(&g2));
+}
+
+fn focal_err(pred: &Tensor, target: &Tensor, args: &LossArgs) -> String {
+    let e = FocalLoss::default()
+        .forward(pred, target.into(), args)
+        .expect_err("must be rejected");
+    format!("{e:#}")
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let pred = Tensor::randn([6, 4], (Kind::Float, Device::Cpu));
+    let labels = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 0]);
+    let none = LossArgs::new();
+    // Wrong dims and shapes.
+    assert!(focal_err(&pred.reshape([24]), &labels, &none).contains("(N, C)"));
+    assert!(focal_err(&pred.reshape([2, 3, 4]), &labels, &none).contains("(N, C)"));
+    assert!(focal_err(&pred, &labels.narrow(0, 0, 5), &none).contains("(6,)"));
+    assert!(focal_err(
+        &pred,
+        &Tensor::zeros([6, 5], (Kind::Float, Device::Cpu)),
+        &none
+    )
+    .contains("shape"));
+    // Wrong dtypes.
+    assert!(focal_err(&pred.to_kind(Kind::Int64), &labels, &none).contains("float32"));
+    assert!(focal_err(&pred, &labels.to_kind(Kind::Float), &none).contains("integer"));
+    // Labels below 0 and above C (C = 4 is background and valid).
+    let e = focal_err(&pred, &Tensor::from_slice(&[0i64, 1, 2, 3, -1, 0]), &none);
+    assert!(e.contains("outside [0, 4]"), "{e}");
+    let e = focal_err(&pred, &Tensor::from_slice(&[0i64, 5, 2, 3, 4, 0]), &none);
+    assert!(e.contains("outside [0, 4]"), "{e}");
+    // avg_factor with sum, as MMDetection.
+    let e = focal_err(
+        &pred,
+        &labels,
+        &LossArgs::new().reduction(Reduction::Sum).avg_factor(2.0),
+    );
+    assert!(
+        e.contains("avg_factor can not be used with reduction=\"sum\""),
+        "{e}"
+    );
+    // avg_factor tensor of more than one element.
+    let two = Tensor::from_slice(&[1.0f32, 2.0]);
+    assert!(focal_err(&pred, &labels, &LossArgs::new().avg_factor(&two)).contains("one-element"));
+    // Weights that do not broadcast.
+    let w = Tensor::ones([5], (Kind::Float, Device::Cpu));
+    assert!(focal_err(&pred, &labels, &LossArgs::new().weight(&w)).contains("weight"));
+    // QFL takes (labels, scores) or a dense target; labels alone are not (N, C).
+    let e = QualityFocalLoss::default()
+        .forward(&pred, (&labels).into(), &none)
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("shape"), "{e:#}");
+    // Invalid configs name what is valid.
+    let e = registry::build_str(r#"{"type": "FocalLoss", "gama": 2.0}"#).unwrap_err();
+    assert!(format!("{e:#}").contains("gamma"), "{e:#}");
+    let e = registry::build_str(r#"{"type": "FocalLoss", "use_sigmoid": false}"#).unwrap_err();
+    assert!(format!("{e:#}").contains("use_sigmoid"), "{e:#}");
+    let e = registry::build_str(r#"{"type": "NoSuchLoss"}"#).unwrap_err();
+    assert!(format!("{e:#}").contains("FocalLoss"), "{e:#}");
+    let e = registry::build_str(r#"{"type": "VarifocalLoss", "alpha": -1.0}"#).unwrap_err();
+    assert!(format!("{e:#}").contains("alpha"), "{e:#}");
+}
+
+/// QFL follows MMDetection: any label outside [0, C) is background, not an error.
+#[test]
+fn qfl_labels_out_of_range_are_background() {
+    let pred = Tensor::randn([5, 3], (Kind::Double, Device::Cpu));
+    let scores = Tensor::rand([5], (Kind::Double, Device::Cpu));
+    let odd = Tensor::from_slice(&[-1i64, 3, 7, 0, 2]);
+    let bg = Tensor::from_slice(&[3i64, 3, 3, 0, 2]);
+    let l = QualityFocalLoss::default();
+    let a = l
+        .forward(&pred, (&odd, &scores).into(), &LossArgs::new())
+        .unwrap();
+    let b = l
+        .forward(&pred, (&bg, &scores).into(), &LossArgs::new())
+        .unwrap();
+    assert!(a.allclose(&b, 0.0, 0.0, false));
+}
+
+/// Non-finite logits give what the stock-op composition gives (NaN propagates), never a crash.
+#[test]
+fn non_finite_logits_match_unfused() {
+    for config in [
+        r#"{"type": "FocalLoss"}"#,
+        r#"{"type": "VarifocalLoss"}"#,
+        r#"{"type": "QualityFocalLoss"}"#,
+    ] {
+        let loss = registry::build_str(config).unwrap();
+        let pred =
+            Tensor::from_slice(&[f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.5, -40.0, 40.0])
+                .reshape([3, 2]);
+        let target = Tensor::from_slice(&[1.0f64, 0.0, 1.0, 0.0, 0.5, 1.0]).reshape([3, 2]);
+        let args = LossArgs::new().reduction(Reduction::None);
+        let got = loss.forward(&pred, (&target).into(), &args).unwrap();
+        let want = loss
+            .forward_unfused(&pred, (&target).into(), &args)
+            .unwrap();
+        assert!(
+            got.isnan().equal(&want.isnan()),
+            "{config}: NaN pattern {got} vs {want}"
+        );
+        let finite = want.isfinite();
+        assert!(
+            got.masked_select(&finite)
+                .allclose(&want.masked_select(&finite), 1e-12, 1e-12, false),
+            "{config}"
+        );
+        let mean = loss
+            .forward(&pred, (&target).into(), &LossArgs::new())
+            .unwrap();
+        assert!(
+            mean.double_value(&[]).is_nan(),
+            "{config}: a NaN logit makes the mean NaN"
+        );
+    }
+}
+
+/// An empty batch: 'none' is empty, 'sum' is 0, 'mean' is NaN (0/0, as torch) unless an
+/// avg_factor is given; backward gives an empty gradient.
+#[test]
+fn empty_batch() {
+    let pred = Tensor::zeros([0, 80], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let labels = Tensor::zeros([0], (Kind::Int64, Device::Cpu));
+    let l = FocalLoss::default();
+    let none = l
+        .forward(
+            &pred,
+            (&labels).into(),
+            &LossArgs::new().reduction(Reduction::None),
+        )
+        .unwrap();
+    assert_eq!(none.size(), [0, 80]);
+    let sum = l
+        .forward(
+            &pred,
+            (&labels).into(),
+            &LossArgs::new().reduction(Reduction::Sum),
+        )
+        .unwrap();
+    assert_eq!(sum.double_value(&[]), 0.0);
+    let mean = l
+        .forward(&pred, (&labels).into(), &LossArgs::new())
+        .unwrap();
+    assert!(mean.double_value(&[]).is_nan());
+    let avg = l
+        .forward(&pred, (&labels).into(), &LossArgs::new().avg_factor(1.0))
+        .unwrap();
+    assert_eq!(avg.double_value(&[]), 0.0);
+    avg.backward();
+    assert_eq!(pred.grad().size(), [0, 80]);
+}
+
+/// With no input requiring grad the fused path records nothing.
+#[test]
+fn no_graph_without_requires_grad() {
+    let pred = Tensor::randn([4, 3], (Kind::Float, Device::Cpu));
+    let labels = Tensor::from_slice(&[0i64, 1, 2, 3]);
+    let out = FocalLoss::default()
+        .forward(&pred, (&labels).into(), &LossArgs::new())
+        .unwrap();
+    assert!(!out.requires_grad());
+    let out = tch::no_grad(|| {
+        let p = pred.set_requires_grad(true);
+        FocalLoss::default()
+            .forward(&p, (&labels).into(), &LossArgs::new())
+            .unwrap()
+    });
+    assert!(!out.requires_grad());
+}
+
+/// The kernels were compiled by nvcc into the embedded fatbin (the set-up installs nvcc), with
+/// every entry point present for sm_80 and sm_90 and no register spills.
+#[test]
+fn cuda_kernels_compiled_without_spills() {
+    if std::env::var_os("TCH_DETLOSS_NO_CUDA").is_some() {
+        assert!(!tch_detloss::cuda::kernels_built());
+        return;
+    }
+    assert!(
+        tch_detloss::cuda::kernels_built(),
+        "nvcc was not found at build time: run scripts/setup.sh"
+    );
+    let report = tch_detloss::cuda::ptxas_report();
+    for arch in ["sm_80", "sm_90"] {
+        for body in ["focal", "quality_focal", "varifocal"] {
+            for pass in ["forward", "backward"] {
+                for ty in ["f32", "f64", "f16", "bf16"] {
+                    for idx in ["k", "k64"] {
+                        let name = format!("dl_{body}_{pass}_{ty}_{idx}");
+                        assert!(
+                            report.iter().any(|e| e.name == name && e.arch == arch),
+                            "{name} missing for {arch}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        report.len() >= 2 * (3 * 2 * 4 * 2 + 4),
+        "only {} entries",
+        report.len()
+    );
+    let spilling: Vec<_> = report.iter().filter(|e| e.spill_bytes > 0).collect();
+    assert!(spilling.is_empty(), "spills: {spilling:?}");
+}
