@@ -118,3 +118,6 @@ extern "C" int dl_autograd_attach(const char* name, at::Tensor** inputs, size_t 
   if (state) drop(state);
   return 1;
 }
+
+// Whether autograd records operations on this thread (tch exposes only the setter).
+extern "C" int dl_grad_enabled() { return torch::autograd::GradMode::is_enabled() ? 1 : 0; }

@@ -16,7 +16,20 @@
 #include <cmath>
 #endif
 
-namespace dl {
+// Everything lives in dl::DL_ABI, an inline namespace: the host executor is compiled once per
+// ISA level into one binary, and distinct mangled names keep the linker from merging the
+// x86-64-v3 instantiations with the baseline ones.
+#ifndef DL_ABI
+#define DL_ABI device_abi
+#endif
+#define DL_NAMESPACE_BEGIN \
+  namespace dl {           \
+  inline namespace DL_ABI {
+#define DL_NAMESPACE_END \
+  }                      \
+  }
+
+DL_NAMESPACE_BEGIN
 
 // Mirrors `DlArgs` in src/fused.rs (#[repr(C)]); one block describes one launch.
 // Pointers are device addresses on CUDA and host addresses on the CPU.
@@ -29,6 +42,7 @@ struct Args {
   uint64_t grad_out;    // backward: upstream gradient T at i * g_sn + j * g_sc, g_sc in {0, 1}
   uint64_t out;         // forward: loss ('none') or the reduced scalar; backward: grad of pred
   uint64_t partials;    // forward reductions on CUDA: one accumulation-type value per block
+  uint64_t grad_buf;    // CPU forward: 0, or [n, c] T for d(result)/d(pred), written in the same pass
   int64_t n, c;
   int64_t w_sn, w_sc, g_sn, g_sc;
   double avg_factor_value;  // used when has_avg_factor == 1
@@ -58,8 +72,14 @@ DL_HD float dl_exp(float x) { return expf(x); }
 DL_HD double dl_exp(double x) { return exp(x); }
 DL_HD float dl_log(float x) { return logf(x); }
 DL_HD double dl_log(double x) { return log(x); }
-DL_HD float dl_log1p(float x) { return log1pf(x); }
-DL_HD double dl_log1p(double x) { return log1p(x); }
+// log1p through log: log(u) * x / (u - 1) with u = 1 + x is accurate to a few ulps (Goldberg)
+// and vectorizes with the vector log, where glibc's vector log1p falls back to scalar calls.
+template <class A> DL_HD A dl_log1p_via_log(A x) {
+  const A u = A(1) + x;
+  return u == A(1) ? x : dl_log(u) * (x / (u - A(1)));
+}
+DL_HD float dl_log1p(float x) { return dl_log1p_via_log(x); }
+DL_HD double dl_log1p(double x) { return dl_log1p_via_log(x); }
 #if defined(__CUDA_ARCH__)
 // libdevice's pow is a large out-of-line routine that spills; the bases here are >= 0 (|d|, pt),
 // so exp2(y log2 x), with torch's 0^0 = 1 and 0^y = 0 for y > 0, serves.
@@ -111,4 +131,4 @@ template <class A> DL_HD A bce_prob_grad(A p, A t) {
   return (p - t) / dl_max((A(1) - p) * p, A(1e-12));
 }
 
-}  // namespace dl
+DL_NAMESPACE_END

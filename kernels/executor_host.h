@@ -18,7 +18,7 @@
 
 #include "common.cuh"
 
-namespace dl {
+DL_NAMESPACE_BEGIN
 namespace host {
 
 template <class T> struct AccOf { using type = float; };
@@ -53,7 +53,7 @@ template <class T, class A> struct Row {
   A wr;           // the row's scalar weight (1 without weight)
 };
 
-template <class T, class A, int TM, bool WELEM>
+template <class T, class A, int TM>
 inline A target_at(const Row<T, A>& r, int64_t j) {
   if (TM == TARGET_DENSE) return ld<T, A>(r.tgt, j);
   return j == r.label ? r.score : A(0);
@@ -110,7 +110,9 @@ template <class T, class A> struct Launch {
   }
 };
 
-template <class E, class T, int TM, bool WELEM>
+// WG: also write the gradient of the result with respect to pred (grad_buf), sharing the
+// element math with the loss; the backward pass then only scales it by the upstream gradient.
+template <class E, class T, int TM, bool WELEM, bool WG>
 int64_t forward(const Args& args) {
   using A = typename AccOf<T>::type;
   Launch<T, A> L(args);
@@ -119,6 +121,8 @@ int64_t forward(const Args& args) {
   const bool row_sum = (args.flags & FLAG_ROW_SUM) != 0;
   const A lw = A(args.loss_weight);
   T* out = reinterpret_cast<T*>(args.out);
+  T* grad = reinterpret_cast<T*>(args.grad_buf);
+  const A gscale = lw / L.denominator(row_sum ? n : n * c);
   const int64_t rows_per_chunk = std::max<int64_t>(1, CHUNK_ELEMS / std::max<int64_t>(c, 1));
   const int64_t n_chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
   std::vector<double> partial(n_chunks, 0.0);
@@ -136,9 +140,12 @@ int64_t forward(const Args& args) {
         for (int64_t j0 = 0; j0 < c; j0 += BLOCK) {
           const int64_t m = std::min(BLOCK, c - j0);
           const T* x = r.x + j0;
+          T* g = WG ? grad + i * c + j0 : nullptr;
           for (int64_t k = 0; k < m; ++k) {
-            A w = WELEM ? ld<T, A>(r.w, j0 + k) : r.wr;
-            buf[k] = e.loss(ld<T, A>(x, k), target_at<T, A, TM, WELEM>(r, j0 + k)) * w;
+            const A w = WELEM ? ld<T, A>(r.w, j0 + k) : r.wr;
+            const A xk = ld<T, A>(x, k), tk = target_at<T, A, TM>(r, j0 + k);
+            buf[k] = e.loss(xk, tk) * w;
+            if (WG) g[k] = static_cast<T>(e.grad(xk, tk) * (w * gscale));
           }
           if (args.reduction == RED_NONE && !row_sum) {
             T* o = out + i * c + j0;
@@ -193,7 +200,7 @@ int64_t backward(const Args& args) {
         const A rs = scale * r.wr * (GELEM ? A(1) : ld<T, A>(gr, 0));
         T* o = out + i * c;
         for (int64_t j = 0; j < c; ++j) {
-          A g = e.grad(ld<T, A>(r.x, j), target_at<T, A, TM, WELEM>(r, j)) * rs;
+          A g = e.grad(ld<T, A>(r.x, j), target_at<T, A, TM>(r, j)) * rs;
           if (WELEM) g *= ld<T, A>(r.w, j);
           if (GELEM) g *= ld<T, A>(gr, j);
           o[j] = static_cast<T>(g);
@@ -210,8 +217,11 @@ template <class E, class T> int64_t run(int32_t pass, const Args& a) {
   const bool dense = a.target_mode == TARGET_DENSE;
   const bool welem = a.weight != 0 && a.w_sc != 0;
   if (pass == PASS_FORWARD) {
-    if (dense) return welem ? forward<E, T, TARGET_DENSE, true>(a) : forward<E, T, TARGET_DENSE, false>(a);
-    return welem ? forward<E, T, TARGET_LABELS, true>(a) : forward<E, T, TARGET_LABELS, false>(a);
+    const bool wg = a.grad_buf != 0;
+#define DL_FWD(TM, WELEM) (wg ? forward<E, T, TM, WELEM, true>(a) : forward<E, T, TM, WELEM, false>(a))
+    if (dense) return welem ? DL_FWD(TARGET_DENSE, true) : DL_FWD(TARGET_DENSE, false);
+    return welem ? DL_FWD(TARGET_LABELS, true) : DL_FWD(TARGET_LABELS, false);
+#undef DL_FWD
   }
   const bool gelem = a.g_sc != 0;
 #define DL_BWD(TM)                                                               \
@@ -222,4 +232,4 @@ template <class E, class T> int64_t run(int32_t pass, const Args& a) {
 }
 
 }  // namespace host
-}  // namespace dl
+DL_NAMESPACE_END

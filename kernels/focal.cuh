@@ -7,7 +7,7 @@
 #pragma once
 #include "common.cuh"
 
-namespace dl {
+DL_NAMESPACE_BEGIN
 
 // POW2: gamma == 2. p0 = gamma, p1 = alpha.
 template <class A, bool POW2> struct FocalLogits {
@@ -45,4 +45,4 @@ template <class A, bool POW2> struct FocalProb {
   }
 };
 
-}  // namespace dl
+DL_NAMESPACE_END

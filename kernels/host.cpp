@@ -11,23 +11,22 @@
 extern "C" {
 float expf(float) noexcept __attribute__((simd("notinbranch")));
 float logf(float) noexcept __attribute__((simd("notinbranch")));
-float log1pf(float) noexcept __attribute__((simd("notinbranch")));
 float powf(float, float) noexcept __attribute__((simd("notinbranch")));
 double exp(double) noexcept __attribute__((simd("notinbranch")));
 double log(double) noexcept __attribute__((simd("notinbranch")));
-double log1p(double) noexcept __attribute__((simd("notinbranch")));
 double pow(double, double) noexcept __attribute__((simd("notinbranch")));
 }
 #endif
-
-#include "dispatch.cuh"
-#include "executor_host.h"
 
 #ifndef DL_ISA
 #define DL_ISA base
 #endif
 #define DL_CAT2(a, b) a##b
 #define DL_CAT(a, b) DL_CAT2(a, b)
+#define DL_ABI DL_CAT(isa_, DL_ISA)
+
+#include "dispatch.cuh"
+#include "executor_host.h"
 
 namespace {
 

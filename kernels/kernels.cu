@@ -10,7 +10,7 @@
 
 #include "dispatch.cuh"
 
-namespace dl {
+DL_NAMESPACE_BEGIN
 namespace dev {
 
 constexpr int THREADS = 256;
@@ -161,7 +161,7 @@ template <class T> __device__ __forceinline__ void finalize(const Args& a) {
 }
 
 }  // namespace dev
-}  // namespace dl
+DL_NAMESPACE_END
 
 #define DL_ENTRY_I(NAME, LOSS, T, PASS, SUFFIX, I)                                      \
   extern "C" __global__ void __launch_bounds__(dl::dev::THREADS) dl_##NAME##_##PASS##_##T##_##SUFFIX(dl::Args a) { \

@@ -8,7 +8,7 @@
 #pragma once
 #include "common.cuh"
 
-namespace dl {
+DL_NAMESPACE_BEGIN
 
 // POW2: beta == 2. p0 = beta.
 template <class A, bool POW2> struct QflLogits {
@@ -38,4 +38,4 @@ template <class A, bool POW2> struct QflProb {
   }
 };
 
-}  // namespace dl
+DL_NAMESPACE_END

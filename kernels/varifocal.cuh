@@ -6,7 +6,7 @@
 #pragma once
 #include "common.cuh"
 
-namespace dl {
+DL_NAMESPACE_BEGIN
 
 // POW2: gamma == 2. p0 = gamma, p1 = alpha.
 template <class A, bool POW2> struct Varifocal {
@@ -30,4 +30,4 @@ template <class A, bool POW2> struct Varifocal {
   }
 };
 
-}  // namespace dl
+DL_NAMESPACE_END

@@ -51,6 +51,7 @@ type BackwardFnC = unsafe extern "C" fn(
 type DropFnC = unsafe extern "C" fn(state: *mut c_void);
 
 extern "C" {
+    fn dl_grad_enabled() -> c_int;
     fn dl_autograd_attach(
         name: *const c_char,
         inputs: *const *mut C_tensor,
@@ -69,6 +70,12 @@ extern "C" {
 /// A backward closure: gradients of the outputs in, one optional gradient per input out.
 pub trait BackwardFn: FnMut(&[Tensor]) -> Result<Vec<Option<Tensor>>> + Send + 'static {}
 impl<F: FnMut(&[Tensor]) -> Result<Vec<Option<Tensor>>> + Send + 'static> BackwardFn for F {}
+
+/// Whether autograd records operations on this thread (false inside [`tch::no_grad`]).
+pub fn grad_enabled() -> bool {
+    // SAFETY: reads a thread-local flag of libtorch.
+    unsafe { dl_grad_enabled() != 0 }
+}
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 

@@ -50,6 +50,7 @@ pub(crate) struct DlArgs {
     pub grad_out: u64,
     pub out: u64,
     pub partials: u64,
+    pub grad_buf: u64,
     pub n: i64,
     pub c: i64,
     pub w_sn: i64,
@@ -163,15 +164,32 @@ pub(crate) fn run(
         _ => vec![],
     };
     let out = Tensor::f_empty(out_shape.as_slice(), (p.kind, p.device))?;
+    // On the CPU (compute-bound) the forward pass also writes the gradient, sharing the element
+    // math; backward then only scales it. On CUDA (memory-bound) backward recomputes from pred,
+    // which moves fewer bytes (forward: read N; backward: read N, write N).
+    let mut grad_buf =
+        if p.device == Device::Cpu && pred.requires_grad() && crate::autograd::grad_enabled() {
+            Some(Tensor::f_empty([p.args.n, p.args.c], (p.kind, p.device))?)
+        } else {
+            None
+        };
     let mut args = p.args;
     args.out = ptr(&out);
+    args.grad_buf = grad_buf.as_ref().map_or(0, ptr);
     launch(&p, Pass::Forward, &mut args)?;
 
     crate::autograd::record(
         &format!("{name}Backward"),
         &[pred],
         &[&out],
-        move |grads: &[Tensor]| Ok(vec![Some(backward(&p, &grads[0])?)]),
+        move |grads: &[Tensor]| {
+            // The first backward takes the precomputed gradient; a later one (retain_graph) recomputes.
+            let grad = match grad_buf.take() {
+                Some(g) => scale_in_place(g, &grads[0], &p)?,
+                None => backward(&p, &grads[0])?,
+            };
+            Ok(vec![Some(grad)])
+        },
     )?;
     Ok(out)
 }
@@ -351,6 +369,22 @@ fn prepare(
         device,
         _keep,
     })
+}
+
+/// The precomputed d(result)/d(pred) times the upstream gradient (CPU only: reading the scalar
+/// is free there, and the common upstream of exactly 1 costs nothing).
+fn scale_in_place(mut g: Tensor, upstream: &Tensor, p: &Prepared) -> Result<Tensor> {
+    if upstream.dim() == 0 {
+        let s = upstream.f_double_value(&[])?;
+        if s != 1.0 {
+            let _ = g.f_mul_scalar_(s)?;
+        }
+    } else {
+        let up = upstream.to_kind(p.kind);
+        let up = if p.spec.row_sum { up.unsqueeze(1) } else { up };
+        let _ = g.f_mul_(&up)?;
+    }
+    Ok(g)
 }
 
 fn backward(p: &Prepared, grad: &Tensor) -> Result<Tensor> {
