@@ -187,11 +187,9 @@ fn call_args(
     }
 }
 
-#[rstest]
-fn fused_matches_unfused(
-    #[values(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)] variant: usize,
-    #[values(Kind::Double, Kind::Float, Kind::Half, Kind::BFloat16)] kind: Kind,
-) {
+/// Runs every shape, layout, weight and reduction of one variant on `device` and compares the
+/// fused loss and both gradient paths with the unfused composition in float64 on the CPU.
+fn check_variant(variant: usize, kind: Kind, device: Device) {
     tch::manual_seed(variant as i64 * 31 + kind as i64);
     let (config, tgt, prob) = VARIANTS[variant];
     let loss = registry::build_str(config).unwrap();
@@ -201,31 +199,37 @@ fn fused_matches_unfused(
     for &(n, c) in SHAPES {
         for transposed in [false, true] {
             let inp = inputs(tgt, prob, n, c, kind, transposed);
+            let on_device = Inputs {
+                pred: inp.pred.to_device(device),
+                target: inp.target.to_device(device),
+                scores: inp.scores.as_ref().map(|s| s.to_device(device)),
+            };
             for (wname, weight) in weights(&ty, n, c) {
                 for &(rname, red, avg, avg_tensor) in REDUCTIONS {
-                    let ctx = format!("{config} {kind:?} [{n}, {c}] transposed={transposed} weight={wname} {rname}");
+                    let ctx = format!("{config} {kind:?} {device:?} [{n}, {c}] transposed={transposed} weight={wname} {rname}");
                     let weight_k = weight.as_ref().map(|w| w.to_kind(kind));
+                    let weight_d = weight_k.as_ref().map(|w| w.to_device(device));
 
-                    // Fused, in the input dtype.
-                    let pred = inp.pred.detach().set_requires_grad(true);
-                    let out = loss
-                        .forward(
-                            &pred,
-                            inp.target(),
-                            &call_args(weight_k.as_ref(), red, avg, avg_tensor, kind),
-                        )
-                        .expect(&ctx);
+                    // Fused, in the input dtype, on the device.
+                    let pred = on_device.pred.detach().set_requires_grad(true);
+                    let mut args = call_args(weight_d.as_ref(), red, avg, avg_tensor, kind);
+                    if let Some(AvgFactor::Tensor(t)) = &args.avg_factor {
+                        args.avg_factor = Some(AvgFactor::Tensor(t.to_device(device)));
+                    }
+                    let out = loss.forward(&pred, on_device.target(), &args).expect(&ctx);
                     let upstream =
                         Tensor::rand(out.size().as_slice(), (Kind::Double, Device::Cpu)) + 0.5;
-                    let objective = (&out * upstream.to_kind(out.kind())).sum(Kind::Double);
-                    // The first backward uses the gradient the CPU forward wrote; the second (the
-                    // graph retained) recomputes it in the backward kernel. Both must be right.
+                    let objective =
+                        (&out * upstream.to_kind(out.kind()).to_device(device)).sum(Kind::Double);
+                    // On the CPU the first backward uses the gradient the forward pass wrote and the
+                    // second (graph retained) recomputes it in the backward kernel; on CUDA both
+                    // recompute. All must be right.
                     let first =
                         Tensor::run_backward(&[&objective], &[&pred], true, false).remove(0);
                     let second =
                         Tensor::run_backward(&[&objective], &[&pred], false, false).remove(0);
 
-                    // Unfused, in float64 on the same values.
+                    // Unfused, in float64 on the same values, on the CPU.
                     let pred64 = inp
                         .pred
                         .to_kind(Kind::Double)
@@ -255,10 +259,11 @@ fn fused_matches_unfused(
                     (&want * &upstream).sum(Kind::Double).backward();
 
                     assert_eq!(out.kind(), kind, "{ctx}: output dtype");
-                    let le = rel_err(&out, &want).expect(&ctx);
+                    assert_eq!(out.device(), device, "{ctx}: output device");
+                    let le = rel_err(&out.to_device(Device::Cpu), &want).expect(&ctx);
                     assert!(le <= tol, "{ctx}: loss error {le:e} > {tol:e}");
-                    for (which, g) in [("precomputed", first), ("recomputed", second)] {
-                        let ge = rel_err(&g, &pred64.grad()).expect(&ctx);
+                    for (which, g) in [("first", first), ("second", second)] {
+                        let ge = rel_err(&g.to_device(Device::Cpu), &pred64.grad()).expect(&ctx);
                         assert!(ge <= tol, "{ctx}: {which} grad error {ge:e} > {tol:e}");
                     }
                     checked += 1;
@@ -270,6 +275,14 @@ fn fused_matches_unfused(
         checked >= SHAPES.len() * 2 * REDUCTIONS.len() * 2,
         "only {checked} combinations ran"
     );
+}
+
+#[rstest]
+fn fused_matches_unfused(
+    #[values(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)] variant: usize,
+    #[values(Kind::Double, Kind::Float, Kind::Half, Kind::BFloat16)] kind: Kind,
+) {
+    check_variant(variant, kind, Device::Cpu);
 }
 
 /// The CPU result does not depend on the thread count: the chunking is fixed by the shape and
@@ -499,4 +512,134 @@ fn cuda_kernels_compiled_without_spills() {
     );
     let spilling: Vec<_> = report.iter().filter(|e| e.spill_bytes > 0).collect();
     assert!(spilling.is_empty(), "spills: {spilling:?}");
+}
+
+/// The CUDA kernels, run only when asked for: `cargo test --release --features gpu-tests` on a
+/// machine with an NVIDIA GPU (sm_80 or newer).
+#[cfg(feature = "gpu-tests")]
+mod gpu {
+    use super::*;
+
+    fn cuda() -> Device {
+        assert!(tch::Cuda::is_available(), "gpu-tests needs a CUDA device");
+        Device::Cuda(0)
+    }
+
+    #[rstest]
+    fn cuda_matches_unfused(
+        #[values(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)] variant: usize,
+        #[values(Kind::Double, Kind::Float, Kind::Half, Kind::BFloat16)] kind: Kind,
+    ) {
+        check_variant(variant, kind, cuda());
+    }
+
+    /// RetinaNet-sized input: fused CUDA against the float64 composition, and bitwise
+    /// reproducible from run to run (no atomics).
+    #[test]
+    fn cuda_large_and_deterministic() {
+        let d = cuda();
+        let (n, c) = (400_000, 80);
+        let inp = inputs(Tgt::Labels, false, n, c, Kind::Float, false);
+        let pred = inp.pred.to_device(d).set_requires_grad(true);
+        let labels = inp.target.to_device(d);
+        let w = Tensor::rand([n], (Kind::Float, d));
+        let af = Tensor::from(1234.5f32).to_device(d);
+        let loss = FocalLoss::default();
+        let run = || {
+            let l = loss
+                .forward(
+                    &pred,
+                    (&labels).into(),
+                    &LossArgs::new().weight(&w).avg_factor(&af),
+                )
+                .unwrap();
+            let g = Tensor::run_backward(&[&l], &[&pred], false, false).remove(0);
+            (l, g)
+        };
+        let (l1, g1) = run();
+        let (l2, g2) = run();
+        assert!(l1.equal(&l2) && g1.equal(&g2), "not bitwise reproducible");
+        let pred64 = inp.pred.to_kind(Kind::Double).set_requires_grad(true);
+        let w64 = w.to_device(Device::Cpu).to_kind(Kind::Double);
+        let want = loss
+            .forward_unfused(
+                &pred64,
+                (&inp.target).into(),
+                &LossArgs::new().weight(&w64).avg_factor(1234.5),
+            )
+            .unwrap();
+        want.backward();
+        assert!(rel_err(&l1.to_device(Device::Cpu), &want).unwrap() < 1e-5);
+        assert!(rel_err(&g1.to_device(Device::Cpu), &pred64.grad()).unwrap() < 1e-5);
+    }
+
+    /// More than 2^32 elements take the 64-bit-index kernels.
+    #[test]
+    fn cuda_wide_index() {
+        let d = cuda();
+        let (n, c) = ((1i64 << 32) / 80 + 1000, 80);
+        let pred = Tensor::randn([n, c], (Kind::BFloat16, d));
+        let labels = Tensor::randint(c + 1, [n], (Kind::Int64, d));
+        let loss = FocalLoss {
+            reduction: Reduction::Sum,
+            ..Default::default()
+        };
+        let whole = loss
+            .forward(&pred, (&labels).into(), &LossArgs::new())
+            .unwrap()
+            .to_kind(Kind::Double);
+        let h = n / 2;
+        let part = |s: i64, len: i64| {
+            loss.forward(
+                &pred.narrow(0, s, len),
+                (&labels.narrow(0, s, len)).into(),
+                &LossArgs::new(),
+            )
+            .unwrap()
+            .to_kind(Kind::Double)
+        };
+        let split = part(0, h) + part(h, n - h);
+        assert!(
+            rel_err(&whole.to_device(Device::Cpu), &split.to_device(Device::Cpu)).unwrap() < 2e-2
+        );
+    }
+
+    #[test]
+    fn tensors_on_different_devices_are_errors() {
+        let d = cuda();
+        let pred = Tensor::randn([6, 4], (Kind::Float, d));
+        let labels = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 0]);
+        let e = FocalLoss::default()
+            .forward(&pred, (&labels).into(), &LossArgs::new())
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("device"), "{e:#}");
+        let w = Tensor::ones([6], (Kind::Float, Device::Cpu));
+        let labels = labels.to_device(d);
+        let e = FocalLoss::default()
+            .forward(&pred, (&labels).into(), &LossArgs::new().weight(&w))
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("device"), "{e:#}");
+    }
+
+    /// On CUDA a label outside [0, C] cannot be reported without reading the device back; the
+    /// documented result is NaN for the rows concerned.
+    #[test]
+    fn cuda_bad_labels_give_nan() {
+        let d = cuda();
+        let pred = Tensor::randn([4, 3], (Kind::Float, d));
+        let labels = Tensor::from_slice(&[0i64, 7, 2, 3]).to_device(d);
+        let l = FocalLoss::default()
+            .forward(
+                &pred,
+                (&labels).into(),
+                &LossArgs::new().reduction(Reduction::None),
+            )
+            .unwrap()
+            .to_device(Device::Cpu);
+        let nan_rows = l.isnan().any_dim(1, false);
+        assert_eq!(
+            Vec::<bool>::try_from(nan_rows).unwrap(),
+            vec![false, true, false, false]
+        );
+    }
 }
