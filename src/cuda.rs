@@ -49,7 +49,8 @@ mod imp {
     };
     use tch::{Device, Kind, Tensor};
 
-    use crate::fused::{DlArgs, Pass};
+    use crate::fused::{DlArgs, Pass, FLAG_ROW_SUM};
+    use crate::Reduction;
 
     static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
     const THREADS: u32 = 256;
@@ -163,7 +164,10 @@ mod imp {
         let l = loaded(ordinal)?;
         let s = stream(&l, ordinal);
         let total = args.n * args.c;
-        let work = if args.flags & 4 != 0 && args.reduction == 0 && pass == Pass::Forward {
+        let work = if args.flags & FLAG_ROW_SUM != 0
+            && args.reduction == Reduction::None as i32
+            && pass == Pass::Forward
+        {
             args.n
         } else {
             total
@@ -180,7 +184,7 @@ mod imp {
             suffix(kind),
             if wide { "k64" } else { "k" }
         );
-        if pass == Pass::Forward && args.reduction != 0 {
+        if pass == Pass::Forward && args.reduction != Reduction::None as i32 {
             let partials = Tensor::f_empty([blocks as i64], (acc, Device::Cuda(ordinal)))?;
             args.partials = partials.data_ptr() as u64;
             args.n_partials = blocks as i32;

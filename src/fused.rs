@@ -35,7 +35,7 @@ pub(crate) enum Pass {
 
 const FLAG_ACTIVATED: i32 = 1;
 const FLAG_IOU_WEIGHTED: i32 = 2;
-const FLAG_ROW_SUM: i32 = 4;
+pub(crate) const FLAG_ROW_SUM: i32 = 4;
 const FLAG_STRICT_LABELS: i32 = 8;
 
 /// Mirrors `dl::Args` in kernels/common.cuh.

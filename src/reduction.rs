@@ -14,14 +14,15 @@ pub const AVG_FACTOR_EPS: f64 = 1.192_092_895_507_812_5e-7;
 /// How element losses are reduced: MMDetection's `reduction` (`"none"`, `"mean"`, `"sum"`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+// The discriminants are the kernels' RED_* codes (kernels/common.cuh).
 pub enum Reduction {
     /// The element losses, in the loss's own output shape.
-    None,
+    None = 0,
     /// The sum divided by the element count, or by `avg_factor + eps` when one is given.
     #[default]
-    Mean,
+    Mean = 1,
     /// The sum. Combined with an `avg_factor` it is an error, as in MMDetection.
-    Sum,
+    Sum = 2,
 }
 
 impl std::str::FromStr for Reduction {

@@ -5,7 +5,7 @@ use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::{bce, bce_with_logits, one_hot_without_background, single_target};
+use super::{bce, bce_with_logits, one_hot_without_background, pred_shape, single_target};
 use crate::fused::{self, Body, KTarget, Spec};
 use crate::reduction::{weight_reduce_loss, Reduction};
 use crate::{Loss, LossArgs, Target};
@@ -85,15 +85,6 @@ impl FocalLoss {
         );
         Ok(w.f_reshape([n, -1])?)
     }
-
-    fn shape(pred: &Tensor) -> Result<(i64, i64)> {
-        ensure!(
-            pred.dim() == 2,
-            "FocalLoss: pred must be (N, C), got shape {:?}",
-            pred.size()
-        );
-        Ok((pred.size()[0], pred.size()[1]))
-    }
 }
 
 impl Loss for FocalLoss {
@@ -104,7 +95,7 @@ impl Loss for FocalLoss {
     fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
         self.validate()?;
         let t = single_target("FocalLoss", target)?;
-        let (n, c) = Self::shape(pred)?;
+        let (n, c) = pred_shape("FocalLoss", pred)?;
         let weight = args
             .weight
             .map(|w| Self::weight_view(w, n, c))
@@ -138,7 +129,7 @@ impl Loss for FocalLoss {
     ) -> Result<Tensor> {
         self.validate()?;
         let t = single_target("FocalLoss", target)?;
-        let (n, c) = Self::shape(pred)?;
+        let (n, c) = pred_shape("FocalLoss", pred)?;
         let reduction = args.reduction_override.unwrap_or(self.reduction);
         let target = if t.dim() == pred.dim() {
             t.shallow_clone()

@@ -39,6 +39,14 @@ pub(crate) fn one_hot_without_background(name: &str, labels: &Tensor, c: i64) ->
     Ok(oh.narrow(1, 0, c))
 }
 
+/// `(N, C)` of a classification `pred`, or an error naming the loss.
+pub(crate) fn pred_shape(name: &str, pred: &Tensor) -> Result<(i64, i64)> {
+    match pred.size()[..] {
+        [n, c] => Ok((n, c)),
+        _ => bail!("{name}: pred must be (N, C), got shape {:?}", pred.size()),
+    }
+}
+
 /// The target of a loss that takes one tensor.
 pub(crate) fn single_target<'a>(name: &str, target: crate::Target<'a>) -> Result<&'a Tensor> {
     match target {

@@ -5,7 +5,7 @@ use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::{bce, bce_with_logits};
+use super::{bce, bce_with_logits, pred_shape};
 use crate::fused::{self, Body, KTarget, Spec};
 use crate::reduction::{weight_reduce_loss, Reduction};
 use crate::{Loss, LossArgs, Target};
@@ -54,15 +54,6 @@ impl QualityFocalLoss {
         Ok(())
     }
 
-    fn check_pred(pred: &Tensor) -> Result<(i64, i64)> {
-        ensure!(
-            pred.dim() == 2,
-            "QualityFocalLoss: pred must be (N, C), got shape {:?}",
-            pred.size()
-        );
-        Ok((pred.size()[0], pred.size()[1]))
-    }
-
     /// A weight broadcast against the per-anchor loss (N,), as a column for the kernels.
     fn weight_column(w: &Tensor, n: i64) -> Result<Tensor> {
         let e = w.f_expand([n], false).map_err(|_| {
@@ -79,7 +70,7 @@ impl Loss for QualityFocalLoss {
 
     fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
         self.validate()?;
-        let (n, _) = Self::check_pred(pred)?;
+        let (n, _) = pred_shape("QualityFocalLoss", pred)?;
         let kt = match target {
             Target::Tensor(t) => KTarget::Dense(t),
             Target::LabelsScores { labels, scores } => KTarget::LabelsScores(labels, scores),
@@ -109,7 +100,7 @@ impl Loss for QualityFocalLoss {
         args: &LossArgs<'_>,
     ) -> Result<Tensor> {
         self.validate()?;
-        let (_, c) = Self::check_pred(pred)?;
+        let (_, c) = pred_shape("QualityFocalLoss", pred)?;
         let reduction = args.reduction_override.unwrap_or(self.reduction);
         let elem = |p: &Tensor, t: &Tensor| {
             if self.activated {

@@ -5,7 +5,7 @@ use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::{bce_with_logits, single_target};
+use super::{bce_with_logits, pred_shape, single_target};
 use crate::fused::{self, Body, KTarget, Spec};
 use crate::reduction::{weight_reduce_loss, Reduction};
 use crate::{Loss, LossArgs, Target};
@@ -60,11 +60,7 @@ impl VarifocalLoss {
     }
 
     fn check(pred: &Tensor, t: &Tensor) -> Result<()> {
-        ensure!(
-            pred.dim() == 2,
-            "VarifocalLoss: pred must be (N, C), got shape {:?}",
-            pred.size()
-        );
+        pred_shape("VarifocalLoss", pred)?;
         ensure!(
             t.size() == pred.size(),
             "VarifocalLoss: target must have pred's shape {:?}, got {:?}",
