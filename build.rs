@@ -2,7 +2,7 @@
 //! - the CPU executor (kernels/host.cpp) for the baseline ISA and, on x86-64, for x86-64-v3 with
 //!   glibc's vector math;
 //! - the autograd bridge (kernels/autograd.cpp) and, when the CUDA headers are at hand, the shim
-//!   that returns torch's current CUDA stream (kernels/stream.cpp);
+//!   that reaches libtorch's CUDA side: current stream, allocator counters (kernels/torch_cuda.cpp);
 //! - the CUDA kernels (kernels/kernels.cu), compiled by nvcc into one fatbin (sm_80, sm_90 and
 //!   compute_90 PTX) that the crate embeds. A build without nvcc still works, for the CPU.
 use std::env;
@@ -26,11 +26,11 @@ const KERNEL_HEADERS: &[&str] = &[
 fn main() {
     println!("cargo:rustc-check-cfg=cfg(dl_cuda_kernels)");
     println!("cargo:rustc-check-cfg=cfg(dl_host_v3)");
-    println!("cargo:rustc-check-cfg=cfg(dl_cuda_stream)");
+    println!("cargo:rustc-check-cfg=cfg(dl_torch_cuda)");
     for f in KERNEL_HEADERS.iter().chain(&[
         "kernels/host.cpp",
         "kernels/autograd.cpp",
-        "kernels/stream.cpp",
+        "kernels/torch_cuda.cpp",
         "kernels/kernels.cu",
     ]) {
         println!("cargo:rerun-if-changed={f}");
@@ -114,10 +114,10 @@ fn main() {
         if let Some(inc) = &cuda_include {
             s.spawn(move || {
                 cxx()
-                    .file("kernels/stream.cpp")
+                    .file("kernels/torch_cuda.cpp")
                     .include(inc)
                     .opt_level(2)
-                    .compile("dl_stream")
+                    .compile("dl_torch_cuda")
             });
         }
         if let Some(nvcc) = &nvcc {
@@ -130,7 +130,7 @@ fn main() {
     }
     if cuda_include.is_some() {
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
-        println!("cargo:rustc-cfg=dl_cuda_stream");
+        println!("cargo:rustc-cfg=dl_torch_cuda");
     }
     match &nvcc {
         Some(_) => println!("cargo:rustc-cfg=dl_cuda_kernels"),

@@ -38,6 +38,40 @@ pub(crate) fn launch(
 #[cfg(dl_cuda_kernels)]
 pub(crate) use imp::launch;
 
+#[cfg(dl_torch_cuda)]
+extern "C" {
+    fn dl_cuda_allocated_bytes(device: i32, current: *mut i64, peak: *mut i64) -> i32;
+    fn dl_cuda_reset_peak_bytes(device: i32) -> i32;
+}
+
+/// Bytes held by libtorch's CUDA caching allocator on a device: `(current, peak since the last
+/// [`reset_peak_allocated`])`. `None` where the build has no CUDA side or CUDA is not initialized.
+pub fn allocated_bytes(ordinal: usize) -> Option<(u64, u64)> {
+    #[cfg(dl_torch_cuda)]
+    {
+        let (mut current, mut peak) = (0i64, 0i64);
+        // SAFETY: reads the allocator's counters; errors come back as -1.
+        if unsafe { dl_cuda_allocated_bytes(ordinal as i32, &mut current, &mut peak) } == 0 {
+            return Some((current as u64, peak as u64));
+        }
+    }
+    let _ = ordinal;
+    None
+}
+
+/// Restarts the peak of [`allocated_bytes`] at the current value; false where unavailable.
+pub fn reset_peak_allocated(ordinal: usize) -> bool {
+    #[cfg(dl_torch_cuda)]
+    // SAFETY: resets the allocator's peak counters; errors come back as -1.
+    let reset = unsafe { dl_cuda_reset_peak_bytes(ordinal as i32) } == 0;
+    #[cfg(not(dl_torch_cuda))]
+    let reset = {
+        let _ = ordinal;
+        false
+    };
+    reset
+}
+
 #[cfg(dl_cuda_kernels)]
 mod imp {
     use std::collections::HashMap;
@@ -66,7 +100,7 @@ mod imp {
         functions: Mutex<HashMap<String, CudaFunction>>,
     }
 
-    #[cfg(dl_cuda_stream)]
+    #[cfg(dl_torch_cuda)]
     extern "C" {
         fn dl_current_cuda_stream(device: i32) -> *mut std::ffi::c_void;
     }
@@ -112,7 +146,7 @@ mod imp {
     }
 
     fn stream(l: &Loaded, ordinal: usize) -> Arc<CudaStream> {
-        #[cfg(dl_cuda_stream)]
+        #[cfg(dl_torch_cuda)]
         {
             // SAFETY: returns torch's current stream of this device (or null).
             let s = unsafe { dl_current_cuda_stream(ordinal as i32) };

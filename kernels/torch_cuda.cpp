@@ -1,0 +1,37 @@
+// What we need from libtorch's CUDA side, behind a C ABI: torch's current stream (so that our
+// launches are ordered with libtorch's work and captured with it in a CUDA graph) and the
+// caching allocator's byte counters (for the profile's peak memory). Built only when the CUDA
+// headers are available.
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAStream.h>
+
+extern "C" void* dl_current_cuda_stream(int device) {
+  try {
+    return static_cast<void*>(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream());
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+// Bytes allocated through the caching allocator on `device`: now and peak since the last reset.
+// Returns 0 and fills both, or -1 (e.g. CUDA not initialized).
+extern "C" int dl_cuda_allocated_bytes(int device, int64_t* current, int64_t* peak) {
+  try {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    const auto& a = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+    *current = a.current;
+    *peak = a.peak;
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+extern "C" int dl_cuda_reset_peak_bytes(int device) {
+  try {
+    c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
