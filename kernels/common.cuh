@@ -56,6 +56,9 @@ struct Args {
   int32_t pad_;
 };
 
+// DlArgs in src/fused.rs asserts the same size.
+static_assert(sizeof(Args) == 176, "dl::Args must match DlArgs in src/fused.rs");
+
 enum : int32_t { FLAG_ACTIVATED = 1, FLAG_IOU_WEIGHTED = 2, FLAG_ROW_SUM = 4, FLAG_STRICT_LABELS = 8 };
 enum : int32_t { TARGET_DENSE = 0, TARGET_LABELS = 1, TARGET_LABELS_SCORES = 2 };
 enum : int32_t { RED_NONE = 0, RED_MEAN = 1, RED_SUM = 2 };

@@ -207,7 +207,8 @@ mod imp {
             total
         };
         let blocks = ((work + THREADS as i64 - 1) / THREADS as i64).clamp(1, MAX_BLOCKS) as u32;
-        let wide = total >= (1i64 << 32);
+        // 32-bit indices while the grid-stride index cannot wrap: the last index plus one stride.
+        let wide = total + MAX_BLOCKS * THREADS as i64 >= (1i64 << 32);
         let pass_name = if pass == Pass::Forward {
             "forward"
         } else {

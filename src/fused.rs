@@ -69,6 +69,9 @@ pub(crate) struct DlArgs {
     pub pad: i32,
 }
 
+// The kernels read the same bytes (kernels/common.cuh static_asserts the same size).
+const _: () = assert!(std::mem::size_of::<DlArgs>() == 176);
+
 /// What a loss module asks of the executor.
 #[derive(Clone, Debug)]
 pub(crate) struct Spec {
