@@ -68,6 +68,8 @@ template <class T, class A> struct Launch {
   const T* weight;
   int64_t n, c;
   bool strict;
+  bool row_sum;
+  int64_t rows_per_chunk, n_chunks;
 
   explicit Launch(const Args& args)
       : a(args),
@@ -78,7 +80,14 @@ template <class T, class A> struct Launch {
         weight(reinterpret_cast<const T*>(args.weight)),
         n(args.n),
         c(args.c),
-        strict((args.flags & FLAG_STRICT_LABELS) != 0) {}
+        strict((args.flags & FLAG_STRICT_LABELS) != 0),
+        row_sum((args.flags & FLAG_ROW_SUM) != 0),
+        rows_per_chunk(std::max<int64_t>(1, CHUNK_ELEMS / std::max<int64_t>(c, 1))),
+        n_chunks((n + rows_per_chunk - 1) / rows_per_chunk) {}
+
+  // Rows [r0, r1) of chunk ch.
+  int64_t chunk_begin(int64_t ch) const { return ch * rows_per_chunk; }
+  int64_t chunk_end(int64_t ch) const { return std::min(n, (ch + 1) * rows_per_chunk); }
 
   // Fills r for row i; returns false for a label outside the valid range (strict mode).
   template <int TM> bool row(int64_t i, Row<T, A>& r) const {
@@ -102,11 +111,13 @@ template <class T, class A> struct Launch {
     return ok;
   }
 
-  A denominator(int64_t count) const {
+  // The divisor of the reduction: avg_factor + eps, the element count (per anchor for row-sum
+  // losses) for a plain mean, 1 otherwise.
+  A denominator() const {
     if (a.reduction != RED_MEAN) return A(1);
     if (a.has_avg_factor == 1) return A(a.avg_factor_value + AVG_FACTOR_EPS);
     if (a.has_avg_factor == 2) return *reinterpret_cast<const A*>(a.avg_factor) + A(AVG_FACTOR_EPS);
-    return A(count);
+    return A(row_sum ? n : n * c);
   }
 };
 
@@ -117,23 +128,20 @@ int64_t forward(const Args& args) {
   using A = typename AccOf<T>::type;
   Launch<T, A> L(args);
   const E e(args);
-  const int64_t n = L.n, c = L.c;
-  const bool row_sum = (args.flags & FLAG_ROW_SUM) != 0;
+  const int64_t c = L.c;
+  const bool row_sum = L.row_sum;
   const A lw = A(args.loss_weight);
   T* out = reinterpret_cast<T*>(args.out);
   T* grad = reinterpret_cast<T*>(args.grad_buf);
-  const A gscale = lw / L.denominator(row_sum ? n : n * c);
-  const int64_t rows_per_chunk = std::max<int64_t>(1, CHUNK_ELEMS / std::max<int64_t>(c, 1));
-  const int64_t n_chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
-  std::vector<double> partial(n_chunks, 0.0);
-  std::vector<int64_t> invalid(n_chunks, 0);
+  const A gscale = lw / L.denominator();
+  std::vector<double> partial(L.n_chunks, 0.0);
+  std::vector<int64_t> invalid(L.n_chunks, 0);
 
-  at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
+  at::parallel_for(0, L.n_chunks, 1, [&](int64_t cb, int64_t ce) {
     alignas(64) A buf[BLOCK];
     for (int64_t ch = cb; ch < ce; ++ch) {
       double acc = 0.0;
-      const int64_t r0 = ch * rows_per_chunk, r1 = std::min(n, r0 + rows_per_chunk);
-      for (int64_t i = r0; i < r1; ++i) {
+      for (int64_t i = L.chunk_begin(ch); i < L.chunk_end(ch); ++i) {
         Row<T, A> r;
         if (!L.template row<TM>(i, r)) invalid[ch]++;
         A row_total = A(0);
@@ -169,8 +177,7 @@ int64_t forward(const Args& args) {
   if (args.reduction != RED_NONE) {
     double total = 0.0;
     for (double v : partial) total += v;
-    const int64_t count = row_sum ? n : n * c;
-    out[0] = static_cast<T>(A(double(lw) * (total / double(L.denominator(count)))));
+    out[0] = static_cast<T>(A(double(lw) * (total / double(L.denominator()))));
   }
   return bad;
 }
@@ -180,20 +187,15 @@ int64_t backward(const Args& args) {
   using A = typename AccOf<T>::type;
   Launch<T, A> L(args);
   const E e(args);
-  const int64_t n = L.n, c = L.c;
-  const bool row_sum = (args.flags & FLAG_ROW_SUM) != 0;
+  const int64_t c = L.c;
   const T* go = reinterpret_cast<const T*>(args.grad_out);
   T* out = reinterpret_cast<T*>(args.out);
-  const int64_t count = row_sum ? n : n * c;
-  const A scale = A(args.loss_weight) / L.denominator(count);
-  const int64_t rows_per_chunk = std::max<int64_t>(1, CHUNK_ELEMS / std::max<int64_t>(c, 1));
-  const int64_t n_chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
-  std::vector<int64_t> invalid(n_chunks, 0);
+  const A scale = A(args.loss_weight) / L.denominator();
+  std::vector<int64_t> invalid(L.n_chunks, 0);
 
-  at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
+  at::parallel_for(0, L.n_chunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t ch = cb; ch < ce; ++ch) {
-      const int64_t r0 = ch * rows_per_chunk, r1 = std::min(n, r0 + rows_per_chunk);
-      for (int64_t i = r0; i < r1; ++i) {
+      for (int64_t i = L.chunk_begin(ch); i < L.chunk_end(ch); ++i) {
         Row<T, A> r;
         if (!L.template row<TM>(i, r)) invalid[ch]++;
         const T* gr = go + i * args.g_sn;
