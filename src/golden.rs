@@ -26,7 +26,9 @@ pub struct CaseTensor {
 impl CaseTensor {
     /// The tensor, on the CPU.
     pub fn to_tensor(&self) -> Result<Tensor> {
-        let t = Tensor::from_slice(&self.data).reshape(self.shape.as_slice());
+        let t = Tensor::from_slice(&self.data)
+            .f_reshape(self.shape.as_slice())
+            .with_context(|| format!("{} values for shape {:?}", self.data.len(), self.shape))?;
         Ok(match self.dtype.as_str() {
             "float64" => t,
             "float32" => t.to_kind(Kind::Float),

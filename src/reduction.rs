@@ -121,6 +121,7 @@ pub fn weight_reduce_loss(
     reduction: Reduction,
     avg_factor: Option<&AvgFactor>,
 ) -> Result<Tensor> {
+    check_avg_factor(reduction, avg_factor)?;
     let loss = match weight {
         Some(w) => loss.f_mul(w).with_context(|| {
             format!(
@@ -138,7 +139,7 @@ pub fn weight_reduce_loss(
         (Some(_), Reduction::Sum) => bail!(SUM_WITH_AVG_FACTOR),
         (Some(AvgFactor::Value(v)), Reduction::Mean) => loss.sum(None) / (v + AVG_FACTOR_EPS),
         (Some(AvgFactor::Tensor(t)), Reduction::Mean) => {
-            loss.sum(None) / (t.to_device(loss.device()).reshape([]) + AVG_FACTOR_EPS)
+            loss.sum(None) / (t.f_to_device(loss.device())?.f_reshape([])? + AVG_FACTOR_EPS)
         }
     })
 }

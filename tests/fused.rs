@@ -381,6 +381,22 @@ fn bad_inputs_are_errors() {
     // Weights that do not broadcast.
     let w = Tensor::ones([5], (Kind::Float, Device::Cpu));
     assert!(focal_err(&pred, &labels, &LossArgs::new().weight(&w)).contains("weight"));
+    // The unfused compositions reject the same inputs instead of panicking in a stock op.
+    let unfused_err = |t: &Tensor, a: &LossArgs| {
+        let e = FocalLoss::default()
+            .forward_unfused(&pred, t.into(), a)
+            .expect_err("must be rejected");
+        format!("{e:#}")
+    };
+    assert!(
+        unfused_err(&Tensor::zeros([6, 5], (Kind::Float, Device::Cpu)), &none).contains("shape")
+    );
+    assert!(unfused_err(&labels, &LossArgs::new().avg_factor(&two)).contains("one-element"));
+    let e = unfused_err(
+        &labels,
+        &LossArgs::new().reduction(Reduction::Sum).avg_factor(2.0),
+    );
+    assert!(e.contains("avg_factor can not be used"), "{e}");
     // QFL takes (labels, scores) or a dense target; labels alone are not (N, C).
     let e = QualityFocalLoss::default()
         .forward(&pred, (&labels).into(), &none)

@@ -132,6 +132,12 @@ impl Loss for FocalLoss {
         let (n, c) = pred_shape("FocalLoss", pred)?;
         let reduction = args.reduction_override.unwrap_or(self.reduction);
         let target = if t.dim() == pred.dim() {
+            ensure!(
+                t.size() == pred.size(),
+                "FocalLoss: target must have pred's shape {:?}, got {:?}",
+                pred.size(),
+                t.size()
+            );
             t.shallow_clone()
         } else {
             one_hot_without_background("FocalLoss", t, c)?
