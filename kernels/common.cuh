@@ -69,6 +69,16 @@ enum : int32_t { DT_F32 = 0, DT_F64 = 1, DT_F16 = 2, DT_BF16 = 3 };
 // torch.finfo(torch.float32).eps, which MMDetection adds to avg_factor whatever the dtype.
 constexpr double AVG_FACTOR_EPS = 1.1920928955078125e-07;
 
+// The divisor of the reduction, as MMDetection's weight_reduce_loss: avg_factor + eps (the
+// avg_factor tensor is read where the kernel runs), else the element count (per anchor for
+// row-sum losses) for a plain mean, and 1 for 'sum' and 'none'.
+template <class A> DL_HD A reduction_divisor(const Args& a) {
+  if (a.reduction != RED_MEAN) return A(1);
+  if (a.has_avg_factor == 1) return A(a.avg_factor_value + AVG_FACTOR_EPS);
+  if (a.has_avg_factor == 2) return *reinterpret_cast<const A*>(a.avg_factor) + A(AVG_FACTOR_EPS);
+  return A((a.flags & FLAG_ROW_SUM) ? a.n : a.n * a.c);
+}
+
 // The math functions, named once so that each executor can pick the vectorizable or the
 // device overloads (the host build declares the glibc vector variants for float and double).
 DL_HD float dl_exp(float x) { return expf(x); }

@@ -85,7 +85,7 @@ template <class T, class A> struct Launch {
         rows_per_chunk(std::max<int64_t>(1, CHUNK_ELEMS / std::max<int64_t>(c, 1))),
         n_chunks((n + rows_per_chunk - 1) / rows_per_chunk) {}
 
-  // Rows [r0, r1) of chunk ch.
+  // The rows of chunk ch: [chunk_begin(ch), chunk_end(ch)).
   int64_t chunk_begin(int64_t ch) const { return ch * rows_per_chunk; }
   int64_t chunk_end(int64_t ch) const { return std::min(n, (ch + 1) * rows_per_chunk); }
 
@@ -110,15 +110,6 @@ template <class T, class A> struct Launch {
     }
     return ok;
   }
-
-  // The divisor of the reduction: avg_factor + eps, the element count (per anchor for row-sum
-  // losses) for a plain mean, 1 otherwise.
-  A denominator() const {
-    if (a.reduction != RED_MEAN) return A(1);
-    if (a.has_avg_factor == 1) return A(a.avg_factor_value + AVG_FACTOR_EPS);
-    if (a.has_avg_factor == 2) return *reinterpret_cast<const A*>(a.avg_factor) + A(AVG_FACTOR_EPS);
-    return A(row_sum ? n : n * c);
-  }
 };
 
 // WG: also write the gradient of the result with respect to pred (grad_buf), sharing the
@@ -133,7 +124,7 @@ int64_t forward(const Args& args) {
   const A lw = A(args.loss_weight);
   T* out = reinterpret_cast<T*>(args.out);
   T* grad = reinterpret_cast<T*>(args.grad_buf);
-  const A gscale = lw / L.denominator();
+  const A gscale = lw / reduction_divisor<A>(args);
   std::vector<double> partial(L.n_chunks, 0.0);
   std::vector<int64_t> invalid(L.n_chunks, 0);
 
@@ -177,7 +168,7 @@ int64_t forward(const Args& args) {
   if (args.reduction != RED_NONE) {
     double total = 0.0;
     for (double v : partial) total += v;
-    out[0] = static_cast<T>(A(double(lw) * (total / double(L.denominator()))));
+    out[0] = static_cast<T>(A(double(lw) * (total / double(reduction_divisor<A>(args)))));
   }
   return bad;
 }
@@ -190,7 +181,7 @@ int64_t backward(const Args& args) {
   const int64_t c = L.c;
   const T* go = reinterpret_cast<const T*>(args.grad_out);
   T* out = reinterpret_cast<T*>(args.out);
-  const A scale = A(args.loss_weight) / L.denominator();
+  const A scale = A(args.loss_weight) / reduction_divisor<A>(args);
   std::vector<int64_t> invalid(L.n_chunks, 0);
 
   at::parallel_for(0, L.n_chunks, 1, [&](int64_t cb, int64_t ce) {

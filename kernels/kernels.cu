@@ -51,14 +51,6 @@ template <class A> __device__ __forceinline__ A block_sum(A v) {
   return v;
 }
 
-template <class A> __device__ __forceinline__ A denominator(const Args& a) {
-  if (a.reduction != RED_MEAN) return A(1);
-  if (a.has_avg_factor == 1) return A(a.avg_factor_value + AVG_FACTOR_EPS);
-  if (a.has_avg_factor == 2) return *reinterpret_cast<const A*>(a.avg_factor) + A(AVG_FACTOR_EPS);
-  const bool row_sum = (a.flags & FLAG_ROW_SUM) != 0;
-  return row_sum ? A(a.n) : A(a.n) * A(a.c);
-}
-
 // Element (i, j)'s target; `bad` marks a label outside [0, C] in strict mode.
 template <class A> struct Tgt {
   A t;
@@ -124,7 +116,7 @@ template <class E, class T, class I> __device__ __forceinline__ void backward(co
   const T* pred = reinterpret_cast<const T*>(a.pred);
   const T* go = reinterpret_cast<const T*>(a.grad_out);
   T* out = reinterpret_cast<T*>(a.out);
-  const A scale = A(a.loss_weight) / denominator<A>(a);
+  const A scale = A(a.loss_weight) / reduction_divisor<A>(a);
   const A nan = A(0) / A(0);
   for (I k = blockIdx.x * I(blockDim.x) + threadIdx.x; k < total; k += I(gridDim.x) * blockDim.x) {
     const I i = k / c, j = k - i * c;
@@ -157,7 +149,7 @@ template <class T> __device__ __forceinline__ void finalize(const Args& a) {
   A s = A(0);
   for (int b = threadIdx.x; b < a.n_partials; b += THREADS) s += partials[b];
   s = block_sum(s);
-  if (threadIdx.x == 0) reinterpret_cast<T*>(a.out)[0] = st<T>(A(a.loss_weight) * (s / denominator<A>(a)));
+  if (threadIdx.x == 0) reinterpret_cast<T*>(a.out)[0] = st<T>(A(a.loss_weight) * (s / reduction_divisor<A>(a)));
 }
 
 }  // namespace dev

@@ -112,6 +112,14 @@ struct Prepared {
     _keep: Vec<Tensor>,
 }
 
+/// The integer kinds accepted for class indices and counts.
+pub(crate) fn is_integer(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
+    )
+}
+
 fn dtype_code(kind: Kind) -> Option<i32> {
     match kind {
         Kind::Float => Some(0),
@@ -211,17 +219,12 @@ fn prepare(
         dtype.is_some(),
         "{name}: pred must be float32, float64, float16 or bfloat16, got {kind:?}"
     );
-    ensure!(
-        pred.dim() == 2,
-        "{name}: pred must be (N, C), got shape {:?}",
-        pred.size()
-    );
+    let (n, c) = crate::losses::pred_shape(name, pred)?;
     let device = pred.device();
     ensure!(
         matches!(device, Device::Cpu | Device::Cuda(_)),
         "{name}: pred is on {device:?}; only CPU and CUDA are supported"
     );
-    let (n, c) = (pred.size()[0], pred.size()[1]);
     let reduction = spec.reduction;
     check_avg_factor(reduction, avg_factor).context(name)?;
 
@@ -258,10 +261,7 @@ fn prepare(
             t.size()
         );
         ensure!(
-            matches!(
-                t.kind(),
-                Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
-            ),
+            is_integer(t.kind()),
             "{name}: class-index target must be an integer tensor, got {:?}",
             t.kind()
         );

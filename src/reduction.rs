@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// `torch.finfo(torch.float32).eps`, which MMDetection adds to `avg_factor` whatever the dtype.
 pub const AVG_FACTOR_EPS: f64 = 1.192_092_895_507_812_5e-7;
@@ -100,12 +100,7 @@ pub(crate) fn check_avg_factor(reduction: Reduction, avg_factor: Option<&AvgFact
                 t.size()
             );
         }
-        if !t.is_floating_point()
-            && !matches!(
-                t.kind(),
-                Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
-            )
-        {
+        if !t.is_floating_point() && !crate::fused::is_integer(t.kind()) {
             bail!("avg_factor tensor must be numeric, got {:?}", t.kind());
         }
     }
