@@ -8,9 +8,10 @@ setup:
 profile: setup
 	cargo bench --bench profile
 
-# All tests (no GPU needed), plus the golden runner's report.
+# All tests (no GPU needed), the README's dependent crate, plus the golden runner's report.
 test: setup
 	cargo test --release
+	cargo run --release -p dependent
 	cargo run --release --example golden -- tests/data/mmdet_cases.json --only FocalLoss,QualityFocalLoss,VarifocalLoss
 
 golden: setup
@@ -21,5 +22,5 @@ gpu-check: setup
 	bash scripts/gpu-check.sh build
 
 lint:
-	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings

@@ -62,7 +62,6 @@ static_assert(sizeof(Args) == 176, "dl::Args must match DlArgs in src/fused.rs")
 enum : int32_t { FLAG_ACTIVATED = 1, FLAG_IOU_WEIGHTED = 2, FLAG_ROW_SUM = 4, FLAG_STRICT_LABELS = 8 };
 enum : int32_t { TARGET_DENSE = 0, TARGET_LABELS = 1, TARGET_LABELS_SCORES = 2 };
 enum : int32_t { RED_NONE = 0, RED_MEAN = 1, RED_SUM = 2 };
-enum : int32_t { LOSS_FOCAL = 0, LOSS_QFL = 1, LOSS_VFL = 2 };
 enum : int32_t { PASS_FORWARD = 0, PASS_BACKWARD = 1 };
 enum : int32_t { DT_F32 = 0, DT_F64 = 1, DT_F16 = 2, DT_BF16 = 3 };
 
@@ -108,6 +107,10 @@ template <class A> DL_HD A dl_max(A a, A b) { return a > b ? a : b; }
 template <class A> DL_HD A dl_abs(A a) { return a < A(0) ? -a : a; }
 // torch.sign: 0 at 0, so |d| has gradient 0 there, as in autograd.
 template <class A> DL_HD A dl_sign(A a) { return A((a > A(0)) - (a < A(0))); }
+
+// Expands RUN(F<A, true>) when the exponent (p0) is exactly 2 (the default of every loss here),
+// RUN(F<A, false>) otherwise.
+#define DL_POW2(a, F, A, RUN) ((a).p0 == 2.0 ? RUN(F<A, true>) : RUN(F<A, false>))
 
 // x^y for the exponents of the loss definitions. POW2 is the default exponent (2.0), done with a
 // multiplication; the general path is pow(), whose 0^0 = 1 matches torch.

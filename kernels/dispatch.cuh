@@ -1,26 +1,27 @@
 // Which element functor runs for a (loss, flags, parameters) triple: the one table that both
-// executors share. RUN(F) must expand to the executor call for functor F.
+// executors share. Each kernel body defines DL_DISPATCH_<name>(a, A, RUN) for its own loss;
+// kernels/losses.def lists the losses. The caller defines DL_RUN(...) to expand to the executor
+// call for the functor it is given.
 #pragma once
 #include "common.cuh"
+#include "losses.def"
+
 #include "focal.cuh"
 #include "quality_focal.cuh"
 #include "varifocal.cuh"
 
-// Expands RUN for the POW2 specialization when the exponent (p0) is exactly 2 (the default of
-// every loss here). The activated (probability) variants are rare and take the general pow.
-#define DL_POW2(F, A, RUN) ((a).p0 == 2.0 ? RUN(F<A, true>) : RUN(F<A, false>))
+#define DL_DISPATCH_CASE_(name, id) \
+  case id:                          \
+    return DL_DISPATCH_##name(a_, DlAcc_, DL_RUN);
 
-#define DL_DISPATCH_LOSS(loss, a, A, RUN, UNKNOWN)                                                  \
-  do {                                                                                              \
-    const bool act_ = ((a).flags & ::dl::FLAG_ACTIVATED) != 0;                                      \
-    switch (loss) {                                                                                 \
-      case ::dl::LOSS_FOCAL:                                                                        \
-        return act_ ? RUN(::dl::FocalProb<A, false>) : DL_POW2(::dl::FocalLogits, A, RUN);          \
-      case ::dl::LOSS_QFL:                                                                          \
-        return act_ ? RUN(::dl::QflProb<A, false>) : DL_POW2(::dl::QflLogits, A, RUN);              \
-      case ::dl::LOSS_VFL:                                                                          \
-        return DL_POW2(::dl::Varifocal, A, RUN);                                                    \
-      default:                                                                                      \
-        UNKNOWN;                                                                                    \
-    }                                                                                               \
+// `loss` is a run-time id: every listed loss is compiled in.
+#define DL_DISPATCH_LOSS(loss, a, A, UNKNOWN) \
+  do {                                        \
+    const ::dl::Args& a_ = (a);               \
+    using DlAcc_ = A;                         \
+    switch (loss) {                           \
+      DL_LOSSES(DL_DISPATCH_CASE_)            \
+      default:                                \
+        UNKNOWN;                              \
+    }                                         \
   } while (0)

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstring>
 #include <exception>
+#include <type_traits>
 #include <vector>
 
 #include "common.cuh"
@@ -206,22 +207,51 @@ int64_t backward(const Args& args) {
   return bad;
 }
 
+// Calls f(target mode, element weights) as compile-time constants, for the combinations E supports.
+template <int V> using IntC = std::integral_constant<int, V>;
+template <bool V> using BoolC = std::integral_constant<bool, V>;
+template <class E, class F> int64_t dispatch_modes(bool dense, bool welem, F&& f) {
+  auto by_weight = [&](auto tm) -> int64_t {
+    if constexpr (E::ELEMENT_WEIGHTS) {
+      if (welem) return f(tm, BoolC<true>{});
+    }
+    return f(tm, BoolC<false>{});
+  };
+  if constexpr (E::LABEL_TARGETS) {
+    if (!dense) return by_weight(IntC<TARGET_LABELS>{});
+  }
+  return by_weight(IntC<TARGET_DENSE>{});
+}
+
+// The (target mode, weight, gradient) combinations a loss can meet: each element functor says
+// which it supports (E::LABEL_TARGETS: class-index targets besides dense ones; E::ELEMENT_WEIGHTS:
+// per-element weights and upstream gradients besides per-row ones), so that no loop is compiled
+// for a combination the Rust side never launches. Returns -2 for one it does not support.
 template <class E, class T> int64_t run(int32_t pass, const Args& a) {
   const bool dense = a.target_mode == TARGET_DENSE;
   const bool welem = a.weight != 0 && a.w_sc != 0;
+  if ((!dense && !E::LABEL_TARGETS) || (welem && !E::ELEMENT_WEIGHTS)) return -2;
   if (pass == PASS_FORWARD) {
     const bool wg = a.grad_buf != 0;
-#define DL_FWD(TM, WELEM) (wg ? forward<E, T, TM, WELEM, true>(a) : forward<E, T, TM, WELEM, false>(a))
-    if (dense) return welem ? DL_FWD(TARGET_DENSE, true) : DL_FWD(TARGET_DENSE, false);
-    return welem ? DL_FWD(TARGET_LABELS, true) : DL_FWD(TARGET_LABELS, false);
-#undef DL_FWD
+    auto fwd = [&](auto tm, auto we) -> int64_t {
+      constexpr int TM = decltype(tm)::value;
+      constexpr bool WE = decltype(we)::value;
+      return wg ? forward<E, T, TM, WE, true>(a) : forward<E, T, TM, WE, false>(a);
+    };
+    return dispatch_modes<E>(dense, welem, fwd);
   }
+  // Per-element upstream gradients come with per-element losses, as per-element weights do.
   const bool gelem = a.g_sc != 0;
-#define DL_BWD(TM)                                                               \
-  (welem ? (gelem ? backward<E, T, TM, true, true>(a) : backward<E, T, TM, true, false>(a)) \
-         : (gelem ? backward<E, T, TM, false, true>(a) : backward<E, T, TM, false, false>(a)))
-  return dense ? DL_BWD(TARGET_DENSE) : DL_BWD(TARGET_LABELS);
-#undef DL_BWD
+  if (gelem && !E::ELEMENT_WEIGHTS) return -2;
+  auto bwd = [&](auto tm, auto we) -> int64_t {
+    constexpr int TM = decltype(tm)::value;
+    constexpr bool WE = decltype(we)::value;
+    if constexpr (E::ELEMENT_WEIGHTS) {
+      if (gelem) return backward<E, T, TM, WE, true>(a);
+    }
+    return backward<E, T, TM, WE, false>(a);
+  };
+  return dispatch_modes<E>(dense, welem, bwd);
 }
 
 }  // namespace host

@@ -11,6 +11,7 @@ DL_NAMESPACE_BEGIN
 
 // POW2: gamma == 2. p0 = gamma, p1 = alpha.
 template <class A, bool POW2> struct FocalLogits {
+  static constexpr bool LABEL_TARGETS = true, ELEMENT_WEIGHTS = true;
   A gamma, alpha;
   DL_HD explicit FocalLogits(const Args& a) : gamma(A(a.p0)), alpha(A(a.p1)) {}
   DL_HD A loss(A x, A t) const {
@@ -30,6 +31,7 @@ template <class A, bool POW2> struct FocalLogits {
 
 // activated=True: x is already a probability.
 template <class A, bool POW2> struct FocalProb {
+  static constexpr bool LABEL_TARGETS = true, ELEMENT_WEIGHTS = true;
   A gamma, alpha;
   DL_HD explicit FocalProb(const Args& a) : gamma(A(a.p0)), alpha(A(a.p1)) {}
   DL_HD A loss(A p, A t) const {
@@ -46,3 +48,7 @@ template <class A, bool POW2> struct FocalProb {
 };
 
 DL_NAMESPACE_END
+
+// Logits (POW2 when gamma == 2) or, with activated=True, probabilities (the general pow: rare).
+#define DL_DISPATCH_focal(a, A, RUN) \
+  (((a).flags & ::dl::FLAG_ACTIVATED) ? RUN(::dl::FocalProb<A, false>) : DL_POW2(a, ::dl::FocalLogits, A, RUN))

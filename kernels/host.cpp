@@ -1,5 +1,6 @@
-// CPU entry point: the loss bodies of focal.cuh, quality_focal.cuh and varifocal.cuh run by the
-// host executor. build.rs compiles this file once per ISA level (DL_ISA names the symbol).
+// CPU entry point of one loss: its kernel body run by the host executor. build.rs compiles this
+// file once per loss of kernels/losses.def (DL_HOST_LOSS names it) and instruction set (DL_ISA),
+// so that the compilers run side by side; the symbol is dl_host_run_<isa>_<loss>.
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -21,6 +22,9 @@ double pow(double, double) noexcept __attribute__((simd("notinbranch")));
 #ifndef DL_ISA
 #define DL_ISA base
 #endif
+#ifndef DL_HOST_LOSS
+#error "DL_HOST_LOSS must name a loss of kernels/losses.def"
+#endif
 #define DL_CAT2(a, b) a##b
 #define DL_CAT(a, b) DL_CAT2(a, b)
 #define DL_ABI DL_CAT(isa_, DL_ISA)
@@ -30,30 +34,31 @@ double pow(double, double) noexcept __attribute__((simd("notinbranch")));
 
 namespace {
 
-template <class T> int64_t run_loss(int32_t loss, int32_t pass, const dl::Args& a) {
+template <class T> int64_t run_loss(int32_t pass, const dl::Args& a) {
   using A = typename dl::host::AccOf<T>::type;
-#define DL_RUN_HOST(...) dl::host::run<__VA_ARGS__, T>(pass, a)
-  DL_DISPATCH_LOSS(loss, a, A, DL_RUN_HOST, return -2);
-#undef DL_RUN_HOST
+#define DL_RUN(...) dl::host::run<__VA_ARGS__, T>(pass, a)
+  return DL_CAT(DL_DISPATCH_, DL_HOST_LOSS)(a, A, DL_RUN);
+#undef DL_RUN
 }
 
 }  // namespace
 
 // Runs one pass. Returns the number of rows with an invalid label (>= 0), or -1 with a message
 // in err. No exception crosses this boundary.
-extern "C" int64_t DL_CAT(dl_host_run_, DL_ISA)(int32_t loss, int32_t pass, int32_t dtype,
-                                                  const dl::Args* a, char* err, size_t errlen) {
+extern "C" int64_t DL_CAT(DL_CAT(DL_CAT(dl_host_run_, DL_ISA), _), DL_HOST_LOSS)(int32_t pass, int32_t dtype,
+                                                                                  const dl::Args* a, char* err,
+                                                                                  size_t errlen) {
   try {
     int64_t r;
     switch (dtype) {
-      case dl::DT_F32: r = run_loss<float>(loss, pass, *a); break;
-      case dl::DT_F64: r = run_loss<double>(loss, pass, *a); break;
-      case dl::DT_F16: r = run_loss<c10::Half>(loss, pass, *a); break;
-      case dl::DT_BF16: r = run_loss<c10::BFloat16>(loss, pass, *a); break;
+      case dl::DT_F32: r = run_loss<float>(pass, *a); break;
+      case dl::DT_F64: r = run_loss<double>(pass, *a); break;
+      case dl::DT_F16: r = run_loss<c10::Half>(pass, *a); break;
+      case dl::DT_BF16: r = run_loss<c10::BFloat16>(pass, *a); break;
       default: r = -2;
     }
     if (r == -2) {
-      std::snprintf(err, errlen, "unknown loss %d or dtype %d", int(loss), int(dtype));
+      std::snprintf(err, errlen, "no CPU kernel for dtype %d with these target and weight modes", int(dtype));
       return -1;
     }
     return r;

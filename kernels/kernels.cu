@@ -1,4 +1,4 @@
-// CUDA entry points: the loss bodies of focal.cuh, quality_focal.cuh and varifocal.cuh run by the
+// CUDA entry points: the loss bodies of kernels/losses.def run by the
 // device executor. build.rs compiles this file with nvcc into one embedded fatbin.
 //
 // Forward: one grid-stride pass that writes the element losses ('none') or one partial sum per
@@ -9,6 +9,12 @@
 #include <cuda_fp16.h>
 
 #include "dispatch.cuh"
+
+// The emulated device (kernels/emu/) compiles this very file with the host compiler and lists
+// every entry point through this hook; for nvcc it is empty.
+#ifndef DL_REGISTER_ENTRY
+#define DL_REGISTER_ENTRY(fn)
+#endif
 
 DL_NAMESPACE_BEGIN
 namespace dev {
@@ -136,12 +142,17 @@ template <class E, class T, class I> __device__ __forceinline__ void run(int32_t
     backward<E, T, I>(a);
 }
 
-template <class T, class I> __device__ __forceinline__ void run_loss(int32_t loss, int32_t pass, const Args& a) {
-  using A = typename AccOf<T>::type;
-#define DL_RUN_DEV(...) run<__VA_ARGS__, T, I>(pass, a)
-  DL_DISPATCH_LOSS(loss, a, A, DL_RUN_DEV, return);
-#undef DL_RUN_DEV
-}
+// run_<name><T, I>(pass, a) for every loss of kernels/losses.def: its functor, chosen by
+// DL_DISPATCH_<name>, run by the executor above.
+#define DL_RUN(...) run<__VA_ARGS__, T, I>(pass, a)
+#define DL_DEVICE_RUNNER(NAME, ID)                                                        \
+  template <class T, class I> __device__ __forceinline__ void run_##NAME(int32_t pass, const Args& a) { \
+    using A = typename AccOf<T>::type;                                                    \
+    DL_DISPATCH_##NAME(a, A, DL_RUN);                                                     \
+  }
+DL_LOSSES(DL_DEVICE_RUNNER)
+#undef DL_DEVICE_RUNNER
+#undef DL_RUN
 
 template <class T> __device__ __forceinline__ void finalize(const Args& a) {
   using A = typename AccOf<T>::type;
@@ -155,15 +166,16 @@ template <class T> __device__ __forceinline__ void finalize(const Args& a) {
 }  // namespace dev
 DL_NAMESPACE_END
 
-#define DL_ENTRY_I(NAME, LOSS, T, PASS, SUFFIX, I)                                      \
+#define DL_ENTRY_I(NAME, T, PASS, SUFFIX, I)                                            \
   extern "C" __global__ void __launch_bounds__(dl::dev::THREADS) dl_##NAME##_##PASS##_##T##_##SUFFIX(dl::Args a) { \
-    dl::dev::run_loss<DL_TYPE_##T, I>(LOSS, DL_PASS_##PASS, a);                             \
-  }
-#define DL_ENTRY(NAME, LOSS, T)                                     \
-  DL_ENTRY_I(NAME, LOSS, T, forward, k, uint32_t)                   \
-  DL_ENTRY_I(NAME, LOSS, T, forward, k64, uint64_t)                 \
-  DL_ENTRY_I(NAME, LOSS, T, backward, k, uint32_t)                  \
-  DL_ENTRY_I(NAME, LOSS, T, backward, k64, uint64_t)
+    dl::dev::run_##NAME<DL_TYPE_##T, I>(DL_PASS_##PASS, a);                                 \
+  }                                                                                         \
+  DL_REGISTER_ENTRY(dl_##NAME##_##PASS##_##T##_##SUFFIX)
+#define DL_ENTRY(NAME, T)                                     \
+  DL_ENTRY_I(NAME, T, forward, k, uint32_t)                   \
+  DL_ENTRY_I(NAME, T, forward, k64, uint64_t)                 \
+  DL_ENTRY_I(NAME, T, backward, k, uint32_t)                  \
+  DL_ENTRY_I(NAME, T, backward, k64, uint64_t)
 #define DL_PASS_forward dl::PASS_FORWARD
 #define DL_PASS_backward dl::PASS_BACKWARD
 
@@ -172,20 +184,19 @@ DL_NAMESPACE_END
 #define DL_TYPE_f16 __half
 #define DL_TYPE_bf16 __nv_bfloat16
 
-#define DL_ALL_TYPES(NAME, LOSS) \
-  DL_ENTRY(NAME, LOSS, f32)      \
-  DL_ENTRY(NAME, LOSS, f64)      \
-  DL_ENTRY(NAME, LOSS, f16)      \
-  DL_ENTRY(NAME, LOSS, bf16)
+#define DL_ALL_TYPES(NAME, ID) \
+  DL_ENTRY(NAME, f32)          \
+  DL_ENTRY(NAME, f64)          \
+  DL_ENTRY(NAME, f16)          \
+  DL_ENTRY(NAME, bf16)
 
-DL_ALL_TYPES(focal, dl::LOSS_FOCAL)
-DL_ALL_TYPES(quality_focal, dl::LOSS_QFL)
-DL_ALL_TYPES(varifocal, dl::LOSS_VFL)
+DL_LOSSES(DL_ALL_TYPES)
 
 #define DL_FINALIZE(T) \
   extern "C" __global__ void __launch_bounds__(dl::dev::THREADS) dl_finalize_##T##_k(dl::Args a) { \
     dl::dev::finalize<DL_TYPE_##T>(a);                                                              \
-  }
+  }                                                                                                 \
+  DL_REGISTER_ENTRY(dl_finalize_##T##_k)
 DL_FINALIZE(f32)
 DL_FINALIZE(f64)
 DL_FINALIZE(f16)

@@ -12,6 +12,7 @@ DL_NAMESPACE_BEGIN
 
 // POW2: beta == 2. p0 = beta.
 template <class A, bool POW2> struct QflLogits {
+  static constexpr bool LABEL_TARGETS = true, ELEMENT_WEIGHTS = false;
   A beta;
   DL_HD explicit QflLogits(const Args& a) : beta(A(a.p0)) {}
   DL_HD A loss(A x, A t) const {
@@ -28,6 +29,7 @@ template <class A, bool POW2> struct QflLogits {
 
 // activated=True: x is already a probability.
 template <class A, bool POW2> struct QflProb {
+  static constexpr bool LABEL_TARGETS = true, ELEMENT_WEIGHTS = false;
   A beta;
   DL_HD explicit QflProb(const Args& a) : beta(A(a.p0)) {}
   DL_HD A loss(A p, A t) const { return bce_prob(p, t) * dl_powe<POW2>(dl_abs(p - t), beta); }
@@ -39,3 +41,7 @@ template <class A, bool POW2> struct QflProb {
 };
 
 DL_NAMESPACE_END
+
+// Logits (POW2 when beta == 2) or, with activated=True, probabilities (the general pow: rare).
+#define DL_DISPATCH_quality_focal(a, A, RUN) \
+  (((a).flags & ::dl::FLAG_ACTIVATED) ? RUN(::dl::QflProb<A, false>) : DL_POW2(a, ::dl::QflLogits, A, RUN))

@@ -5,6 +5,24 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 
+// From libtorch_cuda (ATen/cuda/CUDAContextLight.h, whose other includes need the cuBLAS and
+// cuSPARSE headers). Calling it does more than check the kernels' assumption: it makes every
+// binary that uses the CUDA path reference libtorch_cuda, so the linker keeps that library
+// even under --as-needed (tch-rs #907, #980) without a link argument of the user's own.
+namespace at {
+namespace cuda {
+int warp_size();
+}
+}  // namespace at
+
+extern "C" int dl_cuda_warp_size() {
+  try {
+    return at::cuda::warp_size();
+  } catch (...) {
+    return -1;
+  }
+}
+
 extern "C" void* dl_current_cuda_stream(int device) {
   try {
     return static_cast<void*>(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream());

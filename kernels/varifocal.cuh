@@ -10,6 +10,7 @@ DL_NAMESPACE_BEGIN
 
 // POW2: gamma == 2. p0 = gamma, p1 = alpha.
 template <class A, bool POW2> struct Varifocal {
+  static constexpr bool LABEL_TARGETS = false, ELEMENT_WEIGHTS = true;
   A gamma, alpha;
   A iou_weighted;  // 1 or 0; a value type, not bool, so that GCC can vectorize the host loops
   DL_HD explicit Varifocal(const Args& a)
@@ -31,3 +32,6 @@ template <class A, bool POW2> struct Varifocal {
 };
 
 DL_NAMESPACE_END
+
+// POW2 when gamma == 2.
+#define DL_DISPATCH_varifocal(a, A, RUN) DL_POW2(a, ::dl::Varifocal, A, RUN)

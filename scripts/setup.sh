@@ -36,7 +36,6 @@ NEW=$(cat <<TOML
 # Written by scripts/setup.sh; do not edit by hand.
 [env]
 LIBTORCH = "$LIBTORCH"
-LIBTORCH_BYPASS_VERSION_CHECK = "0"
 TCH_DETLOSS_NVCC = "$NVCC"
 
 # Doctests get no link arguments from build.rs: give them the rpath to libtorch here.

@@ -58,6 +58,8 @@ extern "C" {
         n_inputs: usize,
         outputs: *const *mut C_tensor,
         n_outputs: usize,
+        saved: *const *mut C_tensor,
+        n_saved: usize,
         state: *mut c_void,
         backward: BackwardFnC,
         drop: DropFnC,
@@ -180,10 +182,48 @@ unsafe extern "C" fn drop_trampoline(state: *mut c_void) {
 /// gradient function (compute them from raw kernels or under [`tch::no_grad`]). `backward`
 /// receives one gradient per output (zeros for an output that did not reach the loss) and must
 /// return one entry per input: `None` for no gradient.
+///
+/// `backward` runs with grad mode on exactly when the backward call has `create_graph` set: a
+/// closure that computes its gradients from tch ops on tensors requiring grad then gives a
+/// differentiable gradient; one that cannot should return an error when
+/// [`grad_enabled`] is true rather than drop the second-order term.
 pub fn record(
     name: &str,
     inputs: &[&Tensor],
     outputs: &[&Tensor],
+    backward: impl BackwardFn,
+) -> Result<bool> {
+    record_saving(name, inputs, outputs, &[], backward)
+}
+
+/// [`record`], keeping autograd's guarantee for the tensors that `backward` reads: each tensor
+/// in `saved` is remembered with its version counter, and if any of them is modified in place
+/// between this call and the backward pass, `backward` fails with torch's own error ("one of
+/// the variables needed for gradient computation has been modified by an inplace operation")
+/// instead of computing from the changed values. Pass the tensors your closure captures (a
+/// `detach()`ed tensor or a view shares the version counter of its original).
+///
+/// ```
+/// use tch::{Kind, Tensor};
+/// use tch_detloss::autograd;
+///
+/// let x = Tensor::from_slice(&[1.0f64, 2.0]).set_requires_grad(true);
+/// let y = tch::no_grad(|| &x * &x);
+/// let saved = x.detach();
+/// autograd::record_saving("SquareBackward", &[&x], &[&y], &[&saved], {
+///     let saved = saved.shallow_clone();
+///     move |g: &[Tensor]| Ok(vec![Some(&g[0] * 2.0 * &saved)])
+/// })?;
+/// tch::no_grad(|| { let _ = x.detach().f_add_scalar_(1.0); }); // x changed in place
+/// let err = y.sum(Kind::Double).f_backward().unwrap_err().to_string();
+/// assert!(err.contains("modified by an inplace operation"), "{err}");
+/// # anyhow::Ok(())
+/// ```
+pub fn record_saving(
+    name: &str,
+    inputs: &[&Tensor],
+    outputs: &[&Tensor],
+    saved: &[&Tensor],
     backward: impl BackwardFn,
 ) -> Result<bool> {
     let name_c =
@@ -196,6 +236,7 @@ pub fn record(
         .iter()
         .map(|t| t.as_ptr() as *mut C_tensor)
         .collect();
+    let saved: Vec<*mut C_tensor> = saved.iter().map(|t| t.as_ptr() as *mut C_tensor).collect();
     LIVE.fetch_add(1, Ordering::SeqCst);
     let state = Box::into_raw(Box::new(State {
         backward: Box::new(backward),
@@ -211,6 +252,8 @@ pub fn record(
             ins.len(),
             outs.as_ptr(),
             outs.len(),
+            saved.as_ptr(),
+            saved.len(),
             state,
             backward_trampoline,
             drop_trampoline,

@@ -103,6 +103,7 @@ mod imp {
     #[cfg(dl_torch_cuda)]
     extern "C" {
         fn dl_current_cuda_stream(device: i32) -> *mut std::ffi::c_void;
+        fn dl_cuda_warp_size() -> i32;
     }
 
     fn loaded(ordinal: usize) -> Result<Arc<Loaded>> {
@@ -120,6 +121,14 @@ mod imp {
         }
         let ctx = CudaContext::new(ordinal)
             .with_context(|| format!("CUDA context for device {ordinal}"))?;
+        #[cfg(dl_torch_cuda)]
+        {
+            // SAFETY: asks libtorch for the current device's warp size; -1 on error.
+            let warp = unsafe { dl_cuda_warp_size() };
+            if warp != 32 {
+                bail!("the kernels need a warp of 32 threads; libtorch reports {warp}");
+            }
+        }
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))
             .context("loading the embedded CUDA kernels (they need sm_80 or newer)")?;

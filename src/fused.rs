@@ -7,25 +7,9 @@
 use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 
+pub(crate) use crate::bodies::Body;
+use crate::checks;
 use crate::reduction::{check_avg_factor, AvgFactor, Reduction};
-
-/// The kernel bodies in `kernels/` (ids shared with `common.cuh`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Body {
-    Focal = 0,
-    QualityFocal = 1,
-    Varifocal = 2,
-}
-
-impl Body {
-    fn kernel_name(self) -> &'static str {
-        match self {
-            Body::Focal => "focal",
-            Body::QualityFocal => "quality_focal",
-            Body::Varifocal => "varifocal",
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Pass {
@@ -108,16 +92,9 @@ struct Prepared {
     args: DlArgs,
     kind: Kind,
     device: Device,
-    /// pred, target, score, weight and avg_factor as the kernels read them.
-    _keep: Vec<Tensor>,
-}
-
-/// The integer kinds accepted for class indices and counts.
-pub(crate) fn is_integer(kind: Kind) -> bool {
-    matches!(
-        kind,
-        Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
-    )
+    /// pred, target, score, weight and avg_factor as the kernels read them; the autograd node
+    /// checks their version counters before its backward reads them.
+    saved: Vec<Tensor>,
 }
 
 fn dtype_code(kind: Kind) -> Option<i32> {
@@ -189,11 +166,21 @@ pub(crate) fn run(
     args.grad_buf = grad_buf.as_ref().map_or(0, ptr);
     launch(&p, Pass::Forward, &mut args)?;
 
-    crate::autograd::record(
+    let saved: Vec<Tensor> = p.saved.iter().map(Tensor::shallow_clone).collect();
+    let saved: Vec<&Tensor> = saved.iter().collect();
+    crate::autograd::record_saving(
         &format!("{name}Backward"),
         &[pred],
         &[&out],
+        &saved,
         move |grads: &[Tensor]| {
+            if crate::autograd::grad_enabled() {
+                bail!(
+                    "{name}: a backward with create_graph=true (double backward, a gradient \
+                     penalty) is not supported by the fused kernels, whose gradient is not itself \
+                     differentiable; use forward_unfused for a loss you differentiate twice"
+                );
+            }
             // The first backward takes the precomputed gradient; a later one (retain_graph) recomputes.
             let grad = match grad_buf.take() {
                 Some(g) => scale_in_place(g, &grads[0], &p)?,
@@ -213,7 +200,7 @@ fn prepare(
     avg_factor: Option<&AvgFactor>,
 ) -> Result<Prepared> {
     let name = spec.name;
-    let kind = pred.f_kind()?;
+    let kind = checks::readable(name, "pred", pred)?;
     let dtype = dtype_code(kind);
     ensure!(
         dtype.is_some(),
@@ -221,14 +208,14 @@ fn prepare(
     );
     let (n, c) = crate::losses::pred_shape(name, pred)?;
     let device = pred.device();
-    ensure!(
-        matches!(device, Device::Cpu | Device::Cuda(_)),
-        "{name}: pred is on {device:?}; only CPU and CUDA are supported"
-    );
     let reduction = spec.reduction;
-    check_avg_factor(reduction, avg_factor).context(name)?;
+    check_avg_factor(name, reduction, avg_factor)?;
 
-    let pred_c = pred.detach().contiguous();
+    let pred_c = pred.f_detach()?.f_contiguous()?;
+    if spec.activated && device == Device::Cpu {
+        // On CUDA the kernels give NaN there instead (no host read).
+        crate::losses::check_probabilities(name, &pred_c)?;
+    }
     let mut args = DlArgs {
         pred: ptr(&pred_c),
         n,
@@ -252,23 +239,20 @@ fn prepare(
             0
         });
 
-    let labels = |t: &Tensor| -> Result<Tensor> {
-        same_device(name, "target", t, device)?;
+    let labels = |what: &str, t: &Tensor| -> Result<Tensor> {
+        checks::integer(name, what, t)?;
+        same_device(name, what, t, device)?;
         ensure!(
             t.dim() == 1 && t.size()[0] == n,
-            "{name}: class-index target must be ({n},) for pred of shape {:?}, got {:?}",
+            "{name}: class-index {what} must be ({n},) for pred of shape {:?}, got {:?}",
             pred.size(),
             t.size()
         );
-        ensure!(
-            is_integer(t.kind()),
-            "{name}: class-index target must be an integer tensor, got {:?}",
-            t.kind()
-        );
-        Ok(t.to_kind(Kind::Int64).contiguous())
+        Ok(t.f_detach()?.f_to_kind(Kind::Int64)?.f_contiguous()?)
     };
     let (target_t, score) = match target {
         KTarget::Dense(t) => {
+            checks::real(name, "target", t)?;
             same_device(name, "target", t, device)?;
             ensure!(
                 t.size() == pred.size(),
@@ -277,27 +261,27 @@ fn prepare(
                 t.size()
             );
             args.target_mode = 0;
-            (t.detach().to_kind(kind).contiguous(), None)
+            (t.f_detach()?.f_to_kind(kind)?.f_contiguous()?, None)
         }
         KTarget::Labels(t) => {
             args.target_mode = 1;
-            (labels(t)?, None)
+            (labels("target", t)?, None)
         }
         KTarget::LabelsScores(l, s) => {
             args.target_mode = 2;
-            let l = labels(l)?;
-            same_device(name, "score", s, device)?;
+            let l = labels("labels", l)?;
+            let sk = checks::readable(name, "scores", s)?;
+            same_device(name, "scores", s, device)?;
             ensure!(
                 s.dim() == 1 && s.size()[0] == n,
-                "{name}: score must be ({n},), got {:?}",
+                "{name}: scores must be ({n},), got {:?}",
                 s.size()
             );
             ensure!(
-                s.is_floating_point(),
-                "{name}: score must be floating point, got {:?}",
-                s.kind()
+                checks::is_float(sk),
+                "{name}: scores must be floating point, got {sk:?}"
             );
-            (l, Some(s.detach().to_kind(kind).contiguous()))
+            (l, Some(s.f_detach()?.f_to_kind(kind)?.f_contiguous()?))
         }
     };
     args.target = ptr(&target_t);
@@ -306,17 +290,10 @@ fn prepare(
     let weight = match weight {
         None => None,
         Some(w) => {
+            checks::real(name, "weight", w)?;
             same_device(name, "weight", w, device)?;
-            ensure!(
-                w.is_floating_point()
-                    || w.kind() == Kind::Bool
-                    || w.kind() == Kind::Int64
-                    || w.kind() == Kind::Int,
-                "{name}: weight must be numeric, got {:?}",
-                w.kind()
-            );
             let shape: Vec<i64> = if spec.row_sum { vec![n, 1] } else { vec![n, c] };
-            let w = w.detach().to_kind(kind);
+            let w = w.f_detach()?.f_to_kind(kind)?;
             let e = w.f_expand(shape.as_slice(), false).map_err(|_| {
                 anyhow::anyhow!(
                     "{name}: weight of shape {:?} does not broadcast against the loss of shape {:?}",
@@ -328,7 +305,7 @@ fn prepare(
             let e = if e.stride()[1] == 0 || e.stride()[1] == 1 || e.size()[1] <= 1 {
                 e
             } else {
-                e.contiguous()
+                e.f_contiguous()?
             };
             let st = e.stride();
             args.w_sn = st[0];
@@ -349,11 +326,11 @@ fn prepare(
         }
         (Reduction::Mean, Some(AvgFactor::Tensor(t))) => {
             let t = t
-                .detach()
-                .to_device(device)
-                .to_kind(acc_kind(kind))
-                .reshape([1])
-                .contiguous();
+                .f_detach()?
+                .f_to_device(device)?
+                .f_to_kind(acc_kind(kind))?
+                .f_reshape([1])?
+                .f_contiguous()?;
             args.has_avg_factor = 2;
             args.avg_factor = ptr(&t);
             Some(t)
@@ -361,7 +338,7 @@ fn prepare(
         _ => None, // 'none' ignores avg_factor, as MMDetection does
     };
 
-    let _keep = [Some(pred_c), Some(target_t), score, weight, avg_factor]
+    let saved = [Some(pred_c), Some(target_t), score, weight, avg_factor]
         .into_iter()
         .flatten()
         .collect();
@@ -370,7 +347,7 @@ fn prepare(
         args,
         kind,
         device,
-        _keep,
+        saved,
     })
 }
 
@@ -383,8 +360,12 @@ fn scale_in_place(mut g: Tensor, upstream: &Tensor, p: &Prepared) -> Result<Tens
             let _ = g.f_mul_scalar_(s)?;
         }
     } else {
-        let up = upstream.to_kind(p.kind);
-        let up = if p.spec.row_sum { up.unsqueeze(1) } else { up };
+        let up = upstream.f_to_kind(p.kind)?;
+        let up = if p.spec.row_sum {
+            up.f_unsqueeze(1)?
+        } else {
+            up
+        };
         let _ = g.f_mul_(&up)?;
     }
     Ok(g)
@@ -392,7 +373,10 @@ fn scale_in_place(mut g: Tensor, upstream: &Tensor, p: &Prepared) -> Result<Tens
 
 fn backward(p: &Prepared, grad: &Tensor) -> Result<Tensor> {
     let name = p.spec.name;
-    let grad = grad.to_kind(p.kind).to_device(p.device).contiguous();
+    let grad = grad
+        .f_to_kind(p.kind)?
+        .f_to_device(p.device)?
+        .f_contiguous()?;
     let out = Tensor::f_empty([p.args.n, p.args.c], (p.kind, p.device))?;
     // `args` points into the saved tensors, which the node keeps alive.
     let mut args = p.args;
@@ -412,7 +396,7 @@ fn launch(p: &Prepared, pass: Pass, args: &mut DlArgs) -> Result<()> {
     let dtype = dtype_code(p.kind).expect("checked in prepare");
     match p.device {
         Device::Cpu => {
-            let bad = crate::host::run(p.spec.body as i32, pass as i32, dtype, args)
+            let bad = crate::host::run(p.spec.body, pass as i32, dtype, args)
                 .with_context(|| format!("{name}: CPU kernel"))?;
             if bad > 0 {
                 bail!(
@@ -424,7 +408,7 @@ fn launch(p: &Prepared, pass: Pass, args: &mut DlArgs) -> Result<()> {
         }
         Device::Cuda(ordinal) => {
             let acc = acc_kind(p.kind);
-            crate::cuda::launch(p.spec.body.kernel_name(), pass, p.kind, acc, ordinal, args)
+            crate::cuda::launch(p.spec.body.name(), pass, p.kind, acc, ordinal, args)
                 .with_context(|| format!("{name}: CUDA kernel"))
         }
         d => bail!("{name}: unsupported device {d:?}"),

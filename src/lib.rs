@@ -23,6 +23,8 @@
 #![warn(missing_docs)]
 
 pub mod autograd;
+mod bodies;
+mod checks;
 pub mod cuda;
 mod fused;
 pub mod golden;
@@ -36,3 +38,9 @@ pub mod registry;
 pub use host::cpu_isa;
 pub use loss::{Loss, LossArgs, Target};
 pub use reduction::{AvgFactor, Reduction};
+
+/// Helpers for this crate's own tests; not part of the API.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::checks::meta_like;
+}

@@ -88,20 +88,23 @@ impl Clone for AvgFactor {
 /// The message MMDetection raises for `reduction="sum"` with an `avg_factor`.
 pub(crate) const SUM_WITH_AVG_FACTOR: &str = "avg_factor can not be used with reduction=\"sum\"";
 
-/// Rejects the combinations MMDetection rejects before any work is done.
-pub(crate) fn check_avg_factor(reduction: Reduction, avg_factor: Option<&AvgFactor>) -> Result<()> {
+/// Rejects the combinations MMDetection rejects before any work is done, and an `avg_factor`
+/// tensor that is not a real one-element tensor.
+pub(crate) fn check_avg_factor(
+    name: &str,
+    reduction: Reduction,
+    avg_factor: Option<&AvgFactor>,
+) -> Result<()> {
     if reduction == Reduction::Sum && avg_factor.is_some() {
-        bail!(SUM_WITH_AVG_FACTOR);
+        bail!("{name}: {SUM_WITH_AVG_FACTOR}");
     }
     if let Some(AvgFactor::Tensor(t)) = avg_factor {
+        crate::checks::real(name, "avg_factor", t)?;
         if t.numel() != 1 {
             bail!(
-                "avg_factor must be a number or a one-element tensor, got shape {:?}",
+                "{name}: avg_factor must be a number or a one-element tensor, got shape {:?}",
                 t.size()
             );
-        }
-        if !t.is_floating_point() && !crate::fused::is_integer(t.kind()) {
-            bail!("avg_factor tensor must be numeric, got {:?}", t.kind());
         }
     }
     Ok(())
@@ -116,25 +119,33 @@ pub fn weight_reduce_loss(
     reduction: Reduction,
     avg_factor: Option<&AvgFactor>,
 ) -> Result<Tensor> {
-    check_avg_factor(reduction, avg_factor)?;
+    const NAME: &str = "weight_reduce_loss";
+    crate::checks::readable(NAME, "loss", loss)?;
+    check_avg_factor(NAME, reduction, avg_factor)?;
     let loss = match weight {
-        Some(w) => loss.f_mul(w).with_context(|| {
-            format!(
-                "weight of shape {:?} does not broadcast against the loss of shape {:?}",
-                w.size(),
-                loss.size()
-            )
-        })?,
+        Some(w) => loss
+            .f_mul(crate::checks::real(NAME, "weight", w).map(|_| w)?)
+            .with_context(|| {
+                format!(
+                    "weight of shape {:?} does not broadcast against the loss of shape {:?}",
+                    w.size(),
+                    loss.size()
+                )
+            })?,
         None => loss.shallow_clone(),
     };
     Ok(match (avg_factor, reduction) {
         (_, Reduction::None) => loss,
-        (None, Reduction::Mean) => loss.mean(None),
-        (None, Reduction::Sum) => loss.sum(None),
+        (None, Reduction::Mean) => loss.f_mean(None)?,
+        (None, Reduction::Sum) => loss.f_sum(None)?,
         (Some(_), Reduction::Sum) => bail!(SUM_WITH_AVG_FACTOR),
-        (Some(AvgFactor::Value(v)), Reduction::Mean) => loss.sum(None) / (v + AVG_FACTOR_EPS),
-        (Some(AvgFactor::Tensor(t)), Reduction::Mean) => {
-            loss.sum(None) / (t.f_to_device(loss.device())?.f_reshape([])? + AVG_FACTOR_EPS)
+        (Some(AvgFactor::Value(v)), Reduction::Mean) => {
+            loss.f_sum(None)?.f_div_scalar(v + AVG_FACTOR_EPS)?
         }
+        (Some(AvgFactor::Tensor(t)), Reduction::Mean) => loss.f_sum(None)?.f_div(
+            &t.f_to_device(loss.device())?
+                .f_reshape([])?
+                .f_add_scalar(AVG_FACTOR_EPS)?,
+        )?,
     })
 }

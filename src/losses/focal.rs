@@ -5,7 +5,7 @@ use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::{bce, bce_with_logits, one_hot_without_background, pred_shape, single_target};
+use super::{bce, bce_with_logits, begin, one_hot_without_background, pred_shape, single_target};
 use crate::fused::{self, Body, KTarget, Spec};
 use crate::reduction::{weight_reduce_loss, Reduction};
 use crate::{Loss, LossArgs, Target};
@@ -66,24 +66,28 @@ impl FocalLoss {
     }
 
     /// MMDetection's weight handling: `(N,)` becomes `(N, 1)`, `(N*C,)` becomes `(N, C)`.
+    /// Anything else is an error that names the shape the user passed.
     fn weight_view(w: &Tensor, n: i64, c: i64) -> Result<Tensor> {
         if w.size() == [n, c] {
             return Ok(w.shallow_clone());
         }
-        ensure!(
-            w.dim() >= 1,
-            "FocalLoss: weight must be (N,), (N*C,) or (N, C), got a 0-dim tensor"
-        );
-        if w.size()[0] == n {
-            return Ok(w.f_reshape([-1, 1])?);
-        }
-        ensure!(
-            w.numel() as i64 == n * c,
-            "FocalLoss: weight of shape {:?} is neither ({n},), ({},) nor ({n}, {c})",
-            w.size(),
-            n * c
-        );
-        Ok(w.f_reshape([n, -1])?)
+        let bad = || {
+            anyhow::anyhow!(
+                "FocalLoss: weight of shape {:?} is neither ({n},), ({},) nor ({n}, {c})",
+                w.size(),
+                n * c
+            )
+        };
+        let view = if w.dim() >= 1 && w.size()[0] == n {
+            w.f_reshape([-1, 1])?
+        } else if w.dim() >= 1 && w.numel() as i64 == n * c && n > 0 {
+            w.f_reshape([n, -1])?
+        } else {
+            return Err(bad());
+        };
+        // MMDetection's view(-1, 1) of an (N, k) weight, k > 1, no longer broadcasts.
+        let _ = view.f_expand([n, c], false).map_err(|_| bad())?;
+        Ok(view)
     }
 }
 
@@ -94,6 +98,7 @@ impl Loss for FocalLoss {
 
     fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
         self.validate()?;
+        let reduction = begin("FocalLoss", pred, target, args, self.reduction)?;
         let t = single_target("FocalLoss", target)?;
         let (n, c) = pred_shape("FocalLoss", pred)?;
         let weight = args
@@ -115,7 +120,7 @@ impl Loss for FocalLoss {
             row_sum: false,
             strict_labels: true,
             loss_weight: self.loss_weight,
-            reduction: args.reduction_override.unwrap_or(self.reduction),
+            reduction,
         };
         fused::run(spec, pred, kt, weight.as_ref(), args.avg_factor.as_ref())
     }
@@ -128,9 +133,9 @@ impl Loss for FocalLoss {
         args: &LossArgs<'_>,
     ) -> Result<Tensor> {
         self.validate()?;
+        let reduction = begin("FocalLoss", pred, target, args, self.reduction)?;
         let t = single_target("FocalLoss", target)?;
         let (n, c) = pred_shape("FocalLoss", pred)?;
-        let reduction = args.reduction_override.unwrap_or(self.reduction);
         let target = if t.dim() == pred.dim() {
             ensure!(
                 t.size() == pred.size(),
@@ -138,20 +143,20 @@ impl Loss for FocalLoss {
                 pred.size(),
                 t.size()
             );
-            t.shallow_clone()
+            t.f_detach()?
         } else {
             one_hot_without_background("FocalLoss", t, c)?
         };
         let target = target.f_type_as(pred)?;
         let (p, elem) = if self.activated {
-            (pred.shallow_clone(), bce(pred, &target)?)
+            (pred.shallow_clone(), bce("FocalLoss", pred, &target)?)
         } else {
             (pred.f_sigmoid()?, bce_with_logits(pred, &target)?)
         };
         let pt: Tensor = (1.0 - &p) * &target + &p * (1.0 - &target);
         let focal_weight: Tensor = (&target * self.alpha + (1.0 - &target) * (1.0 - self.alpha))
             * pt.f_pow_tensor_scalar(self.gamma)?;
-        let loss = elem * focal_weight;
+        let loss = elem.f_mul(&focal_weight)?;
         let weight = args
             .weight
             .map(|w| Self::weight_view(w, n, c))

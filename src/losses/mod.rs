@@ -15,6 +15,24 @@ pub use varifocal::VarifocalLoss;
 use anyhow::{bail, Result};
 use tch::Tensor;
 
+use crate::reduction::{check_avg_factor, Reduction};
+use crate::{LossArgs, Target};
+
+/// The checks every loss call runs first, fused and unfused alike (`crate::checks::call` and
+/// MMDetection's `avg_factor` rules); returns the reduction of this call.
+pub(crate) fn begin(
+    name: &str,
+    pred: &Tensor,
+    target: Target<'_>,
+    args: &LossArgs<'_>,
+    configured: Reduction,
+) -> Result<Reduction> {
+    crate::checks::call(name, pred, target, args)?;
+    let reduction = args.reduction_override.unwrap_or(configured);
+    check_avg_factor(name, reduction, args.avg_factor.as_ref())?;
+    Ok(reduction)
+}
+
 /// BCE-with-logits without reduction, as `F.binary_cross_entropy_with_logits(..., reduction='none')`.
 pub(crate) fn bce_with_logits(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     Ok(pred.f_binary_cross_entropy_with_logits::<Tensor>(
@@ -26,17 +44,48 @@ pub(crate) fn bce_with_logits(pred: &Tensor, target: &Tensor) -> Result<Tensor> 
 }
 
 /// `F.binary_cross_entropy(..., reduction='none')` on probabilities (log terms clamped at -100).
-pub(crate) fn bce(prob: &Tensor, target: &Tensor) -> Result<Tensor> {
+pub(crate) fn bce(name: &str, prob: &Tensor, target: &Tensor) -> Result<Tensor> {
+    check_probabilities(name, prob)?;
     Ok(prob.f_binary_cross_entropy::<Tensor>(target, None, tch::Reduction::None)?)
 }
 
 /// MMDetection's `F.one_hot(labels, num_classes=C + 1)[:, :C]`, with its range check turned into
 /// an error that names the valid range.
 pub(crate) fn one_hot_without_background(name: &str, labels: &Tensor, c: i64) -> Result<Tensor> {
-    let oh = labels.f_one_hot(c + 1).map_err(|e| {
+    crate::checks::integer(name, "target", labels)?;
+    if labels.dim() != 1 {
+        bail!(
+            "{name}: class-index target must be (N,), got shape {:?}",
+            labels.size()
+        );
+    }
+    let oh = labels.f_to_kind(tch::Kind::Int64)?.f_one_hot(c + 1).map_err(|e| {
         anyhow::anyhow!("{name}: class-index target outside [0, {c}] (0..{c} are classes, {c} is background): {e}")
     })?;
-    Ok(oh.narrow(1, 0, c))
+    Ok(oh.f_narrow(1, 0, c)?)
+}
+
+/// A weight that broadcasts against the loss of `shape` without adding dimensions to it (the
+/// fused kernels write the loss's own shape; torch would silently grow the result).
+pub(crate) fn check_weight_shape(name: &str, weight: &Tensor, shape: &[i64]) -> Result<()> {
+    if weight.dim() > shape.len() || weight.f_expand(shape, false).is_err() {
+        bail!(
+            "{name}: weight of shape {:?} does not broadcast against the loss of shape {shape:?}",
+            weight.size()
+        );
+    }
+    Ok(())
+}
+
+/// MMDetection's `activated=True` losses call `F.binary_cross_entropy`, which takes
+/// probabilities; on CUDA it would stop the process with a device assertion, so the stock-op
+/// compositions check first (a host read, as the range check inside torch's CPU kernel).
+pub(crate) fn check_probabilities(name: &str, p: &Tensor) -> Result<()> {
+    let inside = p.f_ge(0.0)?.f_logical_and(&p.f_le(1.0)?)?;
+    if !bool::try_from(inside.f_all()?)? {
+        bail!("{name}: all elements of pred should be between 0 and 1 (activated=true takes probabilities)");
+    }
+    Ok(())
 }
 
 /// `(N, C)` of a classification `pred`, or an error naming the loss.

@@ -5,10 +5,12 @@ use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::{bce, bce_with_logits, pred_shape};
+use super::{bce, bce_with_logits, begin, check_weight_shape, pred_shape};
 use crate::fused::{self, Body, KTarget, Spec};
 use crate::reduction::{weight_reduce_loss, Reduction};
 use crate::{Loss, LossArgs, Target};
+
+const NAME: &str = "QualityFocalLoss";
 
 /// MMDetection's `QualityFocalLoss`: `BCE(x, t) * |t - sigma(x)|^beta`, where `t` is the anchor's
 /// quality score at its class and 0 elsewhere, summed over the classes: the loss is per anchor,
@@ -56,10 +58,8 @@ impl QualityFocalLoss {
 
     /// A weight broadcast against the per-anchor loss (N,), as a column for the kernels.
     fn weight_column(w: &Tensor, n: i64) -> Result<Tensor> {
-        let e = w.f_expand([n], false).map_err(|_| {
-            anyhow::anyhow!("QualityFocalLoss: weight of shape {:?} does not broadcast against the loss of shape [{n}]", w.size())
-        })?;
-        Ok(e.unsqueeze(1))
+        check_weight_shape(NAME, w, &[n])?;
+        Ok(w.f_expand([n], false)?.f_unsqueeze(1)?)
     }
 }
 
@@ -70,7 +70,8 @@ impl Loss for QualityFocalLoss {
 
     fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
         self.validate()?;
-        let (n, _) = pred_shape("QualityFocalLoss", pred)?;
+        let reduction = begin(NAME, pred, target, args, self.reduction)?;
+        let (n, _) = pred_shape(NAME, pred)?;
         let kt = match target {
             Target::Tensor(t) => KTarget::Dense(t),
             Target::LabelsScores { labels, scores } => KTarget::LabelsScores(labels, scores),
@@ -86,7 +87,7 @@ impl Loss for QualityFocalLoss {
             row_sum: true,
             strict_labels: false,
             loss_weight: self.loss_weight,
-            reduction: args.reduction_override.unwrap_or(self.reduction),
+            reduction,
         };
         fused::run(spec, pred, kt, weight.as_ref(), args.avg_factor.as_ref())
     }
@@ -100,11 +101,14 @@ impl Loss for QualityFocalLoss {
         args: &LossArgs<'_>,
     ) -> Result<Tensor> {
         self.validate()?;
-        let (_, c) = pred_shape("QualityFocalLoss", pred)?;
-        let reduction = args.reduction_override.unwrap_or(self.reduction);
+        let reduction = begin(NAME, pred, target, args, self.reduction)?;
+        let (n, c) = pred_shape(NAME, pred)?;
+        if let Some(w) = args.weight {
+            check_weight_shape(NAME, w, &[n])?;
+        }
         let elem = |p: &Tensor, t: &Tensor| {
             if self.activated {
-                bce(p, t)
+                bce(NAME, p, t)
             } else {
                 bce_with_logits(p, t)
             }
@@ -142,7 +146,7 @@ impl Loss for QualityFocalLoss {
                         pred.size()
                     );
                 }
-                let labels = labels.to_kind(Kind::Int64);
+                let labels = labels.f_to_kind(Kind::Int64)?;
                 let pos = labels
                     .f_ge(0)?
                     .f_logical_and(&labels.f_lt(c)?)?

@@ -5,7 +5,7 @@ use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::{bce_with_logits, pred_shape, single_target};
+use super::{bce_with_logits, begin, check_weight_shape, pred_shape, single_target};
 use crate::fused::{self, Body, KTarget, Spec};
 use crate::reduction::{weight_reduce_loss, Reduction};
 use crate::{Loss, LossArgs, Target};
@@ -59,7 +59,7 @@ impl VarifocalLoss {
         Ok(())
     }
 
-    fn check(pred: &Tensor, t: &Tensor) -> Result<()> {
+    fn check(pred: &Tensor, t: &Tensor, weight: Option<&Tensor>) -> Result<()> {
         pred_shape("VarifocalLoss", pred)?;
         ensure!(
             t.size() == pred.size(),
@@ -67,6 +67,9 @@ impl VarifocalLoss {
             pred.size(),
             t.size()
         );
+        if let Some(w) = weight {
+            check_weight_shape("VarifocalLoss", w, &pred.size())?;
+        }
         Ok(())
     }
 }
@@ -78,8 +81,9 @@ impl Loss for VarifocalLoss {
 
     fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
         self.validate()?;
+        let reduction = begin("VarifocalLoss", pred, target, args, self.reduction)?;
         let t = single_target("VarifocalLoss", target)?;
-        Self::check(pred, t)?;
+        Self::check(pred, t, args.weight)?;
         let spec = Spec {
             body: Body::Varifocal,
             name: "VarifocalLoss",
@@ -90,7 +94,7 @@ impl Loss for VarifocalLoss {
             row_sum: false,
             strict_labels: false,
             loss_weight: self.loss_weight,
-            reduction: args.reduction_override.unwrap_or(self.reduction),
+            reduction,
         };
         fused::run(
             spec,
@@ -109,9 +113,9 @@ impl Loss for VarifocalLoss {
         args: &LossArgs<'_>,
     ) -> Result<Tensor> {
         self.validate()?;
+        let reduction = begin("VarifocalLoss", pred, target, args, self.reduction)?;
         let t = single_target("VarifocalLoss", target)?;
-        Self::check(pred, t)?;
-        let reduction = args.reduction_override.unwrap_or(self.reduction);
+        Self::check(pred, t, args.weight)?;
         let sigma = pred.f_sigmoid()?;
         let t = t.f_type_as(pred)?;
         let pos = t.f_gt(0.0)?.f_type_as(pred)?;

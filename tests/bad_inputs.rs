@@ -1,0 +1,452 @@
+//! Bad and unusual inputs: every registered loss, fused and unfused, returns an error (never a
+//! panic) for every layout, kind and dimension count in every argument position; the two paths
+//! agree on what they accept; the autograd node keeps autograd's guarantees (version counters,
+//! double backward); messages name what the user passed.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use tch::{Device, Kind, Layout, Tensor};
+use tch_detloss::losses::{FocalLoss, QualityFocalLoss};
+use tch_detloss::testing::meta_like;
+use tch_detloss::{registry, AvgFactor, Loss, LossArgs, Reduction, Target};
+
+/// One call's tensors: `target` is class indices, a dense target or QFL's labels.
+struct Call {
+    pred: Tensor,
+    target: Tensor,
+    scores: Option<Tensor>,
+    weight: Tensor,
+    avg_factor: Tensor,
+}
+
+const N: i64 = 6;
+const C: i64 = 4;
+
+/// A valid call of each registered loss. A new loss must add its own here, which is what makes
+/// it inherit every check below.
+fn valid_call(ty: &str) -> Call {
+    tch::manual_seed(3);
+    let opts = (Kind::Float, Device::Cpu);
+    let pred = Tensor::randn([N, C], opts);
+    let labels = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 0]);
+    let dense = Tensor::rand([N, C], opts).gt(0.6).to_kind(Kind::Float);
+    let weight = Tensor::rand([N], opts) + 0.5;
+    let avg_factor = Tensor::from(3.0f32);
+    match ty {
+        "FocalLoss" => Call {
+            pred,
+            target: labels,
+            scores: None,
+            weight,
+            avg_factor,
+        },
+        "QualityFocalLoss" => Call {
+            pred,
+            target: labels,
+            scores: Some(Tensor::rand([N], opts)),
+            weight,
+            avg_factor,
+        },
+        "VarifocalLoss" => Call {
+            pred,
+            target: dense * Tensor::rand([N, C], opts),
+            scores: None,
+            weight: Tensor::rand([N, C], opts),
+            avg_factor,
+        },
+        other => panic!("add a valid call of {other} to tests/bad_inputs.rs"),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Pos {
+    Pred,
+    Target,
+    Scores,
+    Weight,
+    AvgFactor,
+}
+
+impl Pos {
+    /// The argument's name in error messages.
+    fn word(self, has_scores: bool) -> &'static str {
+        match self {
+            Pos::Pred => "pred",
+            Pos::Target if has_scores => "labels",
+            Pos::Target => "target",
+            Pos::Scores => "scores",
+            Pos::Weight => "weight",
+            Pos::AvgFactor => "avg_factor",
+        }
+    }
+}
+
+/// What a call returned, or the panic message.
+type Outcome = Result<Result<Tensor, String>, String>;
+
+fn call(loss: &dyn Loss, c: &Call, fused: bool) -> Outcome {
+    catch_unwind(AssertUnwindSafe(|| {
+        let target = match &c.scores {
+            Some(s) => Target::LabelsScores {
+                labels: &c.target,
+                scores: s,
+            },
+            None => Target::Tensor(&c.target),
+        };
+        let args = LossArgs::new()
+            .weight(&c.weight)
+            .avg_factor(AvgFactor::Tensor(c.avg_factor.shallow_clone()));
+        let r = if fused {
+            loss.forward(&c.pred, target, &args)
+        } else {
+            loss.forward_unfused(&c.pred, target, &args)
+        };
+        r.map_err(|e| format!("{e:#}"))
+    }))
+    .map_err(|p| {
+        p.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()
+    })
+}
+
+/// Every way to pass a tensor that our kernels cannot read as it is, with the word the error
+/// must contain.
+fn unreadable(t: &Tensor) -> Vec<(String, Tensor, &'static str)> {
+    let mut v = vec![
+        ("undefined".to_string(), Tensor::new(), "undefined"),
+        ("meta".to_string(), meta_like(t).unwrap(), "meta"),
+    ];
+    let f = t.to_kind(Kind::Float);
+    if let Ok(s) = f.f_to_sparse(Some(Layout::Sparse), None::<&[i64]>, None) {
+        v.push(("sparse COO".into(), s, "layout"));
+    }
+    if t.dim() == 2 {
+        v.push((
+            "sparse CSR".into(),
+            f.f_to_sparse_csr(None).unwrap(),
+            "layout",
+        ));
+    }
+    if t.dim() >= 1 {
+        v.push((
+            "mkldnn".into(),
+            f.f_to_mkldnn(Kind::Float).unwrap(),
+            "layout",
+        ));
+    }
+    v.push((
+        "quantized".into(),
+        f.f_quantize_per_tensor(0.1, 0, Kind::QInt8).unwrap(),
+        "quantized",
+    ));
+    v
+}
+
+const KINDS: &[Kind] = &[
+    Kind::Uint8,
+    Kind::Int8,
+    Kind::Int16,
+    Kind::Int,
+    Kind::Int64,
+    Kind::Half,
+    Kind::Float,
+    Kind::Double,
+    Kind::ComplexHalf,
+    Kind::ComplexFloat,
+    Kind::ComplexDouble,
+    Kind::Bool,
+    Kind::BFloat16,
+    Kind::Float8e5m2,
+    Kind::Float8e4m3fn,
+];
+
+fn with(c: &Call, pos: Pos, t: Tensor) -> Call {
+    Call {
+        pred: if pos == Pos::Pred {
+            t.shallow_clone()
+        } else {
+            c.pred.shallow_clone()
+        },
+        target: if pos == Pos::Target {
+            t.shallow_clone()
+        } else {
+            c.target.shallow_clone()
+        },
+        scores: match (&c.scores, pos) {
+            (Some(_), Pos::Scores) => Some(t.shallow_clone()),
+            (s, _) => s.as_ref().map(Tensor::shallow_clone),
+        },
+        weight: if pos == Pos::Weight {
+            t.shallow_clone()
+        } else {
+            c.weight.shallow_clone()
+        },
+        avg_factor: if pos == Pos::AvgFactor {
+            t
+        } else {
+            c.avg_factor.shallow_clone()
+        },
+    }
+}
+
+fn original(c: &Call, pos: Pos) -> &Tensor {
+    match pos {
+        Pos::Pred => &c.pred,
+        Pos::Target => &c.target,
+        Pos::Scores => c.scores.as_ref().unwrap(),
+        Pos::Weight => &c.weight,
+        Pos::AvgFactor => &c.avg_factor,
+    }
+}
+
+/// Layouts × kinds × 0-dim × argument positions × every registered loss, fused and unfused.
+#[test]
+fn every_layout_kind_and_position_is_an_error_or_a_result_never_a_panic() {
+    let mut problems = Vec::new();
+    let mut calls = 0;
+    for ty in registry::registered_types() {
+        let loss = registry::build_str(&format!(r#"{{"type": "{ty}"}}"#)).unwrap();
+        let base = valid_call(&ty);
+        for fused in [true, false] {
+            assert!(
+                matches!(call(loss.as_ref(), &base, fused), Ok(Ok(_))),
+                "{ty}: the valid call fails"
+            );
+        }
+        let has_scores = base.scores.is_some();
+        for pos in [
+            Pos::Pred,
+            Pos::Target,
+            Pos::Scores,
+            Pos::Weight,
+            Pos::AvgFactor,
+        ] {
+            if pos == Pos::Scores && !has_scores {
+                continue;
+            }
+            let word = pos.word(has_scores);
+            let t = original(&base, pos);
+            let mut variants: Vec<(String, Tensor, Option<&str>)> = unreadable(t)
+                .into_iter()
+                .map(|(what, t, must)| (what, t, Some(must)))
+                .collect();
+            for &k in KINDS {
+                variants.push((format!("{k:?}"), t.to_kind(k), None));
+            }
+            let zero_dim = if t.dim() == 0 {
+                t.shallow_clone()
+            } else {
+                t.flatten(0, -1).get(0)
+            };
+            variants.push(("0-dim".into(), zero_dim, None));
+            variants.push((
+                "3-dim".into(),
+                t.reshape([-1]).unsqueeze(0).unsqueeze(0),
+                None,
+            ));
+
+            for (what, bad, must) in variants {
+                let c = with(&base, pos, bad);
+                let fused = call(loss.as_ref(), &c, true);
+                let unfused = call(loss.as_ref(), &c, false);
+                calls += 2;
+                let ctx = format!("{ty} {word}={what}");
+                for (path, r) in [("fused", &fused), ("unfused", &unfused)] {
+                    match r {
+                        Err(panic) => problems.push(format!("{ctx} {path}: panic {panic}")),
+                        Ok(Err(msg)) => {
+                            if !msg.contains(&ty) || !msg.contains(word) {
+                                problems.push(format!(
+                                    "{ctx} {path}: message does not name {ty} and {word}: {msg}"
+                                ));
+                            }
+                            if let Some(m) = must {
+                                if !msg.contains(m) {
+                                    problems.push(format!("{ctx} {path}: no {m:?} in {msg}"));
+                                }
+                            }
+                        }
+                        Ok(Ok(_)) if must.is_some() => {
+                            problems.push(format!("{ctx} {path}: accepted"))
+                        }
+                        Ok(Ok(_)) => {}
+                    }
+                }
+                if let (Ok(f), Ok(u)) = (&fused, &unfused) {
+                    if f.is_ok() != u.is_ok() {
+                        problems.push(format!(
+                            "{ctx}: fused {} but unfused {}",
+                            f.as_ref().map_or_else(|e| e.clone(), |_| "accepts".into()),
+                            u.as_ref().map_or_else(|e| e.clone(), |_| "accepts".into()),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(calls > 300, "only {calls} calls");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// `activated=true` takes probabilities: outside [0, 1] or NaN is an error on the CPU, as
+/// torch's binary_cross_entropy, on both paths.
+#[test]
+fn activated_probabilities_outside_0_1_are_errors() {
+    let labels = Tensor::from_slice(&[0i64, 1, 2]);
+    let scores = Tensor::from_slice(&[0.5f32, 0.2, 0.9]);
+    for bad in [1.5f32, -0.25, f32::NAN] {
+        let pred = Tensor::from_slice(&[0.1f32, 0.2, 0.3, 0.4, bad, 0.6]).reshape([3, 2]);
+        let focal = FocalLoss {
+            activated: true,
+            ..Default::default()
+        };
+        let qfl = QualityFocalLoss {
+            activated: true,
+            ..Default::default()
+        };
+        let none = LossArgs::new();
+        let errs = [
+            focal.forward(&pred, (&labels).into(), &none).unwrap_err(),
+            focal
+                .forward_unfused(&pred, (&labels).into(), &none)
+                .unwrap_err(),
+            qfl.forward(&pred, (&labels, &scores).into(), &none)
+                .unwrap_err(),
+            qfl.forward_unfused(&pred, (&labels, &scores).into(), &none)
+                .unwrap_err(),
+        ];
+        for e in errs {
+            let e = format!("{e:#}");
+            assert!(e.contains("between 0 and 1"), "{bad}: {e}");
+            assert!(e.contains("FocalLoss"), "{bad}: {e}");
+        }
+    }
+}
+
+fn focal_call(pred: &Tensor, labels: &Tensor, w: &Tensor, af: &Tensor) -> Tensor {
+    FocalLoss::default()
+        .forward(
+            pred,
+            labels.into(),
+            &LossArgs::new().weight(w).avg_factor(af),
+        )
+        .unwrap()
+}
+
+/// An in-place change, after the forward pass, of any tensor the backward pass reads fails
+/// backward with torch's own message, as a stock-op graph would.
+#[test]
+fn in_place_changes_after_forward_fail_backward() {
+    let fresh = || {
+        (
+            Tensor::randn([5, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true),
+            Tensor::from_slice(&[0i64, 1, 2, 3, 0]),
+            Tensor::rand([5], (Kind::Float, Device::Cpu)),
+            Tensor::from(4.0f32),
+        )
+    };
+    // Unchanged: backward works, twice with the graph retained.
+    let (p, l, w, af) = fresh();
+    let out = focal_call(&p, &l, &w, &af);
+    Tensor::run_backward(&[&out], &[&p], true, false);
+    Tensor::run_backward(&[&out], &[&p], false, false);
+
+    for which in ["pred", "labels", "weight", "avg_factor"] {
+        let (p, mut l, mut w, mut af) = fresh();
+        let out = focal_call(&p, &l, &w, &af);
+        tch::no_grad(|| match which {
+            "pred" => {
+                let _ = p.detach().f_add_scalar_(1.0).unwrap();
+            }
+            "labels" => {
+                let _ = l.f_fill_(1).unwrap();
+            }
+            "weight" => {
+                let _ = w.f_mul_scalar_(2.0).unwrap();
+            }
+            _ => {
+                let _ = af.f_add_scalar_(1.0).unwrap();
+            }
+        });
+        let e = out.f_backward().expect_err(which).to_string();
+        assert!(
+            e.contains("modified by an inplace operation"),
+            "{which}: {e}"
+        );
+    }
+}
+
+/// A backward with create_graph fails with a clear error rather than silently dropping the
+/// second-order term; the unfused composition supports it.
+#[test]
+fn double_backward_is_a_clear_error() {
+    let p = Tensor::randn([5, 3], (Kind::Double, Device::Cpu)).set_requires_grad(true);
+    let l = Tensor::from_slice(&[0i64, 1, 2, 3, 0]);
+    let loss = FocalLoss::default();
+    let out = loss.forward(&p, (&l).into(), &LossArgs::new()).unwrap();
+    let e = catch_unwind(AssertUnwindSafe(|| {
+        Tensor::run_backward(&[&out], &[&p], true, true)
+    }))
+    .expect_err("create_graph must fail");
+    let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("create_graph"), "{msg}");
+    let out = loss
+        .forward_unfused(&p, (&l).into(), &LossArgs::new())
+        .unwrap();
+    let g = Tensor::run_backward(&[&out], &[&p], true, true).remove(0);
+    assert!(
+        g.requires_grad(),
+        "the unfused path gives a differentiable gradient"
+    );
+}
+
+/// Messages name the shape and kind the user passed.
+#[test]
+fn messages_name_what_was_passed() {
+    let pred = Tensor::randn([5, 3], (Kind::Float, Device::Cpu));
+    let labels = Tensor::from_slice(&[0i64, 1, 2, 3, 0]);
+    let focal = FocalLoss::default();
+    let err = |w: &Tensor, fused: bool| {
+        let a = LossArgs::new().weight(w);
+        let r = if fused {
+            focal.forward(&pred, (&labels).into(), &a)
+        } else {
+            focal.forward_unfused(&pred, (&labels).into(), &a)
+        };
+        format!("{:#}", r.unwrap_err())
+    };
+    // An (N, C+1) weight is named by its own shape, not by MMDetection's reshaped view.
+    let w = Tensor::ones([5, 4], (Kind::Float, Device::Cpu));
+    for fused in [true, false] {
+        let e = err(&w, fused);
+        assert!(e.contains("[5, 4]"), "{e}");
+    }
+    // A sparse weight is named as sparse.
+    let e = err(
+        &Tensor::ones([5], (Kind::Float, Device::Cpu)).to_sparse_sparse_dim(1),
+        true,
+    );
+    assert!(e.contains("weight") && e.contains("Sparse"), "{e}");
+    // An integer weight of any width is a weight; a complex one is named by its kind.
+    let w16 = Tensor::ones([5], (Kind::Int16, Device::Cpu));
+    let a = focal
+        .forward(&pred, (&labels).into(), &LossArgs::new().weight(&w16))
+        .unwrap();
+    let b = focal
+        .forward(&pred, (&labels).into(), &LossArgs::new())
+        .unwrap();
+    assert!(a.allclose(&b, 0.0, 0.0, false));
+    let e = err(&Tensor::ones([5], (Kind::ComplexFloat, Device::Cpu)), true);
+    assert!(e.contains("ComplexFloat"), "{e}");
+    // Empty results stay valid.
+    let out = focal
+        .forward(
+            &pred.narrow(0, 0, 0),
+            (&labels.narrow(0, 0, 0)).into(),
+            &LossArgs::new().reduction(Reduction::None),
+        )
+        .unwrap();
+    assert_eq!(out.size(), [0, 3]);
+}
