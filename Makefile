@@ -1,5 +1,5 @@
 # The two commands of the README. Both set everything up first (idempotent, fast when done).
-.PHONY: setup profile test golden gpu-check lint
+.PHONY: setup profile test golden gpu-check lint sanitize
 
 setup:
 	@bash scripts/setup.sh
@@ -8,9 +8,11 @@ setup:
 profile: setup
 	cargo bench --bench profile
 
-# All tests (no GPU needed), the README's dependent crate, plus the golden runner's report.
+# All tests (no GPU needed), the emulated device's self-test, the README's dependent crate, plus
+# the golden runner's report.
 test: setup
 	cargo test --release
+	bash scripts/emu-sanitize.sh check
 	cargo run --release -p dependent
 	cargo run --release --example golden -- tests/data/mmdet_cases.json --only FocalLoss,QualityFocalLoss,VarifocalLoss
 
@@ -20,6 +22,11 @@ golden: setup
 # Builds the bundle that scripts/gpu-check.sh runs on a GPU machine without Rust.
 gpu-check: setup
 	bash scripts/gpu-check.sh build
+
+# The emulated device's self-test (every entry point of kernels/kernels.cu against a serial
+# loop, with exact-size buffers) under AddressSanitizer and UndefinedBehaviorSanitizer.
+sanitize: setup
+	bash scripts/emu-sanitize.sh asan
 
 lint:
 	cargo fmt --all --check

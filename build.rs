@@ -98,6 +98,7 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(dl_cuda_kernels)");
     println!("cargo:rustc-check-cfg=cfg(dl_host_v3)");
     println!("cargo:rustc-check-cfg=cfg(dl_torch_cuda)");
+    println!("cargo:rustc-check-cfg=cfg(dl_emu)");
     let losses = losses();
     for l in &losses {
         println!("cargo:rerun-if-changed=kernels/{l}.cuh");
@@ -107,6 +108,11 @@ fn main() {
         "kernels/autograd.cpp",
         "kernels/torch_cuda.cpp",
         "kernels/kernels.cu",
+        "kernels/emu/device.cpp",
+        "kernels/emu/fiber.cpp",
+        "kernels/emu/fiber.h",
+        "kernels/emu/cuda_shim.h",
+        "kernels/emu/emu_api.h",
     ]) {
         println!("cargo:rerun-if-changed={f}");
     }
@@ -158,9 +164,7 @@ fn main() {
     write_loss_list(&out_dir, &losses, &isas);
     let host = |isa: &str, loss: &str| {
         let mut b = cxx();
-        b.file("kernels/host.cpp")
-            .out_dir(out_dir.join(format!("host_{isa}_{loss}")))
-            .opt_level(if isa == "v3" { 3 } else { 2 })
+        b.opt_level(if isa == "v3" { 3 } else { 2 })
             .define("DL_ISA", isa)
             .define("DL_HOST_LOSS", loss)
             .flag("-fopenmp")
@@ -169,7 +173,12 @@ fn main() {
         if isa == "v3" {
             b.flag("-march=x86-64-v3").define("DL_SIMD_MATH", None);
         }
-        b.compile(&format!("dl_host_{isa}_{loss}"));
+        compile_cached(
+            b,
+            "kernels/host.cpp",
+            &format!("dl_host_{isa}_{loss}"),
+            &out_dir,
+        );
     };
 
     let nvcc = if env::var_os("TCH_DETLOSS_NO_CUDA").is_some() {
@@ -177,12 +186,13 @@ fn main() {
     } else {
         find_nvcc(&torch_root)
     };
-    let cuda_include = nvcc
+    let cuda_headers = nvcc
         .as_ref()
         .and_then(|n| n.parent()?.parent().map(|p| p.join("include")))
-        .filter(|inc| {
-            inc.join("cuda_runtime_api.h").exists() && lib_dir.join("libc10_cuda.so").exists()
-        });
+        .filter(|inc| inc.join("cuda_fp16.h").exists() && inc.join("cuda_bf16.h").exists());
+    let cuda_include = cuda_headers.clone().filter(|inc| {
+        inc.join("cuda_runtime_api.h").exists() && lib_dir.join("libc10_cuda.so").exists()
+    });
 
     // The compilations are independent: run them side by side, the longest first.
     std::thread::scope(|s| {
@@ -195,25 +205,38 @@ fn main() {
                 s.spawn(move || host(isa, l));
             }
         }
-        s.spawn(|| {
-            cxx()
-                .file("kernels/autograd.cpp")
-                .opt_level(2)
-                .compile("dl_autograd")
+        let out_dir = &out_dir;
+        s.spawn(move || {
+            let mut b = cxx();
+            b.opt_level(2);
+            compile_cached(b, "kernels/autograd.cpp", "dl_autograd", out_dir)
         });
-        if let Some(inc) = &cuda_include {
+        // The emulated device: kernels.cu compiled by the host compiler (kernels/emu/).
+        if let Some(inc) = &cuda_headers {
             s.spawn(move || {
-                cxx()
-                    .file("kernels/torch_cuda.cpp")
+                let mut b = cc::Build::new();
+                b.cpp(true)
+                    .std("c++17")
                     .include(inc)
                     .opt_level(2)
-                    .compile("dl_torch_cuda")
+                    .warnings(false);
+                compile_cached(b, "kernels/emu/device.cpp", "dl_emu", out_dir)
+            });
+        }
+        if let Some(inc) = &cuda_include {
+            s.spawn(move || {
+                let mut b = cxx();
+                b.include(inc).opt_level(2);
+                compile_cached(b, "kernels/torch_cuda.cpp", "dl_torch_cuda", out_dir)
             });
         }
     });
     if target_arch == "x86_64" {
         println!("cargo:rustc-cfg=dl_host_v3");
         println!("cargo:rustc-link-lib=mvec");
+    }
+    if cuda_headers.is_some() {
+        println!("cargo:rustc-cfg=dl_emu");
     }
     if cuda_include.is_some() {
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
@@ -240,6 +263,63 @@ fn main() {
     }
 }
 
+/// The source files `src` includes with `#include "..."`, itself first, recursively.
+fn include_closure(src: &Path) -> Vec<PathBuf> {
+    let mut seen: Vec<PathBuf> = Vec::new();
+    let mut todo = vec![src.to_path_buf()];
+    while let Some(f) = todo.pop() {
+        if seen.contains(&f) {
+            continue;
+        }
+        let text = fs::read_to_string(&f).unwrap_or_default();
+        let dir = f.parent().map(Path::to_path_buf).unwrap_or_default();
+        for line in text.lines() {
+            let line = line.trim_start();
+            if let Some(rest) = line.strip_prefix("#include \"") {
+                if let Some(name) = rest.split('"').next() {
+                    let p = dir.join(name);
+                    if p.is_file() {
+                        todo.push(p);
+                    }
+                }
+            }
+        }
+        seen.push(f);
+    }
+    seen
+}
+
+/// A stamp of everything a compilation reads of ours: its command (`what`) and the text of the
+/// sources it includes.
+fn stamp(src: &Path, what: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    what.hash(&mut h);
+    for f in include_closure(src) {
+        f.hash(&mut h);
+        fs::read(&f).unwrap_or_default().hash(&mut h);
+    }
+    format!("{:016x}", h.finish())
+}
+
+/// Builds `src` into the static library `lib` in its own folder under `out`, unless the same
+/// command already built it from the same sources: the build script reruns whenever any kernel
+/// file changes, and recompiling every translation unit each time would cost minutes.
+fn compile_cached(mut b: cc::Build, src: &str, lib: &str, out: &Path) {
+    let dir = out.join(lib);
+    let stamp_file = dir.join("stamp");
+    let key = stamp(Path::new(src), &format!("{b:?}"));
+    let archive = dir.join(format!("lib{lib}.a"));
+    if archive.exists() && fs::read_to_string(&stamp_file).ok().as_deref() == Some(&key) {
+        println!("cargo:rustc-link-search=native={}", dir.display());
+        println!("cargo:rustc-link-lib=static={lib}");
+        return;
+    }
+    let _ = fs::remove_file(&stamp_file);
+    b.file(src).out_dir(&dir).compile(lib);
+    fs::write(&stamp_file, key).expect("write a build stamp");
+}
+
 /// nvcc from TCH_DETLOSS_NVCC, NVCC, CUDA_HOME, the torch environment's nvidia/cu13 wheels, or PATH.
 fn find_nvcc(torch_root: &Path) -> Option<PathBuf> {
     let mut candidates: Vec<PathBuf> = Vec::new();
@@ -260,13 +340,38 @@ fn find_nvcc(torch_root: &Path) -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
+/// One fatbin: sm_80 and sm_90 code plus compute_90 PTX, with ptxas's register report.
+const NVCC_FLAGS: &[&str] = &[
+    "-fatbin",
+    "-O3",
+    "-std=c++17",
+    "-Xptxas",
+    "-v",
+    "-gencode",
+    "arch=compute_80,code=sm_80",
+    "-gencode",
+    "arch=compute_90,code=sm_90",
+    "-gencode",
+    "arch=compute_90,code=compute_90",
+];
+
 fn build_fatbin(nvcc: &Path) {
-    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("kernels.fatbin");
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let out = out_dir.join("kernels.fatbin");
+    let stamp_file = out_dir.join("kernels.fatbin.stamp");
+    let key = stamp(
+        Path::new("kernels/kernels.cu"),
+        &format!("{} {NVCC_FLAGS:?}", nvcc.display()),
+    );
+    if out.exists()
+        && out_dir.join("ptxas.log").exists()
+        && fs::read_to_string(&stamp_file).ok().as_deref() == Some(&key)
+    {
+        return;
+    }
+    let _ = fs::remove_file(&stamp_file);
     let output = Command::new(nvcc)
-        .args(["-fatbin", "-O3", "-std=c++17", "-Xptxas", "-v"])
-        .args(["-gencode", "arch=compute_80,code=sm_80"])
-        .args(["-gencode", "arch=compute_90,code=sm_90"])
-        .args(["-gencode", "arch=compute_90,code=compute_90"])
+        .args(NVCC_FLAGS)
         .arg("-o")
         .arg(&out)
         .arg("kernels/kernels.cu")
@@ -288,9 +393,6 @@ fn build_fatbin(nvcc: &Path) {
             spills.join("\n")
         );
     }
-    fs::write(
-        PathBuf::from(env::var("OUT_DIR").unwrap()).join("ptxas.log"),
-        log.as_bytes(),
-    )
-    .expect("write ptxas.log");
+    fs::write(out_dir.join("ptxas.log"), log.as_bytes()).expect("write ptxas.log");
+    fs::write(&stamp_file, key).expect("write a build stamp");
 }

@@ -147,4 +147,8 @@ template <class A> DL_HD A bce_prob_grad(A p, A t) {
   return (p - t) / dl_max((A(1) - p) * p, A(1e-12));
 }
 
+// v where p is a probability, NaN where it is not (outside [0, 1], or NaN): the activated losses'
+// documented result on CUDA, where reporting it would need a host read (the CPU rejects it first).
+template <class A> DL_HD A prob_guard(A p, A v) { return (p >= A(0) && p <= A(1)) ? v : A(0) / A(0); }
+
 DL_NAMESPACE_END

@@ -37,13 +37,13 @@ template <class A, bool POW2> struct FocalProb {
   DL_HD A loss(A p, A t) const {
     A pt = (A(1) - p) * t + p * (A(1) - t);
     A aw = alpha * t + (A(1) - alpha) * (A(1) - t);
-    return bce_prob(p, t) * (aw * dl_powe<POW2>(pt, gamma));
+    return prob_guard(p, bce_prob(p, t) * (aw * dl_powe<POW2>(pt, gamma)));
   }
   DL_HD A grad(A p, A t) const {
     A pt = (A(1) - p) * t + p * (A(1) - t);
     A aw = alpha * t + (A(1) - alpha) * (A(1) - t);
-    return bce_prob_grad(p, t) * (aw * dl_powe<POW2>(pt, gamma)) +
-           bce_prob(p, t) * (aw * dl_dpowe<POW2>(pt, gamma) * (A(1) - A(2) * t));
+    return prob_guard(p, bce_prob_grad(p, t) * (aw * dl_powe<POW2>(pt, gamma)) +
+                             bce_prob(p, t) * (aw * dl_dpowe<POW2>(pt, gamma) * (A(1) - A(2) * t)));
   }
 };
 

@@ -11,9 +11,9 @@
 #include "dispatch.cuh"
 
 // The emulated device (kernels/emu/) compiles this very file with the host compiler and lists
-// every entry point through this hook; for nvcc it is empty.
+// every entry point, with its __launch_bounds__, through this hook; for nvcc it is empty.
 #ifndef DL_REGISTER_ENTRY
-#define DL_REGISTER_ENTRY(fn)
+#define DL_REGISTER_ENTRY(...)
 #endif
 
 DL_NAMESPACE_BEGIN
@@ -170,7 +170,7 @@ DL_NAMESPACE_END
   extern "C" __global__ void __launch_bounds__(dl::dev::THREADS) dl_##NAME##_##PASS##_##T##_##SUFFIX(dl::Args a) { \
     dl::dev::run_##NAME<DL_TYPE_##T, I>(DL_PASS_##PASS, a);                                 \
   }                                                                                         \
-  DL_REGISTER_ENTRY(dl_##NAME##_##PASS##_##T##_##SUFFIX)
+  DL_REGISTER_ENTRY(dl_##NAME##_##PASS##_##T##_##SUFFIX, dl::dev::THREADS)
 #define DL_ENTRY(NAME, T)                                     \
   DL_ENTRY_I(NAME, T, forward, k, uint32_t)                   \
   DL_ENTRY_I(NAME, T, forward, k64, uint64_t)                 \
@@ -196,7 +196,7 @@ DL_LOSSES(DL_ALL_TYPES)
   extern "C" __global__ void __launch_bounds__(dl::dev::THREADS) dl_finalize_##T##_k(dl::Args a) { \
     dl::dev::finalize<DL_TYPE_##T>(a);                                                              \
   }                                                                                                 \
-  DL_REGISTER_ENTRY(dl_finalize_##T##_k)
+  DL_REGISTER_ENTRY(dl_finalize_##T##_k, dl::dev::THREADS)
 DL_FINALIZE(f32)
 DL_FINALIZE(f64)
 DL_FINALIZE(f16)

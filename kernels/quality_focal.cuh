@@ -32,11 +32,11 @@ template <class A, bool POW2> struct QflProb {
   static constexpr bool LABEL_TARGETS = true, ELEMENT_WEIGHTS = false;
   A beta;
   DL_HD explicit QflProb(const Args& a) : beta(A(a.p0)) {}
-  DL_HD A loss(A p, A t) const { return bce_prob(p, t) * dl_powe<POW2>(dl_abs(p - t), beta); }
+  DL_HD A loss(A p, A t) const { return prob_guard(p, bce_prob(p, t) * dl_powe<POW2>(dl_abs(p - t), beta)); }
   DL_HD A grad(A p, A t) const {
     A d = p - t;
-    return bce_prob_grad(p, t) * dl_powe<POW2>(dl_abs(d), beta) +
-           bce_prob(p, t) * (dl_dpowe<POW2>(dl_abs(d), beta) * dl_sign(d));
+    return prob_guard(p, bce_prob_grad(p, t) * dl_powe<POW2>(dl_abs(d), beta) +
+                             bce_prob(p, t) * (dl_dpowe<POW2>(dl_abs(d), beta) * dl_sign(d)));
   }
 };
 

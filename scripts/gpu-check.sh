@@ -28,6 +28,12 @@
 #   GPU_CHECK_ALLOW_NO_GPU=1   succeed without a GPU (the CPU parts only); for testing the script
 #   GPU_CHECK_GPU_TESTS        the test-name filter that the GPU tests match, skipped when no GPU
 #                              is found (default: gpu::, i.e. tests in a module named gpu)
+#   GPU_CHECK_SANITIZER        compute-sanitizer to use (default: PATH, $CUDA_HOME/bin,
+#                              /usr/local/cuda/bin, then torch's nvidia/*/ wheels, e.g. the
+#                              nvidia-cuda-sanitizer-api wheel); "none" skips the sanitizer phase
+#   GPU_CHECK_SANITIZER_TESTS  the GPU tests each sanitizer tool runs (default: one float32 and one
+#                              half-precision variant of the CUDA matrix and the bad-label test)
+#   GPU_CHECK_SANITIZER_TIMEOUT seconds per sanitizer tool (default 75)
 #
 # The test binaries read their case files from $TCH_DETLOSS_DATA (the bundle's data/ folder, a
 # copy of tests/data), since the path compiled into them does not exist on the GPU machine.
@@ -192,6 +198,22 @@ sys.exit(0 if cuda else 3)
 ' "$1"
 }
 
+# compute-sanitizer: GPU_CHECK_SANITIZER, PATH, CUDA_HOME, /usr/local/cuda, then the wheels in
+# torch's site-packages ($1). Prints nothing when there is none.
+find_sanitizer() {
+  local c
+  if [ -n "${GPU_CHECK_SANITIZER:-}" ]; then
+    [ "$GPU_CHECK_SANITIZER" = none ] || echo "$GPU_CHECK_SANITIZER"
+    return
+  fi
+  for c in "$(command -v compute-sanitizer 2>/dev/null || true)" \
+    "${CUDA_HOME:+$CUDA_HOME/bin/compute-sanitizer}" /usr/local/cuda/bin/compute-sanitizer \
+    /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+    [ -n "$c" ] && [ -x "$c" ] && echo "$c" && return
+  done
+  find "$1/nvidia" -name compute-sanitizer -type f -perm -u+x 2>/dev/null | head -n 1
+}
+
 run() {
   need python3 timeout
   local py=${PYTHON:-python3}
@@ -277,6 +299,52 @@ print(torch.__version__, "CUDA", torch.version.cuda, "| cuda available:", torch.
     fi
   done
 
+  # compute-sanitizer over our kernels only (kns=dl_), with torch's caching allocator off so that
+  # memcheck sees each buffer's real bounds; each tool under its own time limit.
+  local san_summary="" san tool t_san=${GPU_CHECK_SANITIZER_TIMEOUT:-75} fused_bin
+  local san_tests=${GPU_CHECK_SANITIZER_TESTS:-"gpu::cuda_matches_unfused::variant_01_0::kind_2_Kind__Float gpu::cuda_matches_unfused::variant_07_6::kind_3_Kind__Half gpu::cuda_bad_labels_give_nan"}
+  fused_bin=$bins/test-fused
+  san=$(find_sanitizer "$site")
+  if [ "$gpu" != 1 ]; then
+    san_summary="  skipped: no GPU"
+  elif [ -z "$san" ]; then
+    san_summary="  skipped: compute-sanitizer not found (carry the nvidia-cuda-sanitizer-api wheel, or set GPU_CHECK_SANITIZER)"
+  elif [ ! -x "$fused_bin" ]; then
+    san_summary="  skipped: no test-fused binary in the bundle"
+    failed=1
+  else
+    echo "== compute-sanitizer: $san"
+    # The probe: one small test under memcheck; without an ERROR SUMMARY line the sanitizer did
+    # not attach to the device (driver or permissions), and the tools are not run.
+    rc=0
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 60 "$san" --tool memcheck --kernel-name kns=dl_ \
+      "$fused_bin" --exact gpu::cuda_bad_labels_give_nan >"$out/sanitizer-probe.log" 2>&1 || rc=$?
+    local tools="memcheck racecheck synccheck initcheck"
+    if ! grep -q 'ERROR SUMMARY' "$out/sanitizer-probe.log"; then
+      san_summary="  compute-sanitizer does not see the device (exit $rc), see $out/sanitizer-probe.log"$'\n'
+      tools=""
+    fi
+    for tool in $tools; do
+      rc=0
+      # shellcheck disable=SC2086  # san_tests is a list of test names
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$t_san" "$san" --tool "$tool" \
+        --kernel-name kns=dl_ --error-exitcode 99 --print-limit 20 \
+        "$fused_bin" --exact $san_tests --test-threads 1 >"$out/sanitizer-$tool.log" 2>&1 || rc=$?
+      local errs launched
+      errs=$(grep -o 'ERROR SUMMARY: [0-9]* error' "$out/sanitizer-$tool.log" | tail -n 1 | grep -o '[0-9]*' || true)
+      launched=$(libtest_counts "$out/sanitizer-$tool.log")
+      if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+        san_summary+=$(printf '  %-10s TIMEOUT after %ss' "$tool" "$t_san")$'\n'
+        failed=1
+      elif [ "$rc" = 0 ] && [ "${errs:-x}" = 0 ] && [ -n "$launched" ]; then
+        san_summary+=$(printf '  %-10s ok   0 errors (%s)' "$tool" "$(sed 's/^\([0-9]*\) \([0-9]*\).*/\1 passed, \2 failed/' <<<"$launched")")$'\n'
+      else
+        san_summary+=$(printf '  %-10s FAIL exit %s, %s errors, see %s' "$tool" "$rc" "${errs:-?}" "$out/sanitizer-$tool.log")$'\n'
+        failed=1
+      fi
+    done
+  fi
+
   local t_prof=${GPU_CHECK_PROFILE_TIMEOUT:-240} prof_rows="" prof_status
   echo "== profile"
   rc=0
@@ -307,6 +375,8 @@ print(torch.__version__, "CUDA", torch.version.cuda, "| cuda available:", torch.
   echo "tests:$([ "$gpu" = 1 ] || echo " (GPU tests skipped: ${skip[*]})")"
   printf '%s' "${summary:-  (no test binaries in the bundle)
 }"
+  echo "compute-sanitizer (kernels dl_*, caching allocator off):"
+  printf '%s\n' "${san_summary%$'\n'}"
   echo "profile: $prof_status"
   [ -n "$prof_rows" ] && echo "$prof_rows"
   echo "logs: $out"

@@ -1,5 +1,6 @@
-//! The CUDA side of the executor: the embedded fatbin, loaded once per device through cudarc
-//! into the primary context (the one libtorch uses), and launches on torch's current stream.
+//! CUDA plumbing: the embedded fatbin, loaded once per device through cudarc into the primary
+//! context (the one libtorch uses), and the launch of a named kernel on torch's current stream.
+//! What to launch (the plan) is decided in `launch.rs`; nothing here knows of losses.
 //!
 //! Nothing here reads a device value back to the host, so a training step that calls a loss
 //! stays asynchronous and capturable in a CUDA graph.
@@ -21,13 +22,11 @@ pub fn ptxas_report() -> Vec<KernelReport> {
 }
 
 #[cfg(not(dl_cuda_kernels))]
-pub(crate) fn launch(
-    _: &str,
-    _: crate::fused::Pass,
-    _: tch::Kind,
-    _: tch::Kind,
+pub(crate) fn run_kernel(
     _: usize,
-    _: &mut crate::fused::DlArgs,
+    _: &str,
+    _: u32,
+    _: &crate::fused::DlArgs,
 ) -> anyhow::Result<()> {
     anyhow::bail!(
         "tch-detloss was built without CUDA kernels (nvcc was not found at build time): run \
@@ -36,7 +35,7 @@ pub(crate) fn launch(
 }
 
 #[cfg(dl_cuda_kernels)]
-pub(crate) use imp::launch;
+pub(crate) use imp::run_kernel;
 
 #[cfg(dl_torch_cuda)]
 extern "C" {
@@ -81,15 +80,10 @@ mod imp {
     use cudarc::driver::{
         CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
     };
-    use tch::{Device, Kind, Tensor};
 
-    use crate::fused::{DlArgs, Pass, FLAG_ROW_SUM};
-    use crate::Reduction;
+    use crate::fused::DlArgs;
 
     static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
-    const THREADS: u32 = 256;
-    /// A fixed grid cap keeps the reduction order (and so the result) independent of the card.
-    const MAX_BLOCKS: i64 = 1024;
 
     // SAFETY: DlArgs is #[repr(C)], plain data, and mirrors dl::Args.
     unsafe impl cudarc::driver::DeviceRepr for DlArgs {}
@@ -171,20 +165,15 @@ mod imp {
         l.ctx.default_stream()
     }
 
-    fn suffix(kind: Kind) -> &'static str {
-        match kind {
-            Kind::Double => "f64",
-            Kind::Half => "f16",
-            Kind::BFloat16 => "bf16",
-            _ => "f32",
-        }
-    }
-
-    fn go(l: &Loaded, s: &Arc<CudaStream>, name: &str, blocks: u32, args: &DlArgs) -> Result<()> {
-        let f = function(l, name)?;
+    /// Launches kernel `name` of the embedded fatbin with `blocks` blocks of
+    /// [`THREADS`](crate::launch::THREADS) threads on torch's current stream of device `ordinal`.
+    pub(crate) fn run_kernel(ordinal: usize, name: &str, blocks: u32, args: &DlArgs) -> Result<()> {
+        let l = loaded(ordinal)?;
+        let s = stream(&l, ordinal);
+        let f = function(&l, name)?;
         let cfg = LaunchConfig {
             grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
+            block_dim: (crate::launch::THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = s.launch_builder(&f);
@@ -193,52 +182,6 @@ mod imp {
         // caller keeps alive until the stream has run the work (tch's caching allocator orders
         // reuse on torch's current stream, the one we launch on).
         unsafe { b.launch(cfg) }.with_context(|| format!("launching {name}"))?;
-        Ok(())
-    }
-
-    pub(crate) fn launch(
-        body: &str,
-        pass: Pass,
-        kind: Kind,
-        acc: Kind,
-        ordinal: usize,
-        args: &mut DlArgs,
-    ) -> Result<()> {
-        let l = loaded(ordinal)?;
-        let s = stream(&l, ordinal);
-        let total = args.n * args.c;
-        let work = if args.flags & FLAG_ROW_SUM != 0
-            && args.reduction == Reduction::None as i32
-            && pass == Pass::Forward
-        {
-            args.n
-        } else {
-            total
-        };
-        let blocks = ((work + THREADS as i64 - 1) / THREADS as i64).clamp(1, MAX_BLOCKS) as u32;
-        // 32-bit indices while the grid-stride index cannot wrap: the last index plus one stride.
-        let wide = total + MAX_BLOCKS * THREADS as i64 >= (1i64 << 32);
-        let pass_name = if pass == Pass::Forward {
-            "forward"
-        } else {
-            "backward"
-        };
-        let name = format!(
-            "dl_{body}_{pass_name}_{}_{}",
-            suffix(kind),
-            if wide { "k64" } else { "k" }
-        );
-        if pass == Pass::Forward && args.reduction != Reduction::None as i32 {
-            let partials = Tensor::f_empty([blocks as i64], (acc, Device::Cuda(ordinal)))?;
-            args.partials = partials.data_ptr() as u64;
-            args.n_partials = blocks as i32;
-            go(&l, &s, &name, blocks, args)?;
-            go(&l, &s, &format!("dl_finalize_{}_k", suffix(kind)), 1, args)?;
-            // `partials` goes back to the caching allocator, which records it for this stream.
-            drop(partials);
-        } else if total > 0 {
-            go(&l, &s, &name, blocks, args)?;
-        }
         Ok(())
     }
 }

@@ -92,9 +92,22 @@ struct Prepared {
     args: DlArgs,
     kind: Kind,
     device: Device,
+    executor: Executor,
     /// pred, target, score, weight and avg_factor as the kernels read them; the autograd node
     /// checks their version counters before its backward reads them.
     saved: Vec<Tensor>,
+}
+
+/// Where a pass runs. Chosen at forward time from the tensors' device (and, for CPU tensors in
+/// tests, the emulated device switch) and kept for the backward pass.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Executor {
+    /// The CPU executor (kernels/executor_host.h).
+    Host,
+    /// The device executor (kernels/kernels.cu) on a GPU.
+    Cuda(usize),
+    /// The device executor on the emulated device, over CPU tensors.
+    Emulated(crate::emu::EmulatedDevice),
 }
 
 fn dtype_code(kind: Kind) -> Option<i32> {
@@ -155,12 +168,14 @@ pub(crate) fn run(
     // On the CPU (compute-bound) the forward pass also writes the gradient, sharing the element
     // math; backward then only scales it. On CUDA (memory-bound) backward recomputes from pred,
     // which moves fewer bytes (forward: read N; backward: read N, write N).
-    let mut grad_buf =
-        if p.device == Device::Cpu && pred.requires_grad() && crate::autograd::grad_enabled() {
-            Some(Tensor::f_empty([p.args.n, p.args.c], (p.kind, p.device))?)
-        } else {
-            None
-        };
+    let mut grad_buf = if p.executor == Executor::Host
+        && pred.requires_grad()
+        && crate::autograd::grad_enabled()
+    {
+        Some(Tensor::f_empty([p.args.n, p.args.c], (p.kind, p.device))?)
+    } else {
+        None
+    };
     let mut args = p.args;
     args.out = ptr(&out);
     args.grad_buf = grad_buf.as_ref().map_or(0, ptr);
@@ -211,8 +226,13 @@ fn prepare(
     let reduction = spec.reduction;
     check_avg_factor(name, reduction, avg_factor)?;
 
+    let executor = match device {
+        Device::Cpu => crate::emu::current().map_or(Executor::Host, Executor::Emulated),
+        Device::Cuda(ordinal) => Executor::Cuda(ordinal),
+        d => bail!("{name}: pred is on {d:?}; only CPU and CUDA tensors are supported"),
+    };
     let pred_c = pred.f_detach()?.f_contiguous()?;
-    if spec.activated && device == Device::Cpu {
+    if spec.activated && executor == Executor::Host {
         // On CUDA the kernels give NaN there instead (no host read).
         crate::losses::check_probabilities(name, &pred_c)?;
     }
@@ -347,6 +367,7 @@ fn prepare(
         args,
         kind,
         device,
+        executor,
         saved,
     })
 }
@@ -391,11 +412,16 @@ fn backward(p: &Prepared, grad: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// NaNs after the per-block partials on the emulated device.
+const EMULATED_CANARY: i64 = 64;
+
 fn launch(p: &Prepared, pass: Pass, args: &mut DlArgs) -> Result<()> {
     let name = p.spec.name;
-    let dtype = dtype_code(p.kind).expect("checked in prepare");
-    match p.device {
-        Device::Cpu => {
+    let Some(dtype) = dtype_code(p.kind) else {
+        bail!("{name}: no kernels for {:?}", p.kind);
+    };
+    let geometry = match p.executor {
+        Executor::Host => {
             let bad = crate::host::run(p.spec.body, pass as i32, dtype, args)
                 .with_context(|| format!("{name}: CPU kernel"))?;
             if bad > 0 {
@@ -404,13 +430,41 @@ fn launch(p: &Prepared, pass: Pass, args: &mut DlArgs) -> Result<()> {
                     c = args.c
                 );
             }
-            Ok(())
+            return Ok(());
         }
-        Device::Cuda(ordinal) => {
-            let acc = acc_kind(p.kind);
-            crate::cuda::launch(p.spec.body.name(), pass, p.kind, acc, ordinal, args)
-                .with_context(|| format!("{name}: CUDA kernel"))
+        Executor::Cuda(_) => crate::launch::Geometry::default(),
+        Executor::Emulated(e) => e.geometry(),
+    };
+    let plan = crate::launch::plan(p.spec.body, pass, p.kind, args, geometry);
+    // The per-block partials of a reduction. On CUDA the buffer goes back to the caching
+    // allocator when dropped, which orders its reuse on torch's current stream, the one we
+    // launch on; the emulated device runs synchronously.
+    let _partials = match &plan.finalize {
+        Some((_, n)) => {
+            let opts = (acc_kind(p.kind), p.device);
+            let t = match p.executor {
+                // On the emulated device NaNs follow the partials, so that a kernel that reads
+                // past them gives a NaN loss rather than a plausible one.
+                Executor::Emulated(_) => Tensor::f_full([*n + EMULATED_CANARY], f64::NAN, opts)?,
+                _ => Tensor::f_empty([*n], opts)?,
+            };
+            args.partials = ptr(&t);
+            args.n_partials = *n as i32;
+            Some(t)
         }
-        d => bail!("{name}: unsupported device {d:?}"),
+        None => None,
+    };
+    let run = |kernel: &str, blocks: u32, args: &DlArgs| match p.executor {
+        Executor::Cuda(ordinal) => crate::cuda::run_kernel(ordinal, kernel, blocks, args),
+        Executor::Emulated(e) => crate::emu::run_kernel(kernel, blocks, args, e.reverse),
+        Executor::Host => bail!("the host executor has no device kernels"),
+    };
+    let context = |what: &str| format!("{name}: {what} kernel");
+    if plan.finalize.is_some() || args.n * args.c > 0 {
+        run(&plan.kernel, plan.blocks, args).with_context(|| context("device"))?;
     }
+    if let Some((finalize, _)) = &plan.finalize {
+        run(finalize, 1, args).with_context(|| context("device finalize"))?;
+    }
+    Ok(())
 }

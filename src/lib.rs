@@ -26,9 +26,11 @@ pub mod autograd;
 mod bodies;
 mod checks;
 pub mod cuda;
+mod emu;
 mod fused;
 pub mod golden;
 mod host;
+mod launch;
 mod loss;
 pub mod losses;
 mod ptxas;
@@ -43,4 +45,13 @@ pub use reduction::{AvgFactor, Reduction};
 #[doc(hidden)]
 pub mod testing {
     pub use crate::checks::meta_like;
+    pub use crate::emu::{
+        built as emulated_device_built, kernel_names as emulated_kernel_names,
+        with_emulated_device, EmulatedDevice,
+    };
+
+    /// Every CUDA entry point the launch plan can name.
+    pub fn planned_kernel_names() -> Vec<String> {
+        crate::launch::all_kernel_names()
+    }
 }
