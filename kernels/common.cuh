@@ -31,33 +31,48 @@
 
 DL_NAMESPACE_BEGIN
 
-// Mirrors `DlArgs` in src/fused.rs (#[repr(C)]); one block describes one launch.
-// Pointers are device addresses on CUDA and host addresses on the CPU.
-struct Args {
-  uint64_t pred;        // [n, c] contiguous, element type T
-  uint64_t target;      // dense: [n, c] contiguous T; labels: [n] int64
-  uint64_t score;       // labels + scores (QFL): [n] T
-  uint64_t weight;      // 0 or T; element (i, j) at i * w_sn + j * w_sc, w_sc in {0, 1}
-  uint64_t avg_factor;  // 0 or a 0-dim tensor of the accumulation type
-  uint64_t grad_out;    // backward: upstream gradient T at i * g_sn + j * g_sc, g_sc in {0, 1}
-  uint64_t out;         // forward: loss ('none') or the reduced scalar; backward: grad of pred
-  uint64_t partials;    // forward reductions on CUDA: one accumulation-type value per block
-  uint64_t grad_buf;    // CPU forward: 0, or [n, c] T for d(result)/d(pred), written in the same pass
-  int64_t n, c;
-  int64_t w_sn, w_sc, g_sn, g_sc;
-  double avg_factor_value;  // used when has_avg_factor == 1
-  double loss_weight;
-  double p0, p1;  // loss parameters (focal: gamma, alpha; QFL: beta; VFL: gamma, alpha)
-  int32_t flags;  // FLAG_* below
-  int32_t target_mode;
-  int32_t reduction;
-  int32_t has_avg_factor;  // 0 none, 1 avg_factor_value, 2 the avg_factor pointer
-  int32_t n_partials;
-  int32_t pad_;
-};
+// The argument block: one describes one launch. Pointers are device addresses on CUDA and host
+// addresses on the CPU. Its fields, in order, as X(type, name): the one definition on this side,
+// from which both the struct and the layout table that the Rust side checks `DlArgs` against
+// (field by field: name, offset, size; src/fused.rs) are made.
+#define DL_ARGS_FIELDS(X)                                                                               \
+  X(uint64_t, pred)       /* [n, c] contiguous, element type T */                                      \
+  X(uint64_t, target)     /* dense: [n, c] contiguous T; labels: [n] int64 */                          \
+  X(uint64_t, score)      /* labels + scores (QFL): [n] T */                                           \
+  X(uint64_t, weight)     /* 0 or T; element (i, j) at i * w_sn + j * w_sc, w_sc in {0, 1} */         \
+  X(uint64_t, avg_factor) /* 0 or a 0-dim tensor of the accumulation type */                           \
+  X(uint64_t, grad_out)   /* backward: upstream gradient T at i * g_sn + j * g_sc, g_sc in {0, 1} */  \
+  X(uint64_t, out)        /* forward: loss ('none') or the reduced scalar; backward: grad of pred */   \
+  X(uint64_t, partials)   /* forward reductions on a device: one accumulation-type value per block */ \
+  X(uint64_t, grad_buf)   /* CPU forward: 0, or [n, c] T for d(result)/d(pred), same pass */          \
+  X(int64_t, n)                                                                                         \
+  X(int64_t, c)                                                                                         \
+  X(int64_t, w_sn)                                                                                      \
+  X(int64_t, w_sc)                                                                                      \
+  X(int64_t, g_sn)                                                                                      \
+  X(int64_t, g_sc)                                                                                      \
+  X(double, avg_factor_value) /* used when has_avg_factor == 1 */                                      \
+  X(double, loss_weight)                                                                                \
+  X(double, p0) /* loss parameters (focal: gamma, alpha; QFL: beta; VFL: gamma, alpha) */              \
+  X(double, p1)                                                                                         \
+  X(int32_t, flags) /* FLAG_* below */                                                                  \
+  X(int32_t, target_mode)                                                                               \
+  X(int32_t, reduction)                                                                                 \
+  X(int32_t, has_avg_factor) /* 0 none, 1 avg_factor_value, 2 the avg_factor pointer */               \
+  X(int32_t, n_partials)                                                                                \
+  X(int32_t, pad)
 
-// DlArgs in src/fused.rs asserts the same size.
-static_assert(sizeof(Args) == 176, "dl::Args must match DlArgs in src/fused.rs");
+#define DL_ARGS_MEMBER_(T, name) T name;
+struct Args {
+  DL_ARGS_FIELDS(DL_ARGS_MEMBER_)
+};
+#undef DL_ARGS_MEMBER_
+
+// One row of the layout table: a field's name, offset and size.
+struct ArgsField {
+  const char* name;
+  uint64_t offset, size;
+};
 
 enum : int32_t { FLAG_ACTIVATED = 1, FLAG_IOU_WEIGHTED = 2, FLAG_ROW_SUM = 4, FLAG_STRICT_LABELS = 8 };
 enum : int32_t { TARGET_DENSE = 0, TARGET_LABELS = 1, TARGET_LABELS_SCORES = 2 };

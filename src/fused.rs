@@ -22,7 +22,8 @@ const FLAG_IOU_WEIGHTED: i32 = 2;
 pub(crate) const FLAG_ROW_SUM: i32 = 4;
 const FLAG_STRICT_LABELS: i32 = 8;
 
-/// Mirrors `dl::Args` in kernels/common.cuh.
+/// Mirrors `dl::Args` in kernels/common.cuh, checked field by field (name, offset, size) against
+/// the layout the C++ compiler gives it (the test at the end of this file).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct DlArgs {
@@ -52,9 +53,6 @@ pub(crate) struct DlArgs {
     pub n_partials: i32,
     pub pad: i32,
 }
-
-// The kernels read the same bytes (kernels/common.cuh static_asserts the same size).
-const _: () = assert!(std::mem::size_of::<DlArgs>() == 176);
 
 /// What a loss module asks of the executor.
 #[derive(Clone, Debug)]
@@ -467,4 +465,86 @@ fn launch(p: &Prepared, pass: Pass, args: &mut DlArgs) -> Result<()> {
         run(finalize, 1, args).with_context(|| context("device finalize"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// `DlArgs` has the fields of `dl::Args` (DL_ARGS_FIELDS in kernels/common.cuh), in order,
+    /// at the same offsets and with the same sizes, and nothing else.
+    #[cfg(dl_emu)]
+    #[test]
+    fn args_layout_matches_the_kernels() {
+        use super::DlArgs;
+        use std::ffi::{c_char, CStr};
+        use std::mem::{offset_of, size_of, size_of_val};
+
+        #[repr(C)]
+        struct ArgsField {
+            name: *const c_char,
+            offset: u64,
+            size: u64,
+        }
+        extern "C" {
+            fn dl_args_layout(rows: *mut *const ArgsField) -> usize;
+        }
+        let mut rows: *const ArgsField = std::ptr::null();
+        // SAFETY: returns a static table and its length.
+        let n = unsafe { dl_args_layout(&mut rows) };
+        // SAFETY: `rows` points at `n` static rows whose names are static C strings.
+        let cxx: Vec<(String, usize, usize)> = unsafe { std::slice::from_raw_parts(rows, n) }
+            .iter()
+            .map(|r| {
+                let name = unsafe { CStr::from_ptr(r.name) }
+                    .to_string_lossy()
+                    .into_owned();
+                (name, r.offset as usize, r.size as usize)
+            })
+            .collect();
+        let a = DlArgs::default();
+        macro_rules! fields {
+            ($($f:ident),* $(,)?) => {
+                vec![$((stringify!($f).to_string(), offset_of!(DlArgs, $f), size_of_val(&a.$f))),*]
+            };
+        }
+        let rust = fields!(
+            pred,
+            target,
+            score,
+            weight,
+            avg_factor,
+            grad_out,
+            out,
+            partials,
+            grad_buf,
+            n,
+            c,
+            w_sn,
+            w_sc,
+            g_sn,
+            g_sc,
+            avg_factor_value,
+            loss_weight,
+            p0,
+            p1,
+            flags,
+            target_mode,
+            reduction,
+            has_avg_factor,
+            n_partials,
+            pad,
+        );
+        assert_eq!(rust, cxx, "DlArgs (Rust) against dl::Args (C++)");
+        let (_, last, size) = cxx.last().cloned().unwrap_or_default();
+        assert_eq!(
+            size_of::<DlArgs>(),
+            last + size,
+            "DlArgs has trailing fields or padding"
+        );
+    }
+
+    #[cfg(not(dl_emu))]
+    #[test]
+    fn args_layout_matches_the_kernels() {
+        panic!("the layout check needs the emulated device (CUDA headers at build time)");
+    }
 }

@@ -28,6 +28,7 @@ mod checks;
 pub mod cuda;
 mod emu;
 mod fused;
+#[doc(hidden)]
 pub mod golden;
 mod host;
 mod launch;

@@ -96,13 +96,13 @@ pub trait Loss: Send + Sync + std::fmt::Debug {
     fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor>;
 
     /// The same loss composed from stock tch ops, op for op as MMDetection writes it: the
-    /// reference and the baseline to profile against. Defaults to [`Loss::forward`].
+    /// reference and the baseline to profile against. Required: a loss without one could not
+    /// be checked or profiled (a loss that is only ever composed of stock ops returns the same
+    /// as [`Loss::forward`]).
     fn forward_unfused(
         &self,
         pred: &Tensor,
         target: Target<'_>,
         args: &LossArgs<'_>,
-    ) -> Result<Tensor> {
-        self.forward(pred, target, args)
-    }
+    ) -> Result<Tensor>;
 }

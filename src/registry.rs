@@ -89,6 +89,9 @@ pub fn register(type_name: &str, builder: Builder) -> Result<()> {
 ///     fn forward(&self, pred: &tch::Tensor, _: Target<'_>, _: &LossArgs<'_>) -> anyhow::Result<tch::Tensor> {
 ///         Ok(pred.sum(None) * self.loss_weight)
 ///     }
+///     fn forward_unfused(&self, pred: &tch::Tensor, t: Target<'_>, a: &LossArgs<'_>) -> anyhow::Result<tch::Tensor> {
+///         self.forward(pred, t, a) // stock ops already
+///     }
 /// }
 /// registry::register_config::<Scaled>("Scaled")?;
 /// let l = registry::build_str(r#"{"type": "Scaled", "loss_weight": 2.0}"#)?;

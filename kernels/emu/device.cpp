@@ -14,6 +14,7 @@
 
 #include "../kernels.cu"
 
+#include <cstddef>
 #include <exception>
 #include <new>
 #include <string>
@@ -47,6 +48,17 @@ extern "C" int dl_emu_launch(const char* name, uint32_t grid, uint32_t block, co
     write_err(err, errlen, "unknown C++ exception in the emulated device");
     return 3;
   }
+}
+
+// The argument block as this compiler lays out kernels/common.cuh (the header nvcc compiles too):
+// src/fused.rs checks DlArgs against it field by field.
+#define DL_ARGS_ROW_(T, name) {#name, offsetof(dl::Args, name), sizeof(T)},
+static const dl::ArgsField dl_args_layout_rows[] = {DL_ARGS_FIELDS(DL_ARGS_ROW_)};
+#undef DL_ARGS_ROW_
+
+extern "C" size_t dl_args_layout(const dl::ArgsField** rows) {
+  *rows = dl_args_layout_rows;
+  return sizeof(dl_args_layout_rows) / sizeof(dl_args_layout_rows[0]);
 }
 
 extern "C" size_t dl_emu_kernel_count(void) { return dl_emu::entry_count(); }
