@@ -66,14 +66,15 @@ fn write_loss_list(out: &Path, losses: &[String], isas: &[&str]) {
     r += "        }\n    }\n}\n\nextern \"C\" {\n";
     for isa in isas {
         for l in losses {
-            r += &format!("    fn dl_host_run_{isa}_{l}(pass: i32, dtype: i32, args: *const crate::fused::DlArgs, err: *mut std::ffi::c_char, errlen: usize) -> i64;\n");
+            r += &format!("    fn dl_host_run_{isa}_{l}(pass: i32, dtype: i32, args: *const crate::abi::DlArgs, err: *mut std::ffi::c_char, errlen: usize) -> i64;\n");
         }
     }
-    r += "}\n";
+    r += "}\n\n/// One loss's CPU entry point: `(pass, dtype, args, err, errlen) -> invalid rows or -1`.\n";
+    r += "pub(crate) type HostRun = unsafe extern \"C\" fn(i32, i32, *const crate::abi::DlArgs, *mut std::ffi::c_char, usize) -> i64;\n";
     for isa in isas {
         r += &format!("\n/// The CPU executor's entry points for `{isa}`, by body id.\n");
         r += &format!(
-            "pub(crate) static HOST_{}: [crate::host::HostRun; {}] = [",
+            "pub(crate) static HOST_{}: [HostRun; {}] = [",
             isa.to_uppercase(),
             losses.len()
         );

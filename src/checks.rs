@@ -1,15 +1,13 @@
-//! The argument checks that every loss runs first, fused and unfused alike, so that no tensor a
-//! user can build (any layout, kind, device, dimension count) reaches a kernel or a stock op that
-//! would panic, abort or read memory it does not own. A failed check is an error that names the
-//! loss, the argument, and what was passed.
+//! The tensor checks that every loss runs first, fused and unfused alike (through
+//! `losses::begin`), so that no tensor a user can build (any layout, kind, device, dimension
+//! count) reaches a kernel or a stock op that would panic, abort or read memory it does not own.
+//! A failed check is an error that names the loss, the argument, and what was passed.
 
 use std::ffi::{c_char, c_int, CStr};
 
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 use torch_sys::C_tensor;
-
-use crate::{AvgFactor, LossArgs, Target};
 
 extern "C" {
     fn dl_tensor_unsupported(t: *const C_tensor, err: *mut c_char, errlen: usize) -> c_int;
@@ -71,43 +69,22 @@ pub(crate) fn integer(name: &str, what: &str, t: &Tensor) -> Result<Kind> {
     Ok(kind)
 }
 
-/// The checks shared by every loss call, before any loss-specific shape handling: every tensor
-/// argument is readable, `pred` is floating point, weights, dense targets and scores are real,
-/// `avg_factor` is a real one-element tensor. Class-index targets are checked by the loss, which
-/// knows whether a tensor is one.
-pub(crate) fn call(
-    name: &str,
-    pred: &Tensor,
-    target: Target<'_>,
-    args: &LossArgs<'_>,
-) -> Result<()> {
-    let kind = readable(name, "pred", pred)?;
-    if !is_float(kind) {
-        bail!("{name}: pred must be float32, float64, float16 or bfloat16, got {kind:?}");
+/// `(N, C)` of a classification `pred`, or an error naming the loss.
+pub(crate) fn pred_shape(name: &str, pred: &Tensor) -> Result<(i64, i64)> {
+    match pred.size()[..] {
+        [n, c] => Ok((n, c)),
+        _ => bail!("{name}: pred must be (N, C), got shape {:?}", pred.size()),
     }
-    match target {
-        Target::Tensor(t) => {
-            real(name, "target", t)?;
-        }
-        Target::LabelsScores { labels, scores } => {
-            integer(name, "labels", labels)?;
-            let k = readable(name, "scores", scores)?;
-            if !is_float(k) {
-                bail!("{name}: scores must be floating point, got {k:?}");
-            }
-        }
-    }
-    if let Some(w) = args.weight {
-        real(name, "weight", w)?;
-    }
-    if let Some(AvgFactor::Tensor(t)) = &args.avg_factor {
-        real(name, "avg_factor", t)?;
-        if t.numel() != 1 {
-            bail!(
-                "{name}: avg_factor must be a number or a one-element tensor, got shape {:?}",
-                t.size()
-            );
-        }
+}
+
+/// MMDetection's `activated=True` losses call `F.binary_cross_entropy`, which takes
+/// probabilities and rejects anything outside [0, 1] (NaN included) on the CPU; on CUDA it
+/// would stop the process with a device assertion. The CPU paths and the stock-op compositions
+/// check first (a host read, as the range check inside torch's CPU kernel).
+pub(crate) fn probabilities(name: &str, p: &Tensor) -> Result<()> {
+    let inside = p.f_ge(0.0)?.f_logical_and(&p.f_le(1.0)?)?;
+    if !bool::try_from(inside.f_all()?)? {
+        bail!("{name}: all elements of pred should be between 0 and 1 (activated=true takes probabilities)");
     }
     Ok(())
 }

@@ -22,12 +22,7 @@ pub fn ptxas_report() -> Vec<KernelReport> {
 }
 
 #[cfg(not(dl_cuda_kernels))]
-pub(crate) fn run_kernel(
-    _: usize,
-    _: &str,
-    _: u32,
-    _: &crate::fused::DlArgs,
-) -> anyhow::Result<()> {
+pub(crate) fn run_kernel(_: usize, _: &str, _: u32, _: &crate::abi::DlArgs) -> anyhow::Result<()> {
     anyhow::bail!(
         "tch-detloss was built without CUDA kernels (nvcc was not found at build time): run \
          scripts/setup.sh, or set TCH_DETLOSS_NVCC or CUDA_HOME to a CUDA 13 nvcc, and rebuild"
@@ -81,7 +76,7 @@ mod imp {
         CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
     };
 
-    use crate::fused::DlArgs;
+    use crate::abi::DlArgs;
 
     static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
 

@@ -7,7 +7,7 @@ use std::cell::Cell;
 
 use anyhow::Result;
 
-use crate::fused::DlArgs;
+use crate::abi::DlArgs;
 use crate::launch::Geometry;
 
 /// How the emulated device runs a launch.
@@ -67,7 +67,7 @@ mod imp {
 
     use anyhow::{anyhow, bail, Result};
 
-    use crate::fused::DlArgs;
+    use crate::abi::DlArgs;
 
     extern "C" {
         fn dl_emu_launch(

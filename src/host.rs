@@ -6,11 +6,8 @@ use std::sync::OnceLock;
 
 use anyhow::{bail, Result};
 
-use crate::bodies::{Body, HOST_BASE};
-use crate::fused::DlArgs;
-
-/// One loss's CPU entry point: `(pass, dtype, args, err, errlen) -> invalid rows or -1`.
-pub(crate) type HostRun = unsafe extern "C" fn(i32, i32, *const DlArgs, *mut c_char, usize) -> i64;
+use crate::abi::DlArgs;
+use crate::bodies::{Body, HostRun, HOST_BASE};
 
 /// Which CPU build runs: `"x86-64-v3"` or `"baseline"`.
 pub fn cpu_isa() -> &'static str {

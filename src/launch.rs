@@ -4,8 +4,8 @@
 
 use tch::Kind;
 
+use crate::abi::{DlArgs, Pass, FLAG_ROW_SUM};
 use crate::bodies::Body;
-use crate::fused::{DlArgs, Pass, FLAG_ROW_SUM};
 use crate::Reduction;
 
 /// Threads per block (`dl::dev::THREADS` in kernels/kernels.cu).

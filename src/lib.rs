@@ -22,6 +22,7 @@
 //! and reduction; [`registry`] the config-dict builders; [`autograd`] the custom-function bridge.
 #![warn(missing_docs)]
 
+mod abi;
 pub mod autograd;
 mod bodies;
 mod checks;

@@ -15,8 +15,9 @@ pub use varifocal::VarifocalLoss;
 use anyhow::{bail, Result};
 use tch::Tensor;
 
+use crate::checks;
 use crate::reduction::{check_avg_factor, Reduction};
-use crate::{LossArgs, Target};
+use crate::{AvgFactor, LossArgs, Target};
 
 /// The checks every loss call runs first, fused and unfused alike (`crate::checks::call` and
 /// MMDetection's `avg_factor` rules); returns the reduction of this call.
@@ -27,10 +28,46 @@ pub(crate) fn begin(
     args: &LossArgs<'_>,
     configured: Reduction,
 ) -> Result<Reduction> {
-    crate::checks::call(name, pred, target, args)?;
+    check_tensors(name, pred, target, args)?;
     let reduction = args.reduction_override.unwrap_or(configured);
     check_avg_factor(name, reduction, args.avg_factor.as_ref())?;
     Ok(reduction)
+}
+
+/// The tensor checks of every loss call, before any loss-specific shape handling: every tensor
+/// argument is readable, `pred` is floating point, weights, dense targets and scores are real,
+/// `avg_factor` is a real one-element tensor. Class-index targets are checked by the loss, which
+/// knows whether a tensor is one.
+fn check_tensors(name: &str, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<()> {
+    let kind = checks::readable(name, "pred", pred)?;
+    if !checks::is_float(kind) {
+        bail!("{name}: pred must be float32, float64, float16 or bfloat16, got {kind:?}");
+    }
+    match target {
+        Target::Tensor(t) => {
+            checks::real(name, "target", t)?;
+        }
+        Target::LabelsScores { labels, scores } => {
+            checks::integer(name, "labels", labels)?;
+            let k = checks::readable(name, "scores", scores)?;
+            if !checks::is_float(k) {
+                bail!("{name}: scores must be floating point, got {k:?}");
+            }
+        }
+    }
+    if let Some(w) = args.weight {
+        checks::real(name, "weight", w)?;
+    }
+    if let Some(AvgFactor::Tensor(t)) = &args.avg_factor {
+        checks::real(name, "avg_factor", t)?;
+        if t.numel() != 1 {
+            bail!(
+                "{name}: avg_factor must be a number or a one-element tensor, got shape {:?}",
+                t.size()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// BCE-with-logits without reduction, as `F.binary_cross_entropy_with_logits(..., reduction='none')`.
@@ -45,14 +82,14 @@ pub(crate) fn bce_with_logits(pred: &Tensor, target: &Tensor) -> Result<Tensor> 
 
 /// `F.binary_cross_entropy(..., reduction='none')` on probabilities (log terms clamped at -100).
 pub(crate) fn bce(name: &str, prob: &Tensor, target: &Tensor) -> Result<Tensor> {
-    check_probabilities(name, prob)?;
+    checks::probabilities(name, prob)?;
     Ok(prob.f_binary_cross_entropy::<Tensor>(target, None, tch::Reduction::None)?)
 }
 
 /// MMDetection's `F.one_hot(labels, num_classes=C + 1)[:, :C]`, with its range check turned into
 /// an error that names the valid range.
 pub(crate) fn one_hot_without_background(name: &str, labels: &Tensor, c: i64) -> Result<Tensor> {
-    crate::checks::integer(name, "target", labels)?;
+    checks::integer(name, "target", labels)?;
     if labels.dim() != 1 {
         bail!(
             "{name}: class-index target must be (N,), got shape {:?}",
@@ -77,24 +114,7 @@ pub(crate) fn check_weight_shape(name: &str, weight: &Tensor, shape: &[i64]) -> 
     Ok(())
 }
 
-/// MMDetection's `activated=True` losses call `F.binary_cross_entropy`, which takes
-/// probabilities; on CUDA it would stop the process with a device assertion, so the stock-op
-/// compositions check first (a host read, as the range check inside torch's CPU kernel).
-pub(crate) fn check_probabilities(name: &str, p: &Tensor) -> Result<()> {
-    let inside = p.f_ge(0.0)?.f_logical_and(&p.f_le(1.0)?)?;
-    if !bool::try_from(inside.f_all()?)? {
-        bail!("{name}: all elements of pred should be between 0 and 1 (activated=true takes probabilities)");
-    }
-    Ok(())
-}
-
-/// `(N, C)` of a classification `pred`, or an error naming the loss.
-pub(crate) fn pred_shape(name: &str, pred: &Tensor) -> Result<(i64, i64)> {
-    match pred.size()[..] {
-        [n, c] => Ok((n, c)),
-        _ => bail!("{name}: pred must be (N, C), got shape {:?}", pred.size()),
-    }
-}
+pub(crate) use crate::checks::pred_shape;
 
 /// The target of a loss that takes one tensor.
 pub(crate) fn single_target<'a>(name: &str, target: crate::Target<'a>) -> Result<&'a Tensor> {

@@ -1,0 +1,149 @@
+//! The argument block and the codes shared with the kernels (kernels/common.cuh), in one place
+//! on this side: what a launch passes, whichever executor runs it.
+
+use tch::Kind;
+
+/// The pass of a launch (`PASS_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pass {
+    Forward = 0,
+    Backward = 1,
+}
+
+// `FLAG_*`: how a body reads its arguments.
+pub(crate) const FLAG_ACTIVATED: i32 = 1;
+pub(crate) const FLAG_IOU_WEIGHTED: i32 = 2;
+pub(crate) const FLAG_ROW_SUM: i32 = 4;
+pub(crate) const FLAG_STRICT_LABELS: i32 = 8;
+
+// `TARGET_*`: what `target` (and `score`) hold.
+pub(crate) const TARGET_DENSE: i32 = 0;
+pub(crate) const TARGET_LABELS: i32 = 1;
+pub(crate) const TARGET_LABELS_SCORES: i32 = 2;
+
+// The reduction codes (`RED_*`) are the discriminants of `crate::Reduction`.
+
+/// Mirrors `dl::Args` in kernels/common.cuh, checked field by field (name, offset, size) against
+/// the layout the C++ compiler gives it (the test below).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct DlArgs {
+    pub pred: u64,
+    pub target: u64,
+    pub score: u64,
+    pub weight: u64,
+    pub avg_factor: u64,
+    pub grad_out: u64,
+    pub out: u64,
+    pub partials: u64,
+    pub grad_buf: u64,
+    pub n: i64,
+    pub c: i64,
+    pub w_sn: i64,
+    pub w_sc: i64,
+    pub g_sn: i64,
+    pub g_sc: i64,
+    pub avg_factor_value: f64,
+    pub loss_weight: f64,
+    pub p0: f64,
+    pub p1: f64,
+    pub flags: i32,
+    pub target_mode: i32,
+    pub reduction: i32,
+    pub has_avg_factor: i32,
+    pub n_partials: i32,
+    pub pad: i32,
+}
+
+/// The kernels' dtype code (`DT_*`) of a tensor kind; `None` for kinds without kernels.
+pub(crate) fn dtype_code(kind: Kind) -> Option<i32> {
+    match kind {
+        Kind::Float => Some(0),
+        Kind::Double => Some(1),
+        Kind::Half => Some(2),
+        Kind::BFloat16 => Some(3),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// `DlArgs` has the fields of `dl::Args` (DL_ARGS_FIELDS in kernels/common.cuh), in order,
+    /// at the same offsets and with the same sizes, and nothing else.
+    #[cfg(dl_emu)]
+    #[test]
+    fn args_layout_matches_the_kernels() {
+        use super::DlArgs;
+        use std::ffi::{c_char, CStr};
+        use std::mem::{offset_of, size_of, size_of_val};
+
+        #[repr(C)]
+        struct ArgsField {
+            name: *const c_char,
+            offset: u64,
+            size: u64,
+        }
+        extern "C" {
+            fn dl_args_layout(rows: *mut *const ArgsField) -> usize;
+        }
+        let mut rows: *const ArgsField = std::ptr::null();
+        // SAFETY: returns a static table and its length.
+        let n = unsafe { dl_args_layout(&mut rows) };
+        // SAFETY: `rows` points at `n` static rows whose names are static C strings.
+        let cxx: Vec<(String, usize, usize)> = unsafe { std::slice::from_raw_parts(rows, n) }
+            .iter()
+            .map(|r| {
+                let name = unsafe { CStr::from_ptr(r.name) }
+                    .to_string_lossy()
+                    .into_owned();
+                (name, r.offset as usize, r.size as usize)
+            })
+            .collect();
+        let a = DlArgs::default();
+        macro_rules! fields {
+            ($($f:ident),* $(,)?) => {
+                vec![$((stringify!($f).to_string(), offset_of!(DlArgs, $f), size_of_val(&a.$f))),*]
+            };
+        }
+        let rust = fields!(
+            pred,
+            target,
+            score,
+            weight,
+            avg_factor,
+            grad_out,
+            out,
+            partials,
+            grad_buf,
+            n,
+            c,
+            w_sn,
+            w_sc,
+            g_sn,
+            g_sc,
+            avg_factor_value,
+            loss_weight,
+            p0,
+            p1,
+            flags,
+            target_mode,
+            reduction,
+            has_avg_factor,
+            n_partials,
+            pad,
+        );
+        assert_eq!(rust, cxx, "DlArgs (Rust) against dl::Args (C++)");
+        let (_, last, size) = cxx.last().cloned().unwrap_or_default();
+        assert_eq!(
+            size_of::<DlArgs>(),
+            last + size,
+            "DlArgs has trailing fields or padding"
+        );
+    }
+
+    #[cfg(not(dl_emu))]
+    #[test]
+    fn args_layout_matches_the_kernels() {
+        panic!("the layout check needs the emulated device (CUDA headers at build time)");
+    }
+}
