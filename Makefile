@@ -9,12 +9,12 @@ profile: setup
 	cargo bench --bench profile
 
 # All tests (no GPU needed), the emulated device's self-test, the README's dependent crate, plus
-# the golden runner's report.
+# the golden runner's report on every case (cases of losses not shipped yet are listed, not run).
 test: setup
 	cargo test --release
 	bash scripts/emu-sanitize.sh check
 	cargo run --release -p dependent
-	cargo run --release --example golden -- tests/data/mmdet_cases.json --only FocalLoss,QualityFocalLoss,VarifocalLoss
+	cargo run --release --example golden -- tests/data/mmdet_cases.json
 
 golden: setup
 	cargo run --release --example golden -- tests/data/mmdet_cases.json
