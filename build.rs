@@ -88,35 +88,15 @@ fn write_loss_list(out: &Path, losses: &[String], isas: &[&str]) {
     fs::write(out.join("losses.rs"), r).expect("write losses.rs");
 }
 
-const KERNEL_HEADERS: &[&str] = &[
-    "kernels/losses.def",
-    "kernels/common.cuh",
-    "kernels/dispatch.cuh",
-    "kernels/executor_host.h",
-];
-
 fn main() {
     println!("cargo:rustc-check-cfg=cfg(dl_cuda_kernels)");
     println!("cargo:rustc-check-cfg=cfg(dl_host_v3)");
     println!("cargo:rustc-check-cfg=cfg(dl_torch_cuda)");
     println!("cargo:rustc-check-cfg=cfg(dl_emu)");
+    // Any file under kernels/ (cargo watches the folder recursively); the per-unit stamps below
+    // keep an edit from recompiling the translation units that do not include the file.
+    println!("cargo:rerun-if-changed=kernels");
     let losses = losses();
-    for l in &losses {
-        println!("cargo:rerun-if-changed=kernels/{l}.cuh");
-    }
-    for f in KERNEL_HEADERS.iter().chain(&[
-        "kernels/host.cpp",
-        "kernels/autograd.cpp",
-        "kernels/torch_cuda.cpp",
-        "kernels/kernels.cu",
-        "kernels/emu/device.cpp",
-        "kernels/emu/fiber.cpp",
-        "kernels/emu/fiber.h",
-        "kernels/emu/cuda_shim.h",
-        "kernels/emu/emu_api.h",
-    ]) {
-        println!("cargo:rerun-if-changed={f}");
-    }
     for v in [
         "TCH_DETLOSS_NVCC",
         "NVCC",

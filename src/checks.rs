@@ -14,7 +14,7 @@ extern "C" {
 }
 
 /// The kinds a floating-point `pred` may have (half types are computed in float32).
-pub(crate) fn is_float(kind: Kind) -> bool {
+fn is_float(kind: Kind) -> bool {
     matches!(
         kind,
         Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
@@ -22,7 +22,7 @@ pub(crate) fn is_float(kind: Kind) -> bool {
 }
 
 /// The integer kinds accepted for class indices and counts.
-pub(crate) fn is_integer(kind: Kind) -> bool {
+fn is_integer(kind: Kind) -> bool {
     matches!(
         kind,
         Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
@@ -56,6 +56,15 @@ pub(crate) fn real(name: &str, what: &str, t: &Tensor) -> Result<Kind> {
         bail!(
             "{name}: {what} must be a real tensor (floating point, integer or bool), got {kind:?}"
         );
+    }
+    Ok(kind)
+}
+
+/// `readable`, and a kind the kernels compute in: float32, float64, float16 or bfloat16.
+pub(crate) fn floating(name: &str, what: &str, t: &Tensor) -> Result<Kind> {
+    let kind = readable(name, what, t)?;
+    if !is_float(kind) {
+        bail!("{name}: {what} must be float32, float64, float16 or bfloat16, got {kind:?}");
     }
     Ok(kind)
 }

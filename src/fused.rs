@@ -164,12 +164,7 @@ fn prepare(
     avg_factor: Option<&AvgFactor>,
 ) -> Result<Prepared> {
     let name = spec.name;
-    let kind = checks::readable(name, "pred", pred)?;
-    let dtype = dtype_code(kind);
-    ensure!(
-        dtype.is_some(),
-        "{name}: pred must be float32, float64, float16 or bfloat16, got {kind:?}"
-    );
+    let kind = checks::floating(name, "pred", pred)?;
     let (n, c) = checks::pred_shape(name, pred)?;
     let device = pred.device();
     let reduction = spec.reduction;
@@ -239,16 +234,12 @@ fn prepare(
         KTarget::LabelsScores(l, s) => {
             args.target_mode = TARGET_LABELS_SCORES;
             let l = labels("labels", l)?;
-            let sk = checks::readable(name, "scores", s)?;
+            checks::floating(name, "scores", s)?;
             same_device(name, "scores", s, device)?;
             ensure!(
                 s.dim() == 1 && s.size()[0] == n,
                 "{name}: scores must be ({n},), got {:?}",
                 s.size()
-            );
-            ensure!(
-                checks::is_float(sk),
-                "{name}: scores must be floating point, got {sk:?}"
             );
             (l, Some(s.f_detach()?.f_to_kind(kind)?.f_contiguous()?))
         }

@@ -17,10 +17,10 @@ use tch::Tensor;
 
 use crate::checks;
 use crate::reduction::{check_avg_factor, Reduction};
-use crate::{AvgFactor, LossArgs, Target};
+use crate::{LossArgs, Target};
 
-/// The checks every loss call runs first, fused and unfused alike (`crate::checks::call` and
-/// MMDetection's `avg_factor` rules); returns the reduction of this call.
+/// The checks every loss call runs first, fused and unfused alike (the tensor checks below and
+/// MMDetection's `avg_factor` rules, `check_avg_factor`); returns the reduction of this call.
 pub(crate) fn begin(
     name: &str,
     pred: &Tensor,
@@ -35,37 +35,22 @@ pub(crate) fn begin(
 }
 
 /// The tensor checks of every loss call, before any loss-specific shape handling: every tensor
-/// argument is readable, `pred` is floating point, weights, dense targets and scores are real,
-/// `avg_factor` is a real one-element tensor. Class-index targets are checked by the loss, which
-/// knows whether a tensor is one.
+/// argument is readable, `pred` and scores are floating point, weights and dense targets are
+/// real. Class-index targets are checked by the loss, which knows whether a tensor is one; the
+/// `avg_factor` tensor by `check_avg_factor`.
 fn check_tensors(name: &str, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<()> {
-    let kind = checks::readable(name, "pred", pred)?;
-    if !checks::is_float(kind) {
-        bail!("{name}: pred must be float32, float64, float16 or bfloat16, got {kind:?}");
-    }
+    checks::floating(name, "pred", pred)?;
     match target {
         Target::Tensor(t) => {
             checks::real(name, "target", t)?;
         }
         Target::LabelsScores { labels, scores } => {
             checks::integer(name, "labels", labels)?;
-            let k = checks::readable(name, "scores", scores)?;
-            if !checks::is_float(k) {
-                bail!("{name}: scores must be floating point, got {k:?}");
-            }
+            checks::floating(name, "scores", scores)?;
         }
     }
     if let Some(w) = args.weight {
         checks::real(name, "weight", w)?;
-    }
-    if let Some(AvgFactor::Tensor(t)) = &args.avg_factor {
-        checks::real(name, "avg_factor", t)?;
-        if t.numel() != 1 {
-            bail!(
-                "{name}: avg_factor must be a number or a one-element tensor, got shape {:?}",
-                t.size()
-            );
-        }
     }
     Ok(())
 }
