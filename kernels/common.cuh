@@ -37,30 +37,41 @@ DL_NAMESPACE_BEGIN
 // (field by field: name, offset, size; src/fused.rs) are made.
 #define DL_ARGS_FIELDS(X)                                                                               \
   X(uint64_t, pred)       /* [n, c] contiguous, element type T */                                      \
-  X(uint64_t, target)     /* dense: [n, c] contiguous T; labels: [n] int64 */                          \
+  X(uint64_t, target)     /* TARGET_* below */                                                          \
   X(uint64_t, score)      /* labels + scores (QFL): [n] T */                                           \
   X(uint64_t, weight)     /* 0 or T; element (i, j) at i * w_sn + j * w_sc, w_sc in {0, 1} */         \
-  X(uint64_t, avg_factor) /* 0 or a 0-dim tensor of the accumulation type */                           \
+  X(uint64_t, avg_factor) /* 0 or [1] of the accumulation type: the divisor's avg_factor */           \
   X(uint64_t, grad_out)   /* backward: upstream gradient T at i * g_sn + j * g_sc, g_sc in {0, 1} */  \
   X(uint64_t, out)        /* forward: loss ('none') or the reduced scalar; backward: grad of pred */   \
-  X(uint64_t, partials)   /* forward reductions on a device: one accumulation-type value per block */ \
+  X(uint64_t, partials)   /* forward reductions on a device: per-block values of the accumulation type */ \
   X(uint64_t, grad_buf)   /* CPU forward: 0, or [n, c] T for d(result)/d(pred), same pass */          \
+  X(uint64_t, row_stat)   /* row executor: [n] accumulation type, each row's log-sum-exp */            \
+  X(uint64_t, hist_counts)  /* histogram executor: [blocks, bins + 1] int32 per-block counts */       \
+  X(uint64_t, hist_weights) /* histogram executor: [bins] accumulation type, each bin's weight */      \
+  X(uint64_t, hist_state)   /* histogram executor: [bins] float32 momentum state (acc_sum) or 0 */     \
+  X(uint64_t, aux)        /* a body's vector parameter, accumulation type (see the body) */            \
   X(int64_t, n)                                                                                         \
   X(int64_t, c)                                                                                         \
   X(int64_t, w_sn)                                                                                      \
   X(int64_t, w_sc)                                                                                      \
   X(int64_t, g_sn)                                                                                      \
   X(int64_t, g_sc)                                                                                      \
+  X(int64_t, i0)          /* a body's integer parameter (see the body) */                              \
   X(double, avg_factor_value) /* used when has_avg_factor == 1 */                                      \
   X(double, loss_weight)                                                                                \
-  X(double, p0) /* loss parameters (focal: gamma, alpha; QFL: beta; VFL: gamma, alpha) */              \
+  X(double, p0)           /* a body's parameter slots (see the body) */                               \
   X(double, p1)                                                                                         \
-  X(int32_t, flags) /* FLAG_* below */                                                                  \
+  X(double, p2)                                                                                         \
+  X(double, p3)                                                                                         \
+  X(double, momentum)     /* histogram executor: the state's momentum, 0 for none */                  \
+  X(double, last_edge)    /* histogram executor: the last bin edge (float32 value) */                 \
+  X(double, hist_replicas) /* histogram executor: elements per given label weight (its broadcast) */   \
+  X(int32_t, flags)       /* FLAG_* below */                                                            \
   X(int32_t, target_mode)                                                                               \
   X(int32_t, reduction)                                                                                 \
-  X(int32_t, has_avg_factor) /* 0 none, 1 avg_factor_value, 2 the avg_factor pointer */               \
+  X(int32_t, has_avg_factor) /* AVG_* below */                                                         \
   X(int32_t, n_partials)                                                                                \
-  X(int32_t, pad)
+  X(int32_t, bins)        /* histogram executor: the number of bins */
 
 #define DL_ARGS_MEMBER_(T, name) T name;
 struct Args {
@@ -74,11 +85,35 @@ struct ArgsField {
   uint64_t offset, size;
 };
 
-enum : int32_t { FLAG_ACTIVATED = 1, FLAG_IOU_WEIGHTED = 2, FLAG_ROW_SUM = 4, FLAG_STRICT_LABELS = 8 };
-enum : int32_t { TARGET_DENSE = 0, TARGET_LABELS = 1, TARGET_LABELS_SCORES = 2 };
+// Flags. ACTIVATED: pred holds probabilities (focal family). IOU_WEIGHTED: VFL's option. ROW_SUM:
+// the loss of a row is the sum over its elements ('none' gives [n], 'mean' divides by n). STRICT_LABELS:
+// a label outside [0, C] is invalid. SIGMOID: CrossEntropyLoss's use_sigmoid. TOT_SUM: the histogram's
+// total is the sum of the weights (GHM-R), not the count of positive ones (GHM-C).
+enum : int32_t {
+  FLAG_ACTIVATED = 1,
+  FLAG_IOU_WEIGHTED = 2,
+  FLAG_ROW_SUM = 4,
+  FLAG_STRICT_LABELS = 8,
+  FLAG_SIGMOID = 16,
+  FLAG_TOT_SUM = 32,
+};
+// What `target` holds: a dense [n, c] T tensor, [n] int64 class indices (with [n] T scores in
+// `score`), or one T value per row ([n], DFL's distance).
+enum : int32_t { TARGET_DENSE = 0, TARGET_LABELS = 1, TARGET_LABELS_SCORES = 2, TARGET_ROW_VALUE = 3 };
 enum : int32_t { RED_NONE = 0, RED_MEAN = 1, RED_SUM = 2 };
-enum : int32_t { PASS_FORWARD = 0, PASS_BACKWARD = 1 };
+// HISTOGRAM: the histogram pre-pass of the histogram executor (per-block bin counts).
+enum : int32_t { PASS_FORWARD = 0, PASS_BACKWARD = 1, PASS_HISTOGRAM = 2 };
 enum : int32_t { DT_F32 = 0, DT_F64 = 1, DT_F16 = 2, DT_BF16 = 3 };
+// The divisor of 'mean': the element (or row) count; avg_factor_value; the avg_factor pointer; or
+// the count of valid (non-ignored) elements or rows, which the forward pass makes and writes to the
+// avg_factor pointer (CrossEntropyLoss's avg_non_ignore), where the backward pass reads it.
+enum : int32_t { AVG_NONE = 0, AVG_VALUE = 1, AVG_TENSOR = 2, AVG_COUNT_VALID = 3 };
+
+// The shapes of kernel body (DESIGN.md section 9): what a body's functor sees.
+enum : int32_t { SHAPE_ELEMENT = 0, SHAPE_ROW = 1 };
+
+// Histogram bins beyond this are rejected by the Rust side (the pre-pass counts in shared memory).
+constexpr int MAX_BINS = 1024;
 
 // torch.finfo(torch.float32).eps, which MMDetection adds to avg_factor whatever the dtype.
 constexpr double AVG_FACTOR_EPS = 1.1920928955078125e-07;
@@ -88,8 +123,9 @@ constexpr double AVG_FACTOR_EPS = 1.1920928955078125e-07;
 // row-sum losses) for a plain mean, and 1 for 'sum' and 'none'.
 template <class A> DL_HD A reduction_divisor(const Args& a) {
   if (a.reduction != RED_MEAN) return A(1);
-  if (a.has_avg_factor == 1) return A(a.avg_factor_value + AVG_FACTOR_EPS);
-  if (a.has_avg_factor == 2) return *reinterpret_cast<const A*>(a.avg_factor) + A(AVG_FACTOR_EPS);
+  if (a.has_avg_factor == AVG_VALUE) return A(a.avg_factor_value + AVG_FACTOR_EPS);
+  // AVG_COUNT_VALID: the count is in place by the time a pass reads it (see the executors).
+  if (a.has_avg_factor >= AVG_TENSOR) return *reinterpret_cast<const A*>(a.avg_factor) + A(AVG_FACTOR_EPS);
   return A((a.flags & FLAG_ROW_SUM) ? a.n : a.n * a.c);
 }
 
@@ -165,5 +201,93 @@ template <class A> DL_HD A bce_prob_grad(A p, A t) {
 // v where p is a probability, NaN where it is not (outside [0, 1], or NaN): the activated losses'
 // documented result on CUDA, where reporting it would need a host read (the CPU rejects it first).
 template <class A> DL_HD A prob_guard(A p, A v) { return (p >= A(0) && p <= A(1)) ? v : A(0) / A(0); }
+
+// What a body's functor declares about itself. An element functor derives from ElementBody and
+// has `A loss(A x, A t)` and `A grad(A x, A t)` (d loss / d x); the executors read these traits:
+//   LABEL_TARGETS    class-index targets besides dense ones;
+//   ELEMENT_WEIGHTS  per-element weights and upstream gradients besides per-row ones;
+//   COLUMN_PARAM     loss and grad take a third argument, `aux[j]` (a per-class parameter; 1
+//                    where aux is 0);
+//   IGNORE_INDEX     a label (or dense target value) that is negative or equals i0 is ignored:
+//                    weight 0, and not counted as valid;
+//   HISTOGRAM        the histogram executor: `A hist_g(A x, A t)` places an element in a bin and
+//                    the element's weight becomes its bin's weight where its weight is > 0.
+// A row functor derives from RowBody and has `SparseTarget<A> target(int64_t label, A value)`: the
+// row executor computes the cross-entropy of the row's softmax against that target.
+struct ElementBody {
+  static constexpr int SHAPE = SHAPE_ELEMENT;
+  static constexpr bool LABEL_TARGETS = false, ELEMENT_WEIGHTS = true, COLUMN_PARAM = false,
+                        IGNORE_INDEX = false, HISTOGRAM = false;
+};
+struct RowBody {
+  static constexpr int SHAPE = SHAPE_ROW;
+  static constexpr bool LABEL_TARGETS = true, ELEMENT_WEIGHTS = false, COLUMN_PARAM = false,
+                        IGNORE_INDEX = false, HISTOGRAM = false;
+};
+
+// A row's target distribution with at most two non-zero entries: coef[k] at column idx[k] (a
+// coefficient of 0 leaves idx[k] unread). The row's loss is sum_k coef[k] (lse - x[idx[k]]) and
+// its gradient softmax(x) sum_k coef[k] - coef[k] at idx[k]. `valid` false: the row is ignored
+// (loss 0, not counted); `bad`: the target is out of range (an error on the CPU, NaN on a device).
+template <class A> struct SparseTarget {
+  int64_t idx[2];
+  A coef[2];
+  bool valid, bad;
+};
+
+// Online log-sum-exp: the running maximum and the sum of exp(x - m). Empty: {0, 0}.
+template <class A> struct Lse {
+  A m, s;
+  DL_HD void add(A v) {
+    if (s == A(0)) {
+      m = v;
+      s = A(1);
+    } else if (v > m) {
+      s = s * dl_exp(m - v) + A(1);
+      m = v;
+    } else {
+      s += dl_exp(v - m);
+    }
+  }
+  DL_HD void merge(A om, A os) {
+    if (os == A(0)) return;
+    if (s == A(0)) {
+      m = om;
+      s = os;
+      return;
+    }
+    const A mm = dl_max(m, om);
+    s = s * dl_exp(m - mm) + os * dl_exp(om - mm);
+    m = mm;
+  }
+  DL_HD A value() const { return m + dl_log(s); }
+};
+
+// The histogram executor's bin of g: bin i holds edges[i] <= g < edges[i + 1], with MMDetection's
+// float32 edges float(i) / float(bins) and the last one `last` (GHM-C: float32(1) + 1e-6, GHM-R:
+// 1e3). Compared against the edge table, not floor(g * bins), which misplaces values next to an
+// edge. -1 for a g in no bin (NaN included).
+template <class A> DL_HD int hist_bin(A g, int bins, double last) {
+  if (!(g >= A(0)) || !(g < A(last))) return -1;
+  const A scaled = g * A(bins);
+  int k = scaled >= A(bins - 1) ? bins - 1 : int(scaled);
+  while (k > 0 && g < A(float(k) / float(bins))) --k;
+  while (k < bins - 1 && g >= A(float(k + 1) / float(bins))) ++k;
+  return k;
+}
+
+// The weight of a bin with `num` elements (before the division by the number of non-empty bins),
+// updating the float32 momentum state as MMDetection does, in float32: acc = m acc + (1 - m) num,
+// weight = float32(1 / acc) * float32(tot) (torch's `tot / acc_sum[i]`). Without momentum,
+// tot / num in double (Python's), then in the accumulation type.
+template <class A> DL_HD A hist_bin_weight(float* state, int b, int64_t num, double tot, double momentum) {
+  if (num == 0) return A(0);
+  if (momentum > 0 && state) {
+    const float acc = float(float(momentum) * state[b]) + float((1.0 - momentum) * double(num));
+    state[b] = acc;
+    return A((1.0f / acc) * float(tot));
+  }
+  return A(tot / double(num));
+}
 
 DL_NAMESPACE_END

@@ -1,5 +1,6 @@
 // The CPU executor: walks rows of [n, c] in fixed chunks over libtorch's intra-op thread pool and
-// applies a loss's element functions (focal.cuh, ...) to each element. Compiled by build.rs once
+// applies a loss's functor (focal.cuh, ...) to each element (element bodies), or to each row (row
+// bodies), after a histogram pre-pass over the same chunks for histogram bodies (GHM). Compiled by build.rs once
 // for x86-64-v3 (AVX2/FMA, with glibc's vector math) and once for the baseline ISA; the Rust side
 // picks one at run time.
 //
@@ -52,6 +53,7 @@ template <class T, class A> struct Row {
   A score;        // its target value (1 for plain labels)
   const T* w;     // element weights of the row (WELEM)
   A wr;           // the row's scalar weight (1 without weight)
+  A valid;        // 0 for a row an IGNORE_INDEX body ignores, else 1
 };
 
 template <class T, class A, int TM>
@@ -86,21 +88,47 @@ template <class T, class A> struct Launch {
         rows_per_chunk(std::max<int64_t>(1, CHUNK_ELEMS / std::max<int64_t>(c, 1))),
         n_chunks((n + rows_per_chunk - 1) / rows_per_chunk) {}
 
+  // Element (i, j)'s weight: its weight (per element or per row), 0 where an IGNORE_INDEX body
+  // ignores it, and for a histogram body its bin's weight where its weight is > 0.
+  template <class E, int TM, bool WELEM> A weight_of(const E& e, const Row<T, A>& r, int64_t j, A x, A t) const {
+    A w = WELEM ? ld<T, A>(r.w, j) : r.wr;
+    if constexpr (E::IGNORE_INDEX) {
+      w *= r.valid;
+      if (TM == TARGET_DENSE && !(t >= A(0) && t != A(a.i0))) w = A(0);
+    }
+    if constexpr (E::HISTOGRAM) {
+      if (!(w > A(0))) return A(0);
+      const int b = hist_bin(e.hist_g(x, t), a.bins, a.last_edge);
+      w = b < 0 ? A(0) : reinterpret_cast<const A*>(a.hist_weights)[b];
+    }
+    return w;
+  }
+  // Column j's parameter (aux[j]) for a COLUMN_PARAM body.
+  template <class E> A column_param(int64_t j) const {
+    if constexpr (E::COLUMN_PARAM) return a.aux ? reinterpret_cast<const A*>(a.aux)[j] : A(1);
+    return A(1);
+  }
+
   // The rows of chunk ch: [chunk_begin(ch), chunk_end(ch)).
   int64_t chunk_begin(int64_t ch) const { return ch * rows_per_chunk; }
   int64_t chunk_end(int64_t ch) const { return std::min(n, (ch + 1) * rows_per_chunk); }
 
   // Fills r for row i; returns false for a label outside the valid range (strict mode).
-  template <int TM> bool row(int64_t i, Row<T, A>& r) const {
+  template <int TM, bool IGNORE = false> bool row(int64_t i, Row<T, A>& r) const {
     r.x = pred + i * c;
     r.tgt = target + i * c;
     r.w = weight ? weight + i * a.w_sn : nullptr;
     r.wr = (weight && a.w_sc == 0) ? ld<T, A>(weight, i * a.w_sn) : A(1);
     r.label = -1;
     r.score = A(1);
+    r.valid = A(1);
     bool ok = true;
     if (TM != TARGET_DENSE) {
       int64_t l = labels[i];
+      if (IGNORE && (l < 0 || l == a.i0)) {
+        r.valid = A(0);
+        return true;
+      }
       if (strict) {
         ok = l >= 0 && l <= c;  // c is the background class
         r.label = ok ? l : -1;
@@ -112,6 +140,15 @@ template <class T, class A> struct Launch {
     return ok;
   }
 };
+
+template <class E, class A> inline A elem_loss(const E& e, A x, A t, A cp) {
+  if constexpr (E::COLUMN_PARAM) return e.loss(x, t, cp);
+  else return e.loss(x, t);
+}
+template <class E, class A> inline A elem_grad(const E& e, A x, A t, A cp) {
+  if constexpr (E::COLUMN_PARAM) return e.grad(x, t, cp);
+  else return e.grad(x, t);
+}
 
 // WG: also write the gradient of the result with respect to pred (grad_buf), sharing the
 // element math with the loss; the backward pass then only scales it by the upstream gradient.
@@ -135,17 +172,18 @@ int64_t forward(const Args& args) {
       double acc = 0.0;
       for (int64_t i = L.chunk_begin(ch); i < L.chunk_end(ch); ++i) {
         Row<T, A> r;
-        if (!L.template row<TM>(i, r)) invalid[ch]++;
+        if (!L.template row<TM, E::IGNORE_INDEX>(i, r)) invalid[ch]++;
         A row_total = A(0);
         for (int64_t j0 = 0; j0 < c; j0 += BLOCK) {
           const int64_t m = std::min(BLOCK, c - j0);
           const T* x = r.x + j0;
           T* g = WG ? grad + i * c + j0 : nullptr;
           for (int64_t k = 0; k < m; ++k) {
-            const A w = WELEM ? ld<T, A>(r.w, j0 + k) : r.wr;
             const A xk = ld<T, A>(x, k), tk = target_at<T, A, TM>(r, j0 + k);
-            buf[k] = e.loss(xk, tk) * w;
-            if (WG) g[k] = static_cast<T>(e.grad(xk, tk) * (w * gscale));
+            const A w = L.template weight_of<E, TM, WELEM>(e, r, j0 + k, xk, tk);
+            const A cp = L.template column_param<E>(j0 + k);
+            buf[k] = elem_loss(e, xk, tk, cp) * w;
+            if (WG) g[k] = static_cast<T>(elem_grad(e, xk, tk, cp) * (w * gscale));
           }
           if (args.reduction == RED_NONE && !row_sum) {
             T* o = out + i * c + j0;
@@ -189,13 +227,14 @@ int64_t backward(const Args& args) {
     for (int64_t ch = cb; ch < ce; ++ch) {
       for (int64_t i = L.chunk_begin(ch); i < L.chunk_end(ch); ++i) {
         Row<T, A> r;
-        if (!L.template row<TM>(i, r)) invalid[ch]++;
+        if (!L.template row<TM, E::IGNORE_INDEX>(i, r)) invalid[ch]++;
         const T* gr = go + i * args.g_sn;
-        const A rs = scale * r.wr * (GELEM ? A(1) : ld<T, A>(gr, 0));
+        const A rs = scale * (GELEM ? A(1) : ld<T, A>(gr, 0));
         T* o = out + i * c;
         for (int64_t j = 0; j < c; ++j) {
-          A g = e.grad(ld<T, A>(r.x, j), target_at<T, A, TM>(r, j)) * rs;
-          if (WELEM) g *= ld<T, A>(r.w, j);
+          const A xj = ld<T, A>(r.x, j), tj = target_at<T, A, TM>(r, j);
+          A g = elem_grad(e, xj, tj, L.template column_param<E>(j)) * rs *
+                L.template weight_of<E, TM, WELEM>(e, r, j, xj, tj);
           if (GELEM) g *= ld<T, A>(gr, j);
           o[j] = static_cast<T>(g);
         }
@@ -205,6 +244,210 @@ int64_t backward(const Args& args) {
   int64_t bad = 0;
   for (int64_t v : invalid) bad += v;
   return bad;
+}
+
+// What the forward pass needs before its first element: the count of valid elements as the
+// divisor (AVG_COUNT_VALID; written to avg_factor, where the backward pass reads it too), and for
+// a histogram body the bin weights and the total (the histogram executor's pre-pass and finalize).
+template <class E, class T, int TM, bool WELEM> void prepare(const Args& args) {
+  using A = typename AccOf<T>::type;
+  Launch<T, A> L(args);
+  const E e(args);
+  const int64_t c = L.c;
+  if (args.has_avg_factor == AVG_COUNT_VALID && args.reduction == RED_MEAN) {
+    int64_t count = 0;
+    for (int64_t i = 0; i < L.n; ++i) {
+      Row<T, A> r;
+      L.template row<TM, E::IGNORE_INDEX>(i, r);
+      if (TM == TARGET_DENSE && E::IGNORE_INDEX) {
+        for (int64_t j = 0; j < c; ++j) {
+          const A t = ld<T, A>(r.tgt, j);
+          count += t >= A(0) && t != A(args.i0);
+        }
+      } else {
+        count += r.valid != A(0) ? c : 0;
+      }
+    }
+    *reinterpret_cast<A*>(args.avg_factor) = A(count);
+  }
+  if constexpr (E::HISTOGRAM) {
+    const int bins = args.bins;
+    // Pass 1: per-chunk counts of the elements with weight > 0 in each bin, their count and the
+    // weight sum; pass 2: the chunks added in order, the state updated, the bin weights written.
+    std::vector<int64_t> counts(size_t(L.n_chunks) * (bins + 1), 0);
+    std::vector<double> wsums(L.n_chunks, 0.0);
+    at::parallel_for(0, L.n_chunks, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t ch = cb; ch < ce; ++ch) {
+        int64_t* cnt = counts.data() + ch * (bins + 1);
+        A ws = A(0);
+        for (int64_t i = L.chunk_begin(ch); i < L.chunk_end(ch); ++i) {
+          Row<T, A> r;
+          L.template row<TM>(i, r);
+          for (int64_t j = 0; j < c; ++j) {
+            const A w = WELEM ? ld<T, A>(r.w, j) : r.wr;
+            ws += w;
+            if (!(w > A(0))) continue;
+            cnt[bins]++;
+            const int b = hist_bin(e.hist_g(ld<T, A>(r.x, j), target_at<T, A, TM>(r, j)), bins, args.last_edge);
+            if (b >= 0) cnt[b]++;
+          }
+        }
+        wsums[ch] = double(ws);
+      }
+    });
+    int64_t valid = 0;
+    A wsum = A(0);
+    for (int64_t ch = 0; ch < L.n_chunks; ++ch) {
+      valid += counts[size_t(ch) * (bins + 1) + bins];
+      wsum += A(wsums[ch]);
+    }
+    // Over the label weights as given, before their broadcast (MMDetection's `valid.sum()`).
+    const double t = ((args.flags & FLAG_TOT_SUM) ? double(wsum) : double(valid)) / args.hist_replicas;
+    const double tot = t > 1.0 ? t : 1.0;
+    A* weights = reinterpret_cast<A*>(args.hist_weights);
+    float* state = reinterpret_cast<float*>(args.hist_state);
+    int nonempty = 0;
+    for (int b = 0; b < bins; ++b) {
+      int64_t num = 0;
+      for (int64_t ch = 0; ch < L.n_chunks; ++ch) num += counts[size_t(ch) * (bins + 1) + b];
+      weights[b] = hist_bin_weight<A>(state, b, num, tot, args.momentum);
+      nonempty += num > 0;
+    }
+    if (nonempty > 0)
+      for (int b = 0; b < bins; ++b) weights[b] = weights[b] / A(nonempty);
+    *reinterpret_cast<A*>(args.avg_factor) = A(tot);
+  }
+}
+
+// ---- Row bodies: the softmax cross-entropy of each row against the body's SparseTarget.
+template <class E, class T, class A> inline SparseTarget<A> row_target(const E& e, const Args& a, int64_t i) {
+  if (a.target_mode == TARGET_ROW_VALUE) return e.target(0, ld<T, A>(reinterpret_cast<const T*>(a.target), i));
+  return e.target(reinterpret_cast<const int64_t*>(a.target)[i], A(0));
+}
+
+// A row's log-sum-exp: exp(x[j] - m) into buf (a vector loop) and their sum s in fixed lanes, so
+// that softmax(x)[j] = buf[j] / s.
+template <class A> struct RowLse {
+  A lse, s;
+};
+template <class T, class A> inline RowLse<A> row_lse(const T* x, int64_t c, A* buf) {
+  if (c <= 0) return {A(0) / A(0), A(0)};
+  A lanes[8];
+  for (int l = 0; l < 8; ++l) lanes[l] = ld<T, A>(x, 0);
+  int64_t j = 0;
+  for (; j + 8 <= c; j += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] = dl_max(lanes[l], ld<T, A>(x, j + l));
+  A m = dl_max(dl_max(dl_max(lanes[0], lanes[1]), dl_max(lanes[2], lanes[3])),
+               dl_max(dl_max(lanes[4], lanes[5]), dl_max(lanes[6], lanes[7])));
+  for (; j < c; ++j) m = dl_max(m, ld<T, A>(x, j));
+  bool nan = false;
+  for (int64_t k = 0; k < c; ++k) {
+    const A v = ld<T, A>(x, k);
+    nan |= v != v;
+    buf[k] = dl_exp(v - m);
+  }
+  if (nan) return {A(0) / A(0), A(0) / A(0)};  // dl_max skips NaN; torch's log-sum-exp propagates it
+  const A s = lane_sum(buf, c);
+  return {m + dl_log(s), s};
+}
+
+// d(row loss)/dx[j] times coef: softmax(x)[j] (sum of the coefficients) minus each coefficient at
+// its column.
+template <class T, class A> inline void row_grad(T* g, const A* p, A p_scale, int64_t c, const SparseTarget<A>& st,
+                                                 A coef) {
+  const A total = (st.coef[0] + st.coef[1]) * coef * p_scale;
+  const A d0 = st.coef[0] * coef, d1 = st.coef[1] * coef;
+  const int64_t i0 = st.coef[0] != A(0) ? st.idx[0] : -1, i1 = st.coef[1] != A(0) ? st.idx[1] : -1;
+  for (int64_t j = 0; j < c; ++j) {
+    A d = p[j] * total;
+    d -= j == i0 ? d0 : A(0);
+    d -= j == i1 ? d1 : A(0);
+    g[j] = static_cast<T>(d);
+  }
+}
+
+template <class E, class T, bool WG> int64_t row_forward(const Args& args) {
+  using A = typename AccOf<T>::type;
+  const E e(args);
+  const int64_t n = args.n, c = args.c;
+  const int64_t rows_per_chunk = std::max<int64_t>(1, CHUNK_ELEMS / std::max<int64_t>(c, 1));
+  const int64_t n_chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
+  const T* pred = reinterpret_cast<const T*>(args.pred);
+  const T* weight = reinterpret_cast<const T*>(args.weight);
+  T* out = reinterpret_cast<T*>(args.out);
+  T* grad = reinterpret_cast<T*>(args.grad_buf);
+  A* lse_out = reinterpret_cast<A*>(args.row_stat);
+  const A lw = A(args.loss_weight);
+  const A gscale = lw / reduction_divisor<A>(args);
+  std::vector<double> partial(n_chunks, 0.0);
+  std::vector<int64_t> invalid(n_chunks, 0);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<A> buf(size_t(std::max<int64_t>(c, 1)));
+    for (int64_t ch = cb; ch < ce; ++ch) {
+      double acc = 0.0;
+      for (int64_t i = ch * rows_per_chunk; i < std::min(n, (ch + 1) * rows_per_chunk); ++i) {
+        const SparseTarget<A> st = row_target<E, T, A>(e, args, i);
+        const T* x = pred + i * c;
+        T* g = WG ? grad + i * c : nullptr;
+        A l = A(0);
+        if (st.bad) invalid[ch]++;
+        if (st.valid && !st.bad) {
+          const RowLse<A> r = row_lse(x, c, buf.data());
+          if (lse_out) lse_out[i] = r.lse;
+          for (int k = 0; k < 2; ++k)
+            if (st.coef[k] != A(0)) l += st.coef[k] * (r.lse - ld<T, A>(x, st.idx[k]));
+          const A w = weight ? ld<T, A>(weight, i * args.w_sn) : A(1);
+          l *= w;
+          if (WG) row_grad(g, buf.data(), A(1) / r.s, c, st, w * gscale);
+        } else if (WG) {
+          for (int64_t j = 0; j < c; ++j) g[j] = static_cast<T>(A(0));
+        }
+        if (args.reduction == RED_NONE)
+          out[i] = static_cast<T>(lw * l);
+        else
+          acc += double(l);
+      }
+      partial[ch] = acc;
+    }
+  });
+  int64_t bad = 0;
+  for (int64_t v : invalid) bad += v;
+  if (args.reduction != RED_NONE) {
+    double total = 0.0;
+    for (double v : partial) total += v;
+    out[0] = static_cast<T>(A(double(lw) * (total / double(reduction_divisor<A>(args)))));
+  }
+  return bad;
+}
+
+template <class E, class T> int64_t row_backward(const Args& args) {
+  using A = typename AccOf<T>::type;
+  const E e(args);
+  const int64_t n = args.n, c = args.c;
+  const T* pred = reinterpret_cast<const T*>(args.pred);
+  const T* weight = reinterpret_cast<const T*>(args.weight);
+  const T* go = reinterpret_cast<const T*>(args.grad_out);
+  const A* lse_in = reinterpret_cast<const A*>(args.row_stat);
+  T* out = reinterpret_cast<T*>(args.out);
+  const A scale = A(args.loss_weight) / reduction_divisor<A>(args);
+  // The forward pass has reported targets out of range; their gradients are NaN.
+  at::parallel_for(0, n, std::max<int64_t>(1, CHUNK_ELEMS / std::max<int64_t>(c, 1)), [&](int64_t b, int64_t end) {
+    std::vector<A> p(size_t(std::max<int64_t>(c, 1)));
+    for (int64_t i = b; i < end; ++i) {
+      const SparseTarget<A> st = row_target<E, T, A>(e, args, i);
+      const T* x = pred + i * c;
+      T* g = out + i * c;
+      if (!st.valid || st.bad) {
+        for (int64_t j = 0; j < c; ++j) g[j] = static_cast<T>(st.bad ? A(0) / A(0) : A(0));
+        continue;
+      }
+      const A coef = (weight ? ld<T, A>(weight, i * args.w_sn) : A(1)) * scale * ld<T, A>(go, i * args.g_sn);
+      const A lse = lse_in[i];
+      for (int64_t j = 0; j < c; ++j) p[j] = dl_exp(ld<T, A>(x, j) - lse);
+      row_grad(g, p.data(), A(1), c, st, coef);
+    }
+  });
+  return 0;
 }
 
 // Calls f(target mode, element weights) as compile-time constants, for the combinations E supports.
@@ -228,30 +471,46 @@ template <class E, class F> int64_t dispatch_modes(bool dense, bool welem, F&& f
 // per-element weights and upstream gradients besides per-row ones), so that no loop is compiled
 // for a combination the Rust side never launches. Returns -2 for one it does not support.
 template <class E, class T> int64_t run(int32_t pass, const Args& a) {
-  const bool dense = a.target_mode == TARGET_DENSE;
-  const bool welem = a.weight != 0 && a.w_sc != 0;
-  if ((!dense && !E::LABEL_TARGETS) || (welem && !E::ELEMENT_WEIGHTS)) return -2;
-  if (pass == PASS_FORWARD) {
-    const bool wg = a.grad_buf != 0;
-    auto fwd = [&](auto tm, auto we) -> int64_t {
+  if constexpr (E::SHAPE == SHAPE_ROW) {
+    if (a.weight != 0 && a.w_sc != 0) return -2;
+    if (pass == PASS_FORWARD) {
+      if (a.has_avg_factor == AVG_COUNT_VALID && a.reduction == RED_MEAN) {
+        using A = typename AccOf<T>::type;
+        const E e(a);
+        int64_t count = 0;
+        for (int64_t i = 0; i < a.n; ++i) count += row_target<E, T, A>(e, a, i).valid;
+        *reinterpret_cast<A*>(a.avg_factor) = A(count);
+      }
+      return a.grad_buf ? row_forward<E, T, true>(a) : row_forward<E, T, false>(a);
+    }
+    return row_backward<E, T>(a);
+  } else {
+    const bool dense = a.target_mode == TARGET_DENSE;
+    const bool welem = a.weight != 0 && a.w_sc != 0;
+    if ((!dense && !E::LABEL_TARGETS) || (welem && !E::ELEMENT_WEIGHTS)) return -2;
+    if (pass == PASS_FORWARD) {
+      const bool wg = a.grad_buf != 0;
+      auto fwd = [&](auto tm, auto we) -> int64_t {
+        constexpr int TM = decltype(tm)::value;
+        constexpr bool WE = decltype(we)::value;
+        prepare<E, T, TM, WE>(a);
+        return wg ? forward<E, T, TM, WE, true>(a) : forward<E, T, TM, WE, false>(a);
+      };
+      return dispatch_modes<E>(dense, welem, fwd);
+    }
+    // Per-element upstream gradients come with per-element losses, as per-element weights do.
+    const bool gelem = a.g_sc != 0;
+    if (gelem && !E::ELEMENT_WEIGHTS) return -2;
+    auto bwd = [&](auto tm, auto we) -> int64_t {
       constexpr int TM = decltype(tm)::value;
       constexpr bool WE = decltype(we)::value;
-      return wg ? forward<E, T, TM, WE, true>(a) : forward<E, T, TM, WE, false>(a);
+      if constexpr (E::ELEMENT_WEIGHTS) {
+        if (gelem) return backward<E, T, TM, WE, true>(a);
+      }
+      return backward<E, T, TM, WE, false>(a);
     };
-    return dispatch_modes<E>(dense, welem, fwd);
+    return dispatch_modes<E>(dense, welem, bwd);
   }
-  // Per-element upstream gradients come with per-element losses, as per-element weights do.
-  const bool gelem = a.g_sc != 0;
-  if (gelem && !E::ELEMENT_WEIGHTS) return -2;
-  auto bwd = [&](auto tm, auto we) -> int64_t {
-    constexpr int TM = decltype(tm)::value;
-    constexpr bool WE = decltype(we)::value;
-    if constexpr (E::ELEMENT_WEIGHTS) {
-      if (gelem) return backward<E, T, TM, WE, true>(a);
-    }
-    return backward<E, T, TM, WE, false>(a);
-  };
-  return dispatch_modes<E>(dense, welem, bwd);
 }
 
 }  // namespace host

@@ -10,8 +10,8 @@
 DL_NAMESPACE_BEGIN
 
 // POW2: gamma == 2. p0 = gamma, p1 = alpha.
-template <class A, bool POW2> struct FocalLogits {
-  static constexpr bool LABEL_TARGETS = true, ELEMENT_WEIGHTS = true;
+template <class A, bool POW2> struct FocalLogits : ElementBody {
+  static constexpr bool LABEL_TARGETS = true;
   A gamma, alpha;
   DL_HD explicit FocalLogits(const Args& a) : gamma(A(a.p0)), alpha(A(a.p1)) {}
   DL_HD A loss(A x, A t) const {
@@ -30,8 +30,8 @@ template <class A, bool POW2> struct FocalLogits {
 };
 
 // activated=True: x is already a probability.
-template <class A, bool POW2> struct FocalProb {
-  static constexpr bool LABEL_TARGETS = true, ELEMENT_WEIGHTS = true;
+template <class A, bool POW2> struct FocalProb : ElementBody {
+  static constexpr bool LABEL_TARGETS = true;
   A gamma, alpha;
   DL_HD explicit FocalProb(const Args& a) : gamma(A(a.p0)), alpha(A(a.p1)) {}
   DL_HD A loss(A p, A t) const {

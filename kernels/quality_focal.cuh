@@ -11,7 +11,7 @@
 DL_NAMESPACE_BEGIN
 
 // POW2: beta == 2. p0 = beta.
-template <class A, bool POW2> struct QflLogits {
+template <class A, bool POW2> struct QflLogits : ElementBody {
   static constexpr bool LABEL_TARGETS = true, ELEMENT_WEIGHTS = false;
   A beta;
   DL_HD explicit QflLogits(const Args& a) : beta(A(a.p0)) {}
@@ -28,7 +28,7 @@ template <class A, bool POW2> struct QflLogits {
 };
 
 // activated=True: x is already a probability.
-template <class A, bool POW2> struct QflProb {
+template <class A, bool POW2> struct QflProb : ElementBody {
   static constexpr bool LABEL_TARGETS = true, ELEMENT_WEIGHTS = false;
   A beta;
   DL_HD explicit QflProb(const Args& a) : beta(A(a.p0)) {}

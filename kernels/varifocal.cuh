@@ -9,8 +9,7 @@
 DL_NAMESPACE_BEGIN
 
 // POW2: gamma == 2. p0 = gamma, p1 = alpha.
-template <class A, bool POW2> struct Varifocal {
-  static constexpr bool LABEL_TARGETS = false, ELEMENT_WEIGHTS = true;
+template <class A, bool POW2> struct Varifocal : ElementBody {
   A gamma, alpha;
   A iou_weighted;  // 1 or 0; a value type, not bool, so that GCC can vectorize the host loops
   DL_HD explicit Varifocal(const Args& a)

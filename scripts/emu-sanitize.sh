@@ -51,7 +51,17 @@ if [ -z "$INC" ] || [ ! -f "$INC/cuda_fp16.h" ] || [ ! -f "$INC/cuda_bf16.h" ]; 
   exit 2
 fi
 
-COMMON=(-std=c++17 -I"$INC" -Wall -Wextra -pthread)
+# dl_bodies.inc, as build.rs writes it: one #include per kernel body of kernels/losses.def.
+GEN=$BUILD/gen
+mkdir -p "$GEN"
+{
+  echo "#pragma once"
+  sed -n 's|^[[:space:]]*X(\([a-z0-9_]*\),.*|#include "'"$ROOT"'/kernels/\1.cuh"|p' "$ROOT/kernels/losses.def"
+} >"$GEN/dl_bodies.inc.tmp"
+cmp -s "$GEN/dl_bodies.inc.tmp" "$GEN/dl_bodies.inc" 2>/dev/null || mv "$GEN/dl_bodies.inc.tmp" "$GEN/dl_bodies.inc"
+rm -f "$GEN/dl_bodies.inc.tmp"
+
+COMMON=(-std=c++17 -I"$INC" -I"$GEN" -Wall -Wextra -pthread)
 
 # build NAME FLAGS...: compiles device.cpp and selftest.cpp (in parallel) and links $BUILD/NAME/selftest.
 build() {

@@ -8,6 +8,17 @@ use tch::Kind;
 pub(crate) enum Pass {
     Forward = 0,
     Backward = 1,
+    /// The histogram executor's pre-pass (per-block bin counts).
+    Histogram = 2,
+}
+
+/// The shape of a kernel body (`SHAPE_*`, DESIGN.md section 9): what its functor sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Shape {
+    /// One element of `(N, C)` (the histogram bodies too).
+    Element = 0,
+    /// One row of `C` values.
+    Row = 1,
 }
 
 // `FLAG_*`: how a body reads its arguments.
@@ -15,11 +26,23 @@ pub(crate) const FLAG_ACTIVATED: i32 = 1;
 pub(crate) const FLAG_IOU_WEIGHTED: i32 = 2;
 pub(crate) const FLAG_ROW_SUM: i32 = 4;
 pub(crate) const FLAG_STRICT_LABELS: i32 = 8;
+pub(crate) const FLAG_SIGMOID: i32 = 16;
+#[allow(dead_code)] // GHM-R's
+pub(crate) const FLAG_TOT_SUM: i32 = 32;
 
 // `TARGET_*`: what `target` (and `score`) hold.
 pub(crate) const TARGET_DENSE: i32 = 0;
 pub(crate) const TARGET_LABELS: i32 = 1;
 pub(crate) const TARGET_LABELS_SCORES: i32 = 2;
+pub(crate) const TARGET_ROW_VALUE: i32 = 3;
+
+// `AVG_*`: the divisor of 'mean' (`has_avg_factor`).
+pub(crate) const AVG_VALUE: i32 = 1;
+pub(crate) const AVG_TENSOR: i32 = 2;
+pub(crate) const AVG_COUNT_VALID: i32 = 3;
+
+/// `MAX_BINS`: the most histogram bins the executors take.
+pub(crate) const MAX_BINS: i64 = 1024;
 
 // The reduction codes (`RED_*`) are the discriminants of `crate::Reduction`.
 
@@ -37,22 +60,33 @@ pub(crate) struct DlArgs {
     pub out: u64,
     pub partials: u64,
     pub grad_buf: u64,
+    pub row_stat: u64,
+    pub hist_counts: u64,
+    pub hist_weights: u64,
+    pub hist_state: u64,
+    pub aux: u64,
     pub n: i64,
     pub c: i64,
     pub w_sn: i64,
     pub w_sc: i64,
     pub g_sn: i64,
     pub g_sc: i64,
+    pub i0: i64,
     pub avg_factor_value: f64,
     pub loss_weight: f64,
     pub p0: f64,
     pub p1: f64,
+    pub p2: f64,
+    pub p3: f64,
+    pub momentum: f64,
+    pub last_edge: f64,
+    pub hist_replicas: f64,
     pub flags: i32,
     pub target_mode: i32,
     pub reduction: i32,
     pub has_avg_factor: i32,
     pub n_partials: i32,
-    pub pad: i32,
+    pub bins: i32,
 }
 
 /// The kernels' dtype code (`DT_*`) of a tensor kind; `None` for kinds without kernels.
@@ -115,22 +149,33 @@ mod tests {
             out,
             partials,
             grad_buf,
+            row_stat,
+            hist_counts,
+            hist_weights,
+            hist_state,
+            aux,
             n,
             c,
             w_sn,
             w_sc,
             g_sn,
             g_sc,
+            i0,
             avg_factor_value,
             loss_weight,
             p0,
             p1,
+            p2,
+            p3,
+            momentum,
+            last_edge,
+            hist_replicas,
             flags,
             target_mode,
             reduction,
             has_avg_factor,
             n_partials,
-            pad,
+            bins,
         );
         assert_eq!(rust, cxx, "DlArgs (Rust) against dl::Args (C++)");
         let (_, last, size) = cxx.last().cloned().unwrap_or_default();

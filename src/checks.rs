@@ -112,3 +112,25 @@ pub fn meta_like(t: &Tensor) -> Result<Tensor> {
     // SAFETY: p is a fresh at::Tensor* allocated with new by the C++ side.
     Ok(unsafe { Tensor::from_ptr(p) })
 }
+
+/// The broadcast of two shapes, or torch's own error for shapes that do not broadcast ("The size
+/// of tensor a (6) must match the size of tensor b (3) at non-singleton dimension 1"), the message
+/// MMDetection's users know from the same mistake.
+pub(crate) fn broadcast_shapes(a: &[i64], b: &[i64]) -> anyhow::Result<Vec<i64>> {
+    let n = a.len().max(b.len());
+    // Sizes aligned from the right, 1 where a shape has fewer dimensions.
+    let size = |s: &[i64], d: usize| (d + s.len()).checked_sub(n).map_or(1, |k| s[k]);
+    let mut out = Vec::with_capacity(n);
+    for d in 0..n {
+        let (x, y) = (size(a, d), size(b, d));
+        out.push(match (x, y) {
+            _ if x == y => x,
+            (1, _) => y,
+            (_, 1) => x,
+            _ => anyhow::bail!(
+                "The size of tensor a ({x}) must match the size of tensor b ({y}) at non-singleton dimension {d}"
+            ),
+        });
+    }
+    Ok(out)
+}

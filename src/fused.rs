@@ -7,41 +7,98 @@
 use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 
+pub(crate) use crate::abi::Shape;
 use crate::abi::{
-    dtype_code, DlArgs, Pass, FLAG_ACTIVATED, FLAG_IOU_WEIGHTED, FLAG_ROW_SUM, FLAG_STRICT_LABELS,
-    TARGET_DENSE, TARGET_LABELS, TARGET_LABELS_SCORES,
+    dtype_code, DlArgs, Pass, AVG_COUNT_VALID, AVG_TENSOR, AVG_VALUE, FLAG_ACTIVATED, FLAG_ROW_SUM,
+    MAX_BINS, TARGET_DENSE, TARGET_LABELS, TARGET_LABELS_SCORES, TARGET_ROW_VALUE,
 };
 pub(crate) use crate::bodies::Body;
 use crate::checks;
 use crate::reduction::{check_avg_factor, AvgFactor, Reduction};
 
 /// What a loss module asks of the executor.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(crate) struct Spec {
     pub body: Body,
     /// The MMDetection class name, for errors and the autograd node.
     pub name: &'static str,
-    pub p0: f64,
-    pub p1: f64,
-    pub activated: bool,
-    pub iou_weighted: bool,
-    /// The loss of an anchor is the sum over its classes (QFL): 'none' gives (N,) and 'mean'
-    /// divides by N.
-    pub row_sum: bool,
-    /// Labels must lie in [0, C] (C = background); otherwise anything outside [0, C) is background.
-    pub strict_labels: bool,
+    /// Which executor runs the body.
+    pub shape: Shape,
+    /// The body's parameter slots p0..p3, as its kernel body documents them.
+    pub params: [f64; 4],
+    /// The body's integer slot i0.
+    pub int_param: i64,
+    /// `FLAG_*` bits. Row bodies and FLAG_ROW_SUM give one loss per row: 'none' is (N,) and
+    /// 'mean' divides by N.
+    pub flags: i32,
+    /// The body's vector parameter (`aux`), one value per class, in any floating kind.
+    pub class_param: Option<Tensor>,
+    /// 'mean' without `avg_factor` divides by the count of valid elements (or rows), which the
+    /// forward pass makes on the device (CrossEntropyLoss's `avg_non_ignore`).
+    pub count_valid: bool,
+    /// The histogram executor's settings, for histogram bodies.
+    pub hist: Option<Hist>,
+    /// What valid targets are, for the error on the CPU (`None`: class indices in [0, C]).
+    pub valid_targets: Option<&'static str>,
     pub loss_weight: f64,
     pub reduction: Reduction,
 }
 
+impl Spec {
+    /// A body with its default slots: no parameters, flags, class parameter or histogram.
+    pub fn new(
+        body: Body,
+        name: &'static str,
+        shape: Shape,
+        reduction: Reduction,
+        loss_weight: f64,
+    ) -> Self {
+        Self {
+            body,
+            name,
+            shape,
+            params: [0.0; 4],
+            int_param: 0,
+            flags: 0,
+            class_param: None,
+            count_valid: false,
+            hist: None,
+            valid_targets: None,
+            loss_weight,
+            reduction,
+        }
+    }
+
+    /// One loss per row rather than per element.
+    fn per_row(&self) -> bool {
+        self.shape == Shape::Row || self.flags & FLAG_ROW_SUM != 0
+    }
+}
+
+/// The histogram executor's settings (GHM).
+#[derive(Debug)]
+pub(crate) struct Hist {
+    pub bins: i64,
+    pub momentum: f64,
+    /// The last bin edge (a float32 value).
+    pub last_edge: f64,
+    /// The momentum state: float32 `[bins]` on pred's device, updated in place by the forward pass.
+    pub state: Option<Tensor>,
+    /// The number of label weights as the loss was given them (before broadcasting), over which
+    /// MMDetection's total runs.
+    pub weight_numel: i64,
+}
+
 /// The target as the kernels read it.
 pub(crate) enum KTarget<'a> {
-    /// (N, C), any floating kind (converted to pred's).
+    /// (N, C), any real kind (converted to pred's).
     Dense(&'a Tensor),
     /// Class indices (N,).
     Labels(&'a Tensor),
     /// Class indices and the score of each anchor's class (N,), (N,).
     LabelsScores(&'a Tensor, &'a Tensor),
+    /// One value per row (N,), any real kind (converted to pred's): DFL's distance.
+    RowValue(&'a Tensor),
 }
 
 /// Tensors prepared for the kernels, kept by the autograd node for the backward pass (the
@@ -55,6 +112,11 @@ struct Prepared {
     /// pred, target, score, weight and avg_factor as the kernels read them; the autograd node
     /// checks their version counters before its backward reads them.
     saved: Vec<Tensor>,
+    /// The executor's own buffers that the backward pass reads (class parameters, row
+    /// statistics, bin weights, the divisor made on the device): held here, read by the kernels
+    /// through the pointers in `args`.
+    #[allow(dead_code)]
+    buffers: Vec<Tensor>,
 }
 
 /// Where a pass runs. Chosen at forward time from the tensors' device (and, for CPU tensors in
@@ -108,7 +170,7 @@ pub(crate) fn run(
 ) -> Result<Tensor> {
     let name = spec.name;
     let p = prepare(spec, pred, target, weight, avg_factor)?;
-    let out_shape: Vec<i64> = match (p.spec.reduction, p.spec.row_sum) {
+    let out_shape: Vec<i64> = match (p.spec.reduction, p.spec.per_row()) {
         (Reduction::None, false) => vec![p.args.n, p.args.c],
         (Reduction::None, true) => vec![p.args.n],
         _ => vec![],
@@ -157,7 +219,7 @@ pub(crate) fn run(
 }
 
 fn prepare(
-    spec: Spec,
+    mut spec: Spec,
     pred: &Tensor,
     target: KTarget<'_>,
     weight: Option<&Tensor>,
@@ -169,6 +231,11 @@ fn prepare(
     let device = pred.device();
     let reduction = spec.reduction;
     check_avg_factor(name, reduction, avg_factor)?;
+    if spec.shape == Shape::Row {
+        spec.flags |= FLAG_ROW_SUM;
+    }
+    let per_row = spec.per_row();
+    let acc = acc_kind(kind);
 
     let executor = match device {
         Device::Cpu => crate::emu::current().map_or(Executor::Host, Executor::Emulated),
@@ -176,32 +243,27 @@ fn prepare(
         d => bail!("{name}: pred is on {d:?}; only CPU and CUDA tensors are supported"),
     };
     let pred_c = pred.f_detach()?.f_contiguous()?;
-    if spec.activated && executor == Executor::Host {
+    if spec.flags & FLAG_ACTIVATED != 0 && executor == Executor::Host {
         // On CUDA the kernels give NaN there instead (no host read).
         checks::probabilities(name, &pred_c)?;
     }
+    let [p0, p1, p2, p3] = spec.params;
     let mut args = DlArgs {
         pred: ptr(&pred_c),
         n,
         c,
         loss_weight: spec.loss_weight,
-        p0: spec.p0,
-        p1: spec.p1,
+        p0,
+        p1,
+        p2,
+        p3,
+        i0: spec.int_param,
+        flags: spec.flags,
         reduction: reduction as i32,
         ..Default::default()
     };
-    args.flags = (if spec.activated { FLAG_ACTIVATED } else { 0 })
-        | (if spec.iou_weighted {
-            FLAG_IOU_WEIGHTED
-        } else {
-            0
-        })
-        | (if spec.row_sum { FLAG_ROW_SUM } else { 0 })
-        | (if spec.strict_labels {
-            FLAG_STRICT_LABELS
-        } else {
-            0
-        });
+    // Tensors the kernels read or write besides the inputs, kept alive with them.
+    let mut buffers: Vec<Tensor> = Vec::new();
 
     let labels = |what: &str, t: &Tensor| -> Result<Tensor> {
         checks::integer(name, what, t)?;
@@ -225,6 +287,18 @@ fn prepare(
                 t.size()
             );
             args.target_mode = TARGET_DENSE;
+            (t.f_detach()?.f_to_kind(kind)?.f_contiguous()?, None)
+        }
+        KTarget::RowValue(t) => {
+            checks::real(name, "target", t)?;
+            same_device(name, "target", t, device)?;
+            ensure!(
+                t.dim() == 1 && t.size()[0] == n,
+                "{name}: target must be ({n},) for pred of shape {:?}, got {:?}",
+                pred.size(),
+                t.size()
+            );
+            args.target_mode = TARGET_ROW_VALUE;
             (t.f_detach()?.f_to_kind(kind)?.f_contiguous()?, None)
         }
         KTarget::Labels(t) => {
@@ -252,13 +326,13 @@ fn prepare(
         Some(w) => {
             checks::real(name, "weight", w)?;
             same_device(name, "weight", w, device)?;
-            let shape: Vec<i64> = if spec.row_sum { vec![n, 1] } else { vec![n, c] };
+            let shape: Vec<i64> = if per_row { vec![n, 1] } else { vec![n, c] };
             let w = w.f_detach()?.f_to_kind(kind)?;
             let e = w.f_expand(shape.as_slice(), false).map_err(|_| {
                 anyhow::anyhow!(
                     "{name}: weight of shape {:?} does not broadcast against the loss of shape {:?}",
                     w.size(),
-                    if spec.row_sum { vec![n] } else { vec![n, c] }
+                    if per_row { vec![n] } else { vec![n, c] }
                 )
             })?;
             // The kernels take a row stride and a column stride of 0 or 1.
@@ -278,25 +352,93 @@ fn prepare(
         }
     };
 
+    if let Some(cp) = &spec.class_param {
+        let t = cp
+            .f_detach()?
+            .f_to_device(device)?
+            .f_to_kind(acc)?
+            .f_contiguous()?;
+        ensure!(
+            t.numel() as i64 == c,
+            "{name}: class_weight has {} values for {c} classes",
+            t.numel()
+        );
+        args.aux = ptr(&t);
+        buffers.push(t);
+    }
+    if spec.shape == Shape::Row {
+        // Each row's log-sum-exp, written by the forward pass for the backward pass.
+        let t = Tensor::f_zeros([n.max(1)], (acc, device))?;
+        args.row_stat = ptr(&t);
+        buffers.push(t);
+    }
+
+    // A divisor that a pass makes on the device (the count of valid elements, the histogram's
+    // total) for the passes after it.
+    let avg_buffer = |args: &mut DlArgs, buffers: &mut Vec<Tensor>| -> Result<()> {
+        let t = Tensor::f_zeros([1], (acc, device))?;
+        args.avg_factor = ptr(&t);
+        buffers.push(t);
+        Ok(())
+    };
     let avg_factor = match (reduction, avg_factor) {
-        (Reduction::Mean, Some(AvgFactor::Value(v))) => {
-            args.has_avg_factor = 1;
+        (Reduction::Mean, Some(AvgFactor::Value(v))) if spec.hist.is_none() => {
+            args.has_avg_factor = AVG_VALUE;
             args.avg_factor_value = *v;
             None
         }
-        (Reduction::Mean, Some(AvgFactor::Tensor(t))) => {
+        (Reduction::Mean, Some(AvgFactor::Tensor(t))) if spec.hist.is_none() => {
             let t = t
                 .f_detach()?
                 .f_to_device(device)?
-                .f_to_kind(acc_kind(kind))?
+                .f_to_kind(acc)?
                 .f_reshape([1])?
                 .f_contiguous()?;
-            args.has_avg_factor = 2;
+            args.has_avg_factor = AVG_TENSOR;
             args.avg_factor = ptr(&t);
             Some(t)
         }
+        (Reduction::Mean, None) if spec.count_valid => {
+            args.has_avg_factor = AVG_COUNT_VALID;
+            avg_buffer(&mut args, &mut buffers)?;
+            None
+        }
         _ => None, // 'none' ignores avg_factor, as MMDetection does
     };
+
+    if let Some(h) = &mut spec.hist {
+        ensure!(
+            (1..=MAX_BINS).contains(&h.bins),
+            "{name}: bins must be in [1, {MAX_BINS}], got {}",
+            h.bins
+        );
+        // The total, the divisor of 'mean', is written by the histogram finalize.
+        avg_buffer(&mut args, &mut buffers)?;
+        args.has_avg_factor = AVG_TENSOR;
+        let w = Tensor::f_zeros([h.bins], (acc, device))?;
+        args.hist_weights = ptr(&w);
+        buffers.push(w);
+        args.bins = h.bins as i32;
+        args.momentum = h.momentum;
+        args.last_edge = h.last_edge;
+        // MMDetection's total counts (or sums) the label weights as given: each stands for
+        // this many elements once broadcast against the loss.
+        args.hist_replicas = match weight.as_ref() {
+            Some(_) if h.weight_numel > 0 && n * c > 0 => (n * c) as f64 / h.weight_numel as f64,
+            _ => 1.0,
+        };
+        if let Some(st) = &h.state {
+            ensure!(
+                st.kind() == Kind::Float
+                    && st.device() == device
+                    && st.is_contiguous()
+                    && st.size() == [h.bins],
+                "{name}: the momentum state must be float32 ({},) on pred's device",
+                h.bins
+            );
+            args.hist_state = ptr(st);
+        }
+    }
 
     let saved = [Some(pred_c), Some(target_t), score, weight, avg_factor]
         .into_iter()
@@ -309,6 +451,7 @@ fn prepare(
         device,
         executor,
         saved,
+        buffers,
     })
 }
 
@@ -322,7 +465,7 @@ fn scale_in_place(mut g: Tensor, upstream: &Tensor, p: &Prepared) -> Result<Tens
         }
     } else {
         let up = upstream.f_to_kind(p.kind)?;
-        let up = if p.spec.row_sum {
+        let up = if p.spec.per_row() {
             up.f_unsqueeze(1)?
         } else {
             up
@@ -343,7 +486,7 @@ fn backward(p: &Prepared, grad: &Tensor) -> Result<Tensor> {
     let mut args = p.args;
     args.grad_out = ptr(&grad);
     args.out = ptr(&out);
-    (args.g_sn, args.g_sc) = match (p.spec.reduction, p.spec.row_sum) {
+    (args.g_sn, args.g_sc) = match (p.spec.reduction, p.spec.per_row()) {
         (Reduction::None, false) => (p.args.c, 1),
         (Reduction::None, true) => (1, 0),
         _ => (0, 0),
@@ -365,31 +508,51 @@ fn launch(p: &Prepared, pass: Pass, args: &mut DlArgs) -> Result<()> {
             let bad = crate::host::run(p.spec.body, pass as i32, dtype, args)
                 .with_context(|| format!("{name}: CPU kernel"))?;
             if bad > 0 {
-                bail!(
-                    "{name}: {bad} class-index target(s) outside [0, {c}] (0..{c} are classes, {c} is background)",
-                    c = args.c
-                );
+                match p.spec.valid_targets {
+                    Some(valid) => bail!("{name}: {bad} target(s) out of range (valid: {valid})"),
+                    None => bail!(
+                        "{name}: {bad} class-index target(s) outside [0, {c}] (0..{c} are classes, {c} is background)",
+                        c = args.c
+                    ),
+                }
             }
             return Ok(());
         }
         Executor::Cuda(_) => crate::launch::Geometry::default(),
         Executor::Emulated(e) => e.geometry(),
     };
-    let plan = crate::launch::plan(p.spec.body, pass, p.kind, args, geometry);
-    // The per-block partials of a reduction. On CUDA the buffer goes back to the caching
-    // allocator when dropped, which orders its reuse on torch's current stream, the one we
-    // launch on; the emulated device runs synchronously.
-    let _partials = match &plan.finalize {
-        Some((_, n)) => {
-            let opts = (acc_kind(p.kind), p.device);
-            let t = match p.executor {
-                // On the emulated device NaNs follow the partials, so that a kernel that reads
-                // past them gives a NaN loss rather than a plausible one.
-                Executor::Emulated(_) => Tensor::f_full([*n + EMULATED_CANARY], f64::NAN, opts)?,
-                _ => Tensor::f_empty([*n], opts)?,
-            };
-            args.partials = ptr(&t);
-            args.n_partials = *n as i32;
+    let plan = crate::launch::plan(p.spec.body, p.spec.shape, pass, p.kind, args, geometry);
+    let opts = (acc_kind(p.kind), p.device);
+    // The per-block partials of a reduction (and of the histogram pre-pass): the loss sums, then
+    // the valid counts where the divisor is their count. On CUDA the buffer goes back to the
+    // caching allocator when dropped, which orders its reuse on torch's current stream, the one
+    // we launch on; the emulated device runs synchronously.
+    let _partials = if plan.finalize.is_some() || plan.histogram.is_some() {
+        let n = i64::from(plan.blocks);
+        let len = if args.has_avg_factor == AVG_COUNT_VALID {
+            2 * n
+        } else {
+            n
+        };
+        let t = match p.executor {
+            // On the emulated device NaNs follow the partials, so that a kernel that reads
+            // past them gives a NaN loss rather than a plausible one.
+            Executor::Emulated(_) => Tensor::f_full([len + EMULATED_CANARY], f64::NAN, opts)?,
+            _ => Tensor::f_empty([len], opts)?,
+        };
+        args.partials = ptr(&t);
+        args.n_partials = plan.blocks as i32;
+        Some(t)
+    } else {
+        None
+    };
+    let _counts = match &plan.histogram {
+        Some(_) => {
+            let t = Tensor::f_empty(
+                [i64::from(plan.blocks) * (i64::from(args.bins) + 1)],
+                (Kind::Int, p.device),
+            )?;
+            args.hist_counts = ptr(&t);
             Some(t)
         }
         None => None,
@@ -400,6 +563,10 @@ fn launch(p: &Prepared, pass: Pass, args: &mut DlArgs) -> Result<()> {
         Executor::Host => bail!("the host executor has no device kernels"),
     };
     let context = |what: &str| format!("{name}: {what} kernel");
+    if let Some((histogram, finalize)) = &plan.histogram {
+        run(histogram, plan.blocks, args).with_context(|| context("device histogram"))?;
+        run(finalize, 1, args).with_context(|| context("device histogram finalize"))?;
+    }
     if plan.finalize.is_some() || args.n * args.c > 0 {
         run(&plan.kernel, plan.blocks, args).with_context(|| context("device"))?;
     }

@@ -137,18 +137,18 @@ fn call(
     call: &Value,
     inputs: &serde_json::Map<String, Value>,
 ) -> Result<(Tensor, Tensor)> {
-    for key in ["label_weight", "ignore_index"] {
-        if call.get(key).is_some_and(|v| !v.is_null()) {
-            bail!("call argument {key} is not supported by this runner");
-        }
-    }
     let pred = input(inputs, "pred")?
         .ok_or_else(|| anyhow!("no pred"))?
         .set_requires_grad(true);
     let target = input(inputs, "target")?.ok_or_else(|| anyhow!("no target"))?;
     let score = input(inputs, "score")?;
-    let weight = match call.get("weight").and_then(Value::as_str) {
-        Some("inputs.weight") => input(inputs, "weight")?,
+    // GHM's `label_weight` is the weight argument of its call.
+    let weight = match (
+        call.get("weight").and_then(Value::as_str),
+        call.get("label_weight").and_then(Value::as_str),
+    ) {
+        (Some("inputs.weight"), _) => input(inputs, "weight")?,
+        (_, Some("inputs.label_weight")) => input(inputs, "label_weight")?,
         _ => None,
     };
     let mut args = LossArgs::new();
@@ -160,6 +160,9 @@ fn call(
     }
     if let Some(r) = call.get("reduction_override").and_then(Value::as_str) {
         args = args.reduction(r.parse::<Reduction>()?);
+    }
+    if let Some(i) = call.get("ignore_index").and_then(Value::as_i64) {
+        args = args.ignore_index(i);
     }
     let target = match &score {
         Some(s) => Target::LabelsScores {
@@ -173,14 +176,16 @@ fn call(
     Ok((out.detach(), pred.grad()))
 }
 
-fn tolerance(outputs: &serde_json::Map<String, Value>) -> f64 {
-    // MMDetection computes some losses in float32 even for float64 inputs (README).
+fn tolerance(loss: &str, outputs: &serde_json::Map<String, Value>) -> f64 {
+    // MMDetection computes some losses in float32 even for float64 inputs (README): the BCE of
+    // CrossEntropyLoss's sigmoid form (a float32 output) and GHMC's (float32 elements times
+    // float64 weights).
     let f32_loss = outputs
         .get("loss")
         .and_then(|l| l.get("dtype"))
         .and_then(Value::as_str)
         == Some("float32");
-    if f32_loss {
+    if f32_loss || loss == "GHMC" {
         1e-6
     } else {
         1e-10
@@ -192,24 +197,42 @@ fn check(
     call_v: &Value,
     inputs: &serde_json::Map<String, Value>,
     outputs: &serde_json::Map<String, Value>,
+    state_after: Option<&serde_json::Map<String, Value>>,
 ) -> Result<(f64, f64)> {
     let (got, grad) = call(loss, call_v, inputs)?;
     let want = input(outputs, "loss")?.ok_or_else(|| anyhow!("case has no loss output"))?;
     let want_grad = input(outputs, "grad_pred")?.ok_or_else(|| anyhow!("case has no grad_pred"))?;
-    let tol = tolerance(outputs);
+    let tol = tolerance(loss.type_name(), outputs);
     let le = rel_err(&got, &want).context("loss")?;
     let ge = rel_err(&grad, &want_grad).context("grad")?;
     if !(le <= tol && ge <= tol) {
         bail!("loss error {le:.3e}, grad error {ge:.3e} (tolerance {tol:.0e})");
     }
+    // The state after the call (GHM's acc_sum: float32 arithmetic on both sides, exact).
+    if let Some(expected) = state_after {
+        let state = loss.state()?;
+        for (key, _) in expected {
+            let want = input(expected, key)?.ok_or_else(|| anyhow!("state {key} is null"))?;
+            let got = state
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, t)| t.to_device(tch::Device::Cpu))
+                .ok_or_else(|| anyhow!("the loss has no state {key}"))?;
+            let err = rel_err(&got, &want).with_context(|| format!("state {key}"))?;
+            if err > 0.0 {
+                bail!("state {key} off by {err:.3e}: {got:?}");
+            }
+        }
+    }
     Ok((le, ge))
 }
 
-/// One call of a case: its call arguments, inputs and expected outputs.
+/// One call of a case: its call arguments, inputs, expected outputs and state after the call.
 type Step = (
     Value,
     serde_json::Map<String, Value>,
     serde_json::Map<String, Value>,
+    Option<serde_json::Map<String, Value>>,
 );
 
 /// Runs one case.
@@ -248,6 +271,7 @@ pub fn run_case(case: &Case) -> Outcome {
                         s.get("call").cloned().unwrap_or_else(|| case.call.clone()),
                         obj("inputs")?,
                         obj("outputs")?,
+                        obj("state_after").ok(),
                     ))
                 })
                 .collect::<Result<_>>()?,
@@ -255,12 +279,13 @@ pub fn run_case(case: &Case) -> Outcome {
                 case.call.clone(),
                 case.inputs.clone(),
                 case.outputs.clone().ok_or_else(|| anyhow!("no outputs"))?,
+                None,
             )],
         };
         let (mut le, mut ge) = (0f64, 0f64);
-        for (i, (c, inp, out)) in steps.iter().enumerate() {
-            let (l, g) =
-                check(loss.as_ref(), c, inp, out).with_context(|| format!("call {}", i + 1))?;
+        for (i, (c, inp, out, state)) in steps.iter().enumerate() {
+            let (l, g) = check(loss.as_ref(), c, inp, out, state.as_ref())
+                .with_context(|| format!("call {}", i + 1))?;
             le = le.max(l);
             ge = ge.max(g);
         }

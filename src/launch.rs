@@ -1,15 +1,18 @@
-//! The device executor's launch plan: which entry point of `kernels/kernels.cu`, with how many
-//! blocks, and the two-stage reduction (per-block partials, then a one-block finalize). The CUDA
-//! device and the emulated device run the very same plan; neither knows of losses.
+//! The device executors' launch plan: which entry point of `kernels/kernels.cu`, with how many
+//! blocks, the histogram pre-pass where a body has one, and the two-stage reduction (per-block
+//! partials, then a one-block finalize). The CUDA device and the emulated device run the very
+//! same plan; neither knows of losses.
 
 use tch::Kind;
 
-use crate::abi::{DlArgs, Pass, FLAG_ROW_SUM};
+use crate::abi::{DlArgs, Pass, Shape, FLAG_ROW_SUM};
 use crate::bodies::Body;
 use crate::Reduction;
 
 /// Threads per block (`dl::dev::THREADS` in kernels/kernels.cu).
 pub(crate) const THREADS: u32 = 256;
+/// Rows per block of the row executor: a warp per row.
+const WARPS: i64 = THREADS as i64 / 32;
 /// A fixed grid cap keeps the reduction order (and so the result) independent of the card.
 pub(crate) const MAX_BLOCKS: i64 = 1024;
 
@@ -39,6 +42,9 @@ pub(crate) struct Plan {
     /// For reductions: the number of per-block partials (one per block of `kernel`) and the
     /// one-block kernel that adds them in order and applies the divisor and `loss_weight`.
     pub finalize: Option<(String, i64)>,
+    /// For a histogram body's forward pass: the pre-pass (as many blocks as `kernel`, each
+    /// writing its bin counts and a partial) and its one-block finalize, run before `kernel`.
+    pub histogram: Option<(String, String)>,
 }
 
 /// The entry-point suffix of a dtype.
@@ -55,37 +61,55 @@ fn pass_name(pass: Pass) -> &'static str {
     match pass {
         Pass::Forward => "forward",
         Pass::Backward => "backward",
+        Pass::Histogram => "histogram",
     }
 }
 
-/// The plan of one pass of `body` over the elements `args` describes.
-pub(crate) fn plan(body: Body, pass: Pass, kind: Kind, args: &DlArgs, geo: Geometry) -> Plan {
+/// The plan of one pass of `body` (of `shape`) over the elements `args` describes.
+pub(crate) fn plan(
+    body: Body,
+    shape: Shape,
+    pass: Pass,
+    kind: Kind,
+    args: &DlArgs,
+    geo: Geometry,
+) -> Plan {
     let total = args.n * args.c;
-    // QFL's 'none' forward writes one value per row: one thread per row.
-    let work = if args.flags & FLAG_ROW_SUM != 0
-        && args.reduction == Reduction::None as i32
-        && pass == Pass::Forward
-    {
-        args.n
-    } else {
-        total
-    };
-    let blocks = ((work + THREADS as i64 - 1) / THREADS as i64).clamp(1, geo.max_blocks.max(1));
+    let blocks = match shape {
+        // A warp per row.
+        Shape::Row => (args.n + WARPS - 1) / WARPS,
+        // QFL's 'none' forward writes one value per row: one thread per row.
+        Shape::Element
+            if args.flags & FLAG_ROW_SUM != 0
+                && args.reduction == Reduction::None as i32
+                && pass == Pass::Forward =>
+        {
+            (args.n + THREADS as i64 - 1) / THREADS as i64
+        }
+        Shape::Element => (total + THREADS as i64 - 1) / THREADS as i64,
+    }
+    .clamp(1, geo.max_blocks.max(1));
     // 32-bit indices while the grid-stride index cannot wrap: the last index plus one stride.
     let wide = geo.force_wide || total + blocks * THREADS as i64 >= (1i64 << 32);
-    let kernel = format!(
-        "dl_{}_{}_{}_{}",
-        body.name(),
-        pass_name(pass),
-        suffix(kind),
-        if wide { "k64" } else { "k" }
-    );
+    let entry = |pass: Pass| {
+        format!(
+            "dl_{}_{}_{}_{}",
+            body.name(),
+            pass_name(pass),
+            suffix(kind),
+            if wide { "k64" } else { "k" }
+        )
+    };
     let finalize = (pass == Pass::Forward && args.reduction != Reduction::None as i32)
         .then(|| (format!("dl_finalize_{}_k", suffix(kind)), blocks));
+    let acc = if kind == Kind::Double { "f64" } else { "f32" };
+    let histogram = (pass == Pass::Forward && body.histogram())
+        .then(|| (entry(Pass::Histogram), format!("dl_hist_finalize_{acc}_k")));
     Plan {
-        kernel,
+        kernel: entry(pass),
         blocks: blocks as u32,
         finalize,
+        histogram,
     }
 }
 
@@ -107,9 +131,10 @@ pub(crate) fn all_kernel_names() -> Vec<String> {
                         force_wide,
                         ..Default::default()
                     };
-                    let p = plan(body, pass, kind, &args, geo);
+                    let p = plan(body, Shape::Element, pass, kind, &args, geo);
                     names.push(p.kernel);
                     names.extend(p.finalize.map(|(f, _)| f));
+                    names.extend(p.histogram.into_iter().flat_map(|(h, f)| [h, f]));
                 }
             }
         }

@@ -53,6 +53,9 @@ pub struct LossArgs<'a> {
     pub avg_factor: Option<AvgFactor>,
     /// Overrides the configured reduction for this call.
     pub reduction_override: Option<Reduction>,
+    /// Overrides the configured `ignore_index` for this call (CrossEntropyLoss's call-time
+    /// `ignore_index`); other losses reject it.
+    pub ignore_index: Option<i64>,
 }
 
 impl<'a> LossArgs<'a> {
@@ -73,6 +76,11 @@ impl<'a> LossArgs<'a> {
     /// Sets `reduction_override`.
     pub fn reduction(mut self, reduction: Reduction) -> Self {
         self.reduction_override = Some(reduction);
+        self
+    }
+    /// Sets the call-time `ignore_index`.
+    pub fn ignore_index(mut self, ignore_index: i64) -> Self {
+        self.ignore_index = Some(ignore_index);
         self
     }
 }
@@ -105,4 +113,16 @@ pub trait Loss: Send + Sync + std::fmt::Debug {
         target: Target<'_>,
         args: &LossArgs<'_>,
     ) -> Result<Tensor>;
+
+    /// The state the loss keeps between calls (GHM's momentum `acc_sum`), by name, as copies:
+    /// what a checkpoint saves. Empty for stateless losses.
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
+    }
+
+    /// Restores one entry of [`Loss::state`] from a checkpoint.
+    fn load_state(&self, name: &str, value: &Tensor) -> Result<()> {
+        let _ = value;
+        anyhow::bail!("{}: no state named {name:?}", self.type_name())
+    }
 }

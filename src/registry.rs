@@ -19,7 +19,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::losses::{FocalLoss, QualityFocalLoss, VarifocalLoss};
+use crate::losses::{
+    CrossEntropyLoss, DistributionFocalLoss, FocalLoss, QualityFocalLoss, VarifocalLoss, GHMC,
+};
 use crate::Loss;
 
 /// Turns a config dict (with its `type`) into a loss.
@@ -27,18 +29,20 @@ pub type Builder = Box<dyn Fn(&Value) -> Result<Box<dyn Loss>> + Send + Sync>;
 
 static REGISTRY: LazyLock<RwLock<BTreeMap<String, Builder>>> = LazyLock::new(|| {
     let mut m: BTreeMap<String, Builder> = BTreeMap::new();
-    m.insert(
-        "FocalLoss".into(),
-        config_builder(|l: FocalLoss| l.validate().map(|_| l)),
-    );
-    m.insert(
-        "QualityFocalLoss".into(),
-        config_builder(|l: QualityFocalLoss| l.validate().map(|_| l)),
-    );
-    m.insert(
-        "VarifocalLoss".into(),
-        config_builder(|l: VarifocalLoss| l.validate().map(|_| l)),
-    );
+    // The built-in losses, one line each: a config struct with MMDetection's keys and its checks.
+    macro_rules! builtin {
+        ($($name:literal => $ty:ty),* $(,)?) => {
+            $(m.insert($name.into(), config_builder(|l: $ty| l.validate().map(|_| l)));)*
+        };
+    }
+    builtin! {
+        "FocalLoss" => FocalLoss,
+        "QualityFocalLoss" => QualityFocalLoss,
+        "VarifocalLoss" => VarifocalLoss,
+        "CrossEntropyLoss" => CrossEntropyLoss,
+        "DistributionFocalLoss" => DistributionFocalLoss,
+        "GHMC" => GHMC,
+    }
     RwLock::new(m)
 });
 

@@ -54,6 +54,27 @@ fn valid_call(ty: &str) -> Call {
             weight: Tensor::rand([N, C], opts),
             avg_factor,
         },
+        "CrossEntropyLoss" => Call {
+            pred,
+            target: Tensor::from_slice(&[0i64, 1, 2, 3, 0, 1]),
+            scores: None,
+            weight,
+            avg_factor,
+        },
+        "DistributionFocalLoss" => Call {
+            pred,
+            target: Tensor::rand([N], opts) * (C - 1) as f64 * 0.99,
+            scores: None,
+            weight,
+            avg_factor,
+        },
+        "GHMC" => Call {
+            pred,
+            target: labels,
+            scores: None,
+            weight,
+            avg_factor,
+        },
         other => panic!("add a valid call of {other} to tests/bad_inputs.rs"),
     }
 }

@@ -1,6 +1,7 @@
-//! Every FocalLoss, QualityFocalLoss and VarifocalLoss reference case computed by MMDetection 3.3
-//! (tests/data/mmdet_cases.json) passes through the public config API: loss and gradient within
-//! the README's tolerances, and every error case rejected.
+//! Every reference case computed by MMDetection 3.3 (tests/data/mmdet_cases.json) of every loss
+//! this crate ships passes through the public config API: loss and gradient within the README's
+//! tolerances, GHM-C's momentum state after each call of a sequence, and every error case
+//! rejected with MMDetection's message.
 
 use std::path::PathBuf;
 
@@ -18,6 +19,9 @@ fn data_dir() -> PathBuf {
 #[case("FocalLoss", 45, 1)]
 #[case("QualityFocalLoss", 7, 0)]
 #[case("VarifocalLoss", 6, 0)]
+#[case("CrossEntropyLoss", 22, 2)]
+#[case("DistributionFocalLoss", 3, 0)]
+#[case("GHMC", 7, 1)]
 fn mmdetection_cases_pass(#[case] loss: &str, #[case] n_cases: usize, #[case] n_errors: usize) {
     let file = CaseFile::load(&data_dir().join("mmdet_cases.json")).unwrap();
     let cases: Vec<_> = file.cases.iter().filter(|c| c.loss == loss).collect();

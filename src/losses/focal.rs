@@ -6,9 +6,12 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::{bce, bce_with_logits, begin, one_hot_without_background, pred_shape, single_target};
-use crate::fused::{self, Body, KTarget, Spec};
+use crate::abi::{FLAG_ACTIVATED, FLAG_STRICT_LABELS};
+use crate::fused::{self, Body, KTarget, Shape, Spec};
 use crate::reduction::{weight_reduce_loss, Reduction};
 use crate::{Loss, LossArgs, Target};
+
+const NAME: &str = "FocalLoss";
 
 /// MMDetection's `FocalLoss`:
 /// `BCE(x, t) * (alpha t + (1 - alpha)(1 - t)) * pt^gamma`, `pt = (1 - p) t + p (1 - t)`.
@@ -110,18 +113,16 @@ impl Loss for FocalLoss {
         } else {
             KTarget::Labels(t)
         };
-        let spec = Spec {
-            body: Body::Focal,
-            name: "FocalLoss",
-            p0: self.gamma,
-            p1: self.alpha,
-            activated: self.activated,
-            iou_weighted: false,
-            row_sum: false,
-            strict_labels: true,
-            loss_weight: self.loss_weight,
+        // Slots: p0 = gamma, p1 = alpha (kernels/focal.cuh).
+        let mut spec = Spec::new(
+            Body::Focal,
+            NAME,
+            Shape::Element,
             reduction,
-        };
+            self.loss_weight,
+        );
+        spec.params = [self.gamma, self.alpha, 0.0, 0.0];
+        spec.flags = FLAG_STRICT_LABELS | if self.activated { FLAG_ACTIVATED } else { 0 };
         fused::run(spec, pred, kt, weight.as_ref(), args.avg_factor.as_ref())
     }
 

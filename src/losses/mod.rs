@@ -1,15 +1,20 @@
-//! The losses, one module per MMDetection loss file: `focal` (`focal_loss.py`),
-//! `quality_focal` (`gfocal_loss.py`), `varifocal` (`varifocal_loss.py`).
+//! The losses, one module per MMDetection loss file: `focal` (`focal_loss.py`), `gfocal`
+//! (`gfocal_loss.py`: QualityFocalLoss, DistributionFocalLoss), `varifocal`
+//! (`varifocal_loss.py`), `cross_entropy` (`cross_entropy_loss.py`), `ghm` (`ghm_loss.py`).
 //!
 //! Each struct's fields and defaults are the MMDetection class's constructor arguments; each
 //! implements [`Loss`](crate::Loss) with the fused kernels and its stock-op composition.
 
+pub mod cross_entropy;
 pub mod focal;
-pub mod quality_focal;
+pub mod gfocal;
+pub mod ghm;
 pub mod varifocal;
 
+pub use cross_entropy::CrossEntropyLoss;
 pub use focal::FocalLoss;
-pub use quality_focal::QualityFocalLoss;
+pub use gfocal::{DistributionFocalLoss, QualityFocalLoss};
+pub use ghm::GHMC;
 pub use varifocal::VarifocalLoss;
 
 use anyhow::{bail, Result};
@@ -29,6 +34,9 @@ pub(crate) fn begin(
     configured: Reduction,
 ) -> Result<Reduction> {
     check_tensors(name, pred, target, args)?;
+    if args.ignore_index.is_some() && name != cross_entropy::NAME {
+        bail!("{name} takes no ignore_index (CrossEntropyLoss's call argument)");
+    }
     let reduction = args.reduction_override.unwrap_or(configured);
     check_avg_factor(name, reduction, args.avg_factor.as_ref())?;
     Ok(reduction)
@@ -100,6 +108,12 @@ pub(crate) fn check_weight_shape(name: &str, weight: &Tensor, shape: &[i64]) -> 
 }
 
 pub(crate) use crate::checks::pred_shape;
+
+/// A weight broadcast against a per-row loss (N,), as the (N, 1) column the kernels take.
+pub(crate) fn row_weight(name: &str, w: &Tensor, n: i64) -> Result<Tensor> {
+    check_weight_shape(name, w, &[n])?;
+    Ok(w.f_expand([n], false)?.f_unsqueeze(1)?)
+}
 
 /// The target of a loss that takes one tensor.
 pub(crate) fn single_target<'a>(name: &str, target: crate::Target<'a>) -> Result<&'a Tensor> {

@@ -6,9 +6,12 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::{bce_with_logits, begin, check_weight_shape, pred_shape, single_target};
-use crate::fused::{self, Body, KTarget, Spec};
+use crate::abi::FLAG_IOU_WEIGHTED;
+use crate::fused::{self, Body, KTarget, Shape, Spec};
 use crate::reduction::{weight_reduce_loss, Reduction};
 use crate::{Loss, LossArgs, Target};
+
+const NAME: &str = "VarifocalLoss";
 
 /// MMDetection's `VarifocalLoss`: `BCE(x, t) * w`, with `w = t` (or 1 without `iou_weighted`)
 /// where `t > 0` and `alpha |sigma(x) - t|^gamma` elsewhere.
@@ -84,17 +87,19 @@ impl Loss for VarifocalLoss {
         let reduction = begin("VarifocalLoss", pred, target, args, self.reduction)?;
         let t = single_target("VarifocalLoss", target)?;
         Self::check(pred, t, args.weight)?;
-        let spec = Spec {
-            body: Body::Varifocal,
-            name: "VarifocalLoss",
-            p0: self.gamma,
-            p1: self.alpha,
-            activated: false,
-            iou_weighted: self.iou_weighted,
-            row_sum: false,
-            strict_labels: false,
-            loss_weight: self.loss_weight,
+        // Slots: p0 = gamma, p1 = alpha (kernels/varifocal.cuh).
+        let mut spec = Spec::new(
+            Body::Varifocal,
+            NAME,
+            Shape::Element,
             reduction,
+            self.loss_weight,
+        );
+        spec.params = [self.gamma, self.alpha, 0.0, 0.0];
+        spec.flags = if self.iou_weighted {
+            FLAG_IOU_WEIGHTED
+        } else {
+            0
         };
         fused::run(
             spec,

@@ -1,12 +1,13 @@
-//! `QualityFocalLoss` (mmdet/models/losses/gfocal_loss.py): the quality focal loss of GFL.
-//! Kernel body: `kernels/quality_focal.cuh`.
+//! mmdet/models/losses/gfocal_loss.py, the losses of GFL: [`QualityFocalLoss`] (kernel body
+//! `kernels/quality_focal.cuh`) and [`DistributionFocalLoss`] (`kernels/distribution_focal.cuh`).
 
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::{bce, bce_with_logits, begin, check_weight_shape, pred_shape};
-use crate::fused::{self, Body, KTarget, Spec};
+use super::{bce, bce_with_logits, begin, check_weight_shape, pred_shape, row_weight};
+use crate::abi::{FLAG_ACTIVATED, FLAG_ROW_SUM};
+use crate::fused::{self, Body, KTarget, Shape, Spec};
 use crate::reduction::{weight_reduce_loss, Reduction};
 use crate::{Loss, LossArgs, Target};
 
@@ -55,12 +56,6 @@ impl QualityFocalLoss {
         );
         Ok(())
     }
-
-    /// A weight broadcast against the per-anchor loss (N,), as a column for the kernels.
-    fn weight_column(w: &Tensor, n: i64) -> Result<Tensor> {
-        check_weight_shape(NAME, w, &[n])?;
-        Ok(w.f_expand([n], false)?.f_unsqueeze(1)?)
-    }
 }
 
 impl Loss for QualityFocalLoss {
@@ -76,19 +71,17 @@ impl Loss for QualityFocalLoss {
             Target::Tensor(t) => KTarget::Dense(t),
             Target::LabelsScores { labels, scores } => KTarget::LabelsScores(labels, scores),
         };
-        let weight = args.weight.map(|w| Self::weight_column(w, n)).transpose()?;
-        let spec = Spec {
-            body: Body::QualityFocal,
-            name: "QualityFocalLoss",
-            p0: self.beta,
-            p1: 0.0,
-            activated: self.activated,
-            iou_weighted: false,
-            row_sum: true,
-            strict_labels: false,
-            loss_weight: self.loss_weight,
+        let weight = args.weight.map(|w| row_weight(NAME, w, n)).transpose()?;
+        // Slots: p0 = beta (kernels/quality_focal.cuh).
+        let mut spec = Spec::new(
+            Body::QualityFocal,
+            NAME,
+            Shape::Element,
             reduction,
-        };
+            self.loss_weight,
+        );
+        spec.params = [self.beta, 0.0, 0.0, 0.0];
+        spec.flags = FLAG_ROW_SUM | if self.activated { FLAG_ACTIVATED } else { 0 };
         fused::run(spec, pred, kt, weight.as_ref(), args.avg_factor.as_ref())
     }
 
@@ -161,6 +154,121 @@ impl Loss for QualityFocalLoss {
             }
         };
         let loss = loss.f_sum_dim_intlist(1, false, None::<Kind>)?;
+        Ok(
+            weight_reduce_loss(&loss, args.weight, reduction, args.avg_factor.as_ref())?
+                * self.loss_weight,
+        )
+    }
+}
+
+const DFL: &str = "DistributionFocalLoss";
+
+/// MMDetection's `DistributionFocalLoss` (GFL's box-side loss): `pred` holds, per box side, the
+/// logits of a distribution over the `reg_max + 1` integer distances `0..=reg_max`; the target
+/// `y` (a float distance in `[0, reg_max)`) lies between `l = trunc(y)` and `l + 1`, and the loss
+/// is `CE(pred, l) (l + 1 - y) + CE(pred, l + 1) (y - l)`, one value per row (`(N,)` with
+/// `reduction="none"`; `mean` divides by `N`). Weights broadcast against `(N,)`.
+///
+/// A target outside `[0, reg_max)` (NaN included) is an error on the CPU and gives a NaN row on
+/// CUDA (reporting it there would need a host read). MMDetection also accepts `-1 < y < 0`,
+/// where `trunc` gives 0; here that is out of range too.
+///
+/// ```
+/// use tch::{Device, Kind, Tensor};
+/// use tch_detloss::{losses::DistributionFocalLoss, Loss, LossArgs};
+/// let pred = Tensor::randn([8, 17], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+/// let target = Tensor::rand([8], (Kind::Float, Device::Cpu)) * 15.0; // distances in [0, 16)
+/// let loss = DistributionFocalLoss::default().forward(&pred, (&target).into(), &LossArgs::new())?;
+/// loss.backward();
+/// # anyhow::Ok(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DistributionFocalLoss {
+    /// The default reduction.
+    pub reduction: Reduction,
+    /// Multiplies the result.
+    pub loss_weight: f64,
+}
+
+impl Default for DistributionFocalLoss {
+    fn default() -> Self {
+        Self {
+            reduction: Reduction::Mean,
+            loss_weight: 1.0,
+        }
+    }
+}
+
+impl DistributionFocalLoss {
+    /// MMDetection's constructor checks (there are none).
+    pub fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Loss for DistributionFocalLoss {
+    fn type_name(&self) -> &str {
+        DFL
+    }
+
+    fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
+        let reduction = begin(DFL, pred, target, args, self.reduction)?;
+        let (n, _) = pred_shape(DFL, pred)?;
+        let t = super::single_target(DFL, target)?;
+        let weight = args.weight.map(|w| row_weight(DFL, w, n)).transpose()?;
+        let mut spec = Spec::new(
+            Body::DistributionFocal,
+            DFL,
+            Shape::Row,
+            reduction,
+            self.loss_weight,
+        );
+        spec.valid_targets = Some("distances in [0, reg_max)");
+        fused::run(
+            spec,
+            pred,
+            KTarget::RowValue(t),
+            weight.as_ref(),
+            args.avg_factor.as_ref(),
+        )
+    }
+
+    /// `distribution_focal_loss` in stock ops, with one host read for the range check
+    /// (MMDetection's indexing fails there instead).
+    fn forward_unfused(
+        &self,
+        pred: &Tensor,
+        target: Target<'_>,
+        args: &LossArgs<'_>,
+    ) -> Result<Tensor> {
+        let reduction = begin(DFL, pred, target, args, self.reduction)?;
+        let (n, c) = pred_shape(DFL, pred)?;
+        let label = super::single_target(DFL, target)?;
+        ensure!(
+            label.dim() == 1 && label.size()[0] == n,
+            "{DFL}: target must be ({n},) for pred of shape {:?}, got {:?}",
+            pred.size(),
+            label.size()
+        );
+        if let Some(w) = args.weight {
+            check_weight_shape(DFL, w, &[n])?;
+        }
+        let label = label.f_to_kind(pred.kind())?;
+        let reg_max = (c - 1) as f64;
+        let in_range = label.f_ge(0.0)?.f_logical_and(&label.f_lt(reg_max)?)?;
+        let bad = n - in_range.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+        if bad > 0 {
+            bail!("{DFL}: {bad} target(s) out of range (valid: distances in [0, reg_max))");
+        }
+        let dis_left = label.f_to_kind(Kind::Int64)?;
+        let dis_right = &dis_left + 1;
+        let weight_left = dis_right.f_to_kind(Kind::Float)?.f_sub(&label)?;
+        let weight_right = label.f_sub(&dis_left.f_to_kind(Kind::Float)?)?;
+        let ce = |t: &Tensor| {
+            pred.f_cross_entropy_loss::<Tensor>(t, None, tch::Reduction::None, -100, 0.0)
+        };
+        let loss = ce(&dis_left)?.f_mul(&weight_left)? + ce(&dis_right)?.f_mul(&weight_right)?;
         Ok(
             weight_reduce_loss(&loss, args.weight, reduction, args.avg_factor.as_ref())?
                 * self.loss_weight,

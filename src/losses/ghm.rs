@@ -1,0 +1,363 @@
+//! mmdet/models/losses/ghm_loss.py: [`GHMC`] on the histogram executor (kernel body
+//! `kernels/ghmc.cuh`).
+
+use std::sync::{Mutex, MutexGuard};
+
+use anyhow::{anyhow, bail, ensure, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::{begin, pred_shape, single_target};
+use crate::abi::MAX_BINS;
+use crate::checks::broadcast_shapes;
+use crate::fused::{self, Body, Hist, KTarget, Shape, Spec};
+use crate::reduction::{weight_reduce_loss, AvgFactor, Reduction, SUM_WITH_AVG_FACTOR};
+use crate::{Loss, LossArgs, Target};
+
+const NAME: &str = "GHMC";
+
+/// GHM's momentum state `acc_sum`: float32 `(bins,)`, on the device of the last call, updated in
+/// place by each call. A lock serializes the calls that share it (the loss is `Sync`); on CUDA
+/// the updates are ordered as the calls' streams order them.
+#[derive(Default)]
+pub struct MomentumState(Mutex<Option<Tensor>>);
+
+impl MomentumState {
+    fn lock(&self) -> Result<MutexGuard<'_, Option<Tensor>>> {
+        self.0
+            .lock()
+            .map_err(|_| anyhow!("the momentum state's lock is poisoned"))
+    }
+
+    /// The state for a call on `device`: zeros at first, moved there if it lives elsewhere.
+    fn on_device<'a>(
+        guard: &'a mut MutexGuard<'_, Option<Tensor>>,
+        bins: i64,
+        device: Device,
+    ) -> Result<&'a Tensor> {
+        let fresh = match guard.as_ref() {
+            Some(t) if t.device() == device => None,
+            Some(t) => Some(t.f_to_device(device)?),
+            None => Some(Tensor::f_zeros([bins], (Kind::Float, device))?),
+        };
+        if let Some(t) = fresh {
+            **guard = Some(t);
+        }
+        guard
+            .as_ref()
+            .ok_or_else(|| anyhow!("the momentum state is missing"))
+    }
+}
+
+impl Clone for MomentumState {
+    fn clone(&self) -> Self {
+        let copy = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().and_then(|t| deep_copy(t).ok()));
+        Self(Mutex::new(copy))
+    }
+}
+
+impl std::fmt::Debug for MomentumState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self
+            .0
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(|t| t.device()))
+        {
+            Some(d) => write!(f, "MomentumState(on {d:?})"),
+            None => write!(f, "MomentumState(zeros)"),
+        }
+    }
+}
+
+/// MMDetection's `GHMC`, the gradient harmonizing classification loss: BCE-with-logits where an
+/// element's weight is `tot / (elements whose gradient norm |sigmoid(x) - t| falls in its bin)`,
+/// divided by the number of non-empty bins, with `tot` the number of elements whose
+/// `label_weight` is > 0 (`label_weight` is only a mask). 'mean' divides by `tot`; 'none' gives
+/// the weighted `(N, C)` loss, not divided; 'sum' is MMDetection's error.
+///
+/// Call it with `label_weight` as [`LossArgs::weight`] (required): `(N,)` with class-index
+/// targets `(N,)` (labels outside `[0, C)` are negatives), or broadcasting against `(N, C)` with
+/// a binary `(N, C)` target. `avg_factor` is accepted and ignored, as MMDetection's `**kwargs`.
+///
+/// The bins are MMDetection's float32 edges `i / bins` with the last at `1 + 1e-6`; with
+/// `momentum > 0` each call moves the state `acc_sum` (see [`Loss::state`]) towards the counts
+/// on the device. No value is read back to the host.
+///
+/// ```
+/// use tch::{Device, Kind, Tensor};
+/// use tch_detloss::{registry, LossArgs};
+/// let ghmc = registry::build_str(r#"{"type": "GHMC", "bins": 30, "momentum": 0.75}"#)?;
+/// let pred = Tensor::randn([16, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+/// let labels = Tensor::from_slice(&[0i64, 4, 1, 4, 2, 3, 4, 4, 0, 1, 4, 4, 2, 4, 3, 4]);
+/// let label_weight = Tensor::ones([16], (Kind::Float, Device::Cpu));
+/// let l = ghmc.forward(&pred, (&labels).into(), &LossArgs::new().weight(&label_weight))?;
+/// l.backward();
+/// let (name, acc_sum) = &ghmc.state()?[0];
+/// assert_eq!((name.as_str(), acc_sum.size()), ("acc_sum", vec![30]));
+/// # anyhow::Ok(())
+/// ```
+#[allow(clippy::upper_case_acronyms)] // MMDetection's name
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GHMC {
+    /// The number of bins of the gradient norm.
+    pub bins: i64,
+    /// The momentum of the moving average of the bin counts; 0 for none.
+    pub momentum: f64,
+    /// Must be true (MMDetection raises NotImplementedError otherwise).
+    pub use_sigmoid: bool,
+    /// Multiplies the result.
+    pub loss_weight: f64,
+    /// The default reduction ('sum' is an error).
+    pub reduction: Reduction,
+    /// The momentum state (`acc_sum`), not part of the config.
+    #[serde(skip)]
+    pub acc_sum: MomentumState,
+}
+
+impl Default for GHMC {
+    fn default() -> Self {
+        Self {
+            bins: 10,
+            momentum: 0.0,
+            use_sigmoid: true,
+            loss_weight: 1.0,
+            reduction: Reduction::Mean,
+            acc_sum: MomentumState::default(),
+        }
+    }
+}
+
+impl GHMC {
+    /// MMDetection's constructor checks, and the range of `bins` the kernels take.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.use_sigmoid,
+            "{NAME}: only use_sigmoid=true is implemented (MMDetection raises NotImplementedError)"
+        );
+        ensure!(
+            (1..=MAX_BINS).contains(&self.bins),
+            "{NAME}: bins must be in [1, {MAX_BINS}], got {}",
+            self.bins
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.momentum),
+            "{NAME}: momentum must be in [0, 1), got {}",
+            self.momentum
+        );
+        Ok(())
+    }
+
+    /// The last bin edge as MMDetection makes it: `edges[-1] += 1e-6` in float32.
+    fn last_edge() -> f64 {
+        f64::from(1.0f32 + 1e-6f32)
+    }
+
+    /// The checks before either path: the reduction (never 'sum') and the label weight.
+    fn start<'a>(
+        &self,
+        pred: &Tensor,
+        target: Target<'a>,
+        args: &'a LossArgs<'_>,
+    ) -> Result<(Reduction, &'a Tensor, &'a Tensor)> {
+        self.validate()?;
+        // `avg_factor` goes to MMDetection's **kwargs: checked for what it is, then ignored.
+        let reduction = begin(NAME, pred, target, args, self.reduction)?;
+        if reduction == Reduction::Sum {
+            bail!("{NAME}: {SUM_WITH_AVG_FACTOR} (GHMC always divides by its total)");
+        }
+        let label_weight = args
+            .weight
+            .ok_or_else(|| anyhow!("{NAME}: label_weight (LossArgs::weight) is required"))?;
+        Ok((reduction, single_target(NAME, target)?, label_weight))
+    }
+}
+
+impl Loss for GHMC {
+    fn type_name(&self) -> &str {
+        NAME
+    }
+
+    fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
+        let (reduction, target, label_weight) = self.start(pred, target, args)?;
+        let (n, c) = pred_shape(NAME, pred)?;
+        let (kt, t, lw);
+        if pred.dim() != target.dim() {
+            // Class indices: one-hot rows made by the kernels; `label_weight.view(-1, 1)`.
+            lw = label_weight.f_reshape([-1, 1])?;
+            broadcast_shapes(&[n, c], &lw.size())?;
+            kt = KTarget::Labels(target);
+        } else {
+            broadcast_shapes(&[n, c], &label_weight.size())?;
+            lw = label_weight.shallow_clone();
+            // MMDetection's `target.float()`.
+            t = target.f_to_kind(Kind::Float)?;
+            kt = KTarget::Dense(&t);
+        }
+        // `label_weight.float() > 0`.
+        let lw = lw.f_to_kind(Kind::Float)?;
+        let mut guard = self.acc_sum.lock()?;
+        let state = if self.momentum > 0.0 {
+            Some(MomentumState::on_device(&mut guard, self.bins, pred.device())?.shallow_clone())
+        } else {
+            None
+        };
+        let mut spec = Spec::new(
+            Body::Ghmc,
+            NAME,
+            Shape::Element,
+            reduction,
+            self.loss_weight,
+        );
+        spec.hist = Some(Hist {
+            bins: self.bins,
+            momentum: self.momentum,
+            last_edge: Self::last_edge(),
+            state,
+            // With class indices MMDetection expands the label weight to (N, C) first.
+            weight_numel: if matches!(kt, KTarget::Labels(_)) {
+                n * c
+            } else {
+                label_weight.numel() as i64
+            },
+        });
+        fused::run(spec, pred, kt, Some(&lw), None)
+    }
+
+    /// `GHMC.forward` in stock ops: one host read for the total and two per bin, as MMDetection.
+    fn forward_unfused(
+        &self,
+        pred: &Tensor,
+        target: Target<'_>,
+        args: &LossArgs<'_>,
+    ) -> Result<Tensor> {
+        let (reduction, target, label_weight) = self.start(pred, target, args)?;
+        let (n, c) = pred_shape(NAME, pred)?;
+        let device = pred.device();
+        let (target, label_weight) = if pred.dim() != target.dim() {
+            // `_expand_onehot_labels`.
+            crate::checks::integer(NAME, "target", target)?;
+            ensure!(
+                target.dim() == 1 && target.size()[0] == n,
+                "{NAME}: class-index target must be ({n},), got {:?}",
+                target.size()
+            );
+            let labels = target.f_to_kind(Kind::Int64)?;
+            let mut bin_labels = labels.f_new_full([n, c], 0, (Kind::Int64, device))?;
+            let inds = labels
+                .f_ge(0)?
+                .f_logical_and(&labels.f_lt(c)?)?
+                .f_nonzero()?
+                .f_squeeze_dim(1)?;
+            if inds.numel() > 0 {
+                let cols = labels.f_index(&[Some(&inds)])?;
+                let ones = Tensor::f_ones([inds.numel() as i64], (Kind::Int64, device))?;
+                bin_labels = bin_labels.f_index_put(&[Some(&inds), Some(&cols)], &ones, false)?;
+            }
+            let lw = label_weight.f_view([-1, 1])?.f_expand([n, c], false)?;
+            (bin_labels, lw)
+        } else {
+            (target.shallow_clone(), label_weight.shallow_clone())
+        };
+        let target = target.f_to_kind(Kind::Float)?;
+        let label_weight = label_weight.f_to_kind(Kind::Float)?;
+        let edges =
+            Tensor::f_arange(self.bins + 1, (Kind::Float, Device::Cpu))?.f_div_scalar(self.bins)?;
+        let _ = edges.f_get(self.bins)?.f_add_scalar_(1e-6)?;
+        let mut weights = pred.f_zeros_like()?;
+        let g = pred.f_detach()?.f_sigmoid()?.f_sub(&target)?.f_abs()?;
+        let valid = label_weight.f_gt(0.0)?;
+        let tot = valid
+            .f_to_kind(Kind::Float)?
+            .f_sum(Kind::Float)?
+            .f_double_value(&[])?
+            .max(1.0);
+        let mut guard = self.acc_sum.lock()?;
+        let acc_sum = if self.momentum > 0.0 {
+            Some(MomentumState::on_device(&mut guard, self.bins, device)?.shallow_clone())
+        } else {
+            None
+        };
+        let mut nonempty = 0;
+        for i in 0..self.bins {
+            let lo = edges.f_get(i)?.f_to_device(device)?;
+            let hi = edges.f_get(i + 1)?.f_to_device(device)?;
+            let inds = g
+                .f_ge_tensor(&lo)?
+                .f_logical_and(&g.f_lt_tensor(&hi)?)?
+                .f_logical_and(&valid)?;
+            let num_in_bin = inds.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+            if num_in_bin > 0 {
+                match &acc_sum {
+                    Some(acc) => {
+                        let mut a = acc.f_get(i)?;
+                        let updated = a
+                            .f_mul_scalar(self.momentum)?
+                            .f_add_scalar((1.0 - self.momentum) * num_in_bin as f64)?;
+                        a.f_copy_(&updated)?;
+                        let w = a.f_reciprocal()?.f_mul_scalar(tot)?;
+                        weights = weights.f_masked_fill_tensor(&inds, &w)?;
+                    }
+                    None => weights = weights.f_masked_fill(&inds, tot / num_in_bin as f64)?,
+                }
+                nonempty += 1;
+            }
+        }
+        if nonempty > 0 {
+            weights = weights.f_div_scalar(nonempty)?;
+        }
+        let loss = pred.f_binary_cross_entropy_with_logits::<Tensor>(
+            &target,
+            None,
+            None,
+            tch::Reduction::None,
+        )?;
+        Ok(weight_reduce_loss(
+            &loss,
+            Some(&weights),
+            reduction,
+            Some(&AvgFactor::Value(tot)),
+        )? * self.loss_weight)
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        if self.momentum <= 0.0 {
+            return Ok(Vec::new());
+        }
+        let guard = self.acc_sum.lock()?;
+        let t = match guard.as_ref() {
+            Some(t) => deep_copy(t)?,
+            None => Tensor::f_zeros([self.bins], (Kind::Float, Device::Cpu))?,
+        };
+        Ok(vec![("acc_sum".to_string(), t)])
+    }
+
+    fn load_state(&self, name: &str, value: &Tensor) -> Result<()> {
+        ensure!(
+            name == "acc_sum" && self.momentum > 0.0,
+            "{NAME}: no state named {name:?} (acc_sum exists with momentum > 0)"
+        );
+        crate::checks::real(NAME, "acc_sum", value)?;
+        ensure!(
+            value.size() == [self.bins],
+            "{NAME}: acc_sum must be ({},), got {:?}",
+            self.bins,
+            value.size()
+        );
+        let t = deep_copy(&value.f_detach()?.f_to_kind(Kind::Float)?)?;
+        *self.acc_sum.lock()? = Some(t);
+        Ok(())
+    }
+}
+
+/// A contiguous copy that shares no storage with `t`.
+fn deep_copy(t: &Tensor) -> Result<Tensor> {
+    let mut c = Tensor::f_empty(t.size(), (t.kind(), t.device()))?;
+    c.f_copy_(t)?;
+    Ok(c)
+}

@@ -1,0 +1,551 @@
+//! What the tests of the fused kernels share: the named loss variants, their random inputs and
+//! weights, and `check_variant`, which runs one variant over every shape, layout, weight and
+//! reduction and compares the fused loss and gradients with the unfused composition in float64.
+
+use tch::{Device, Kind, Tensor};
+use tch_detloss::golden::rel_err;
+use tch_detloss::{registry, AvgFactor, LossArgs, Reduction, Target};
+
+/// How a variant's target looks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Tgt {
+    /// Class indices in [0, C], C = background.
+    Labels,
+    /// (N, C): mostly zeros, some soft positives and some exact ones.
+    Dense,
+    /// (labels, scores).
+    LabelsScores,
+    /// Softmax class indices in [0, C), about 15% equal to the given ignore_index.
+    ClassIdx(i64),
+    /// Class indices in [-1, C], some equal to the given ignore_index (sigmoid CE).
+    LabelsIgnore(i64),
+    /// (N, C) 0/1/soft targets with some entries -1 or the given ignore_index (sigmoid CE).
+    DenseIgnore(i64),
+    /// pred (N,) with a target (N,) in [0, 1] (ATSS's centerness); C is unused.
+    Column,
+    /// One distance per row in [0, C - 1), some of them integers (DFL).
+    Distances,
+    /// (N, C) binary targets (GHMC).
+    Binary,
+}
+
+/// One loss variant under test: a config dict and the target it takes.
+pub struct Variant {
+    pub name: &'static str,
+    /// The config dict; `CLASS_WEIGHT` stands for a list of C per-class weights.
+    pub config: &'static str,
+    pub tgt: Tgt,
+    /// pred holds probabilities.
+    pub prob: bool,
+    /// GHM: the bin count, whose edges the logits are kept away from (the float32 kernels and
+    /// the float64 reference would bin a value next to an edge differently).
+    pub bins: i64,
+    /// The reference computes in float32 as MMDetection does (its BCE on `target.float()`), so
+    /// it is only float32-accurate in float64.
+    pub ref_f32: bool,
+}
+
+const fn v(name: &'static str, config: &'static str, tgt: Tgt) -> Variant {
+    Variant {
+        name,
+        config,
+        tgt,
+        prob: false,
+        bins: 0,
+        ref_f32: false,
+    }
+}
+
+pub const VARIANTS: &[Variant] = &[
+    v("focal", r#"{"type": "FocalLoss"}"#, Tgt::Labels),
+    v(
+        "focal_g1.5_a0.5",
+        r#"{"type": "FocalLoss", "gamma": 1.5, "alpha": 0.5}"#,
+        Tgt::Labels,
+    ),
+    v(
+        "focal_g0",
+        r#"{"type": "FocalLoss", "gamma": 0.0}"#,
+        Tgt::Labels,
+    ),
+    v(
+        "focal_dense_lw0.5",
+        r#"{"type": "FocalLoss", "gamma": 2.0, "loss_weight": 0.5}"#,
+        Tgt::Dense,
+    ),
+    Variant {
+        prob: true,
+        ..v(
+            "focal_activated",
+            r#"{"type": "FocalLoss", "activated": true}"#,
+            Tgt::Labels,
+        )
+    },
+    Variant {
+        prob: true,
+        ..v(
+            "focal_activated_dense_g1.5",
+            r#"{"type": "FocalLoss", "activated": true, "gamma": 1.5}"#,
+            Tgt::Dense,
+        )
+    },
+    v("qfl", r#"{"type": "QualityFocalLoss"}"#, Tgt::LabelsScores),
+    v(
+        "qfl_dense_b1_lw2",
+        r#"{"type": "QualityFocalLoss", "beta": 1.0, "loss_weight": 2.0}"#,
+        Tgt::Dense,
+    ),
+    Variant {
+        prob: true,
+        ..v(
+            "qfl_activated",
+            r#"{"type": "QualityFocalLoss", "activated": true}"#,
+            Tgt::LabelsScores,
+        )
+    },
+    Variant {
+        prob: true,
+        ..v(
+            "qfl_activated_dense_b1.5",
+            r#"{"type": "QualityFocalLoss", "activated": true, "beta": 1.5}"#,
+            Tgt::Dense,
+        )
+    },
+    v("vfl", r#"{"type": "VarifocalLoss"}"#, Tgt::Dense),
+    v(
+        "vfl_plain_g1.5_a0.5",
+        r#"{"type": "VarifocalLoss", "iou_weighted": false, "gamma": 1.5, "alpha": 0.5}"#,
+        Tgt::Dense,
+    ),
+    v(
+        "ce_softmax",
+        r#"{"type": "CrossEntropyLoss"}"#,
+        Tgt::ClassIdx(-100),
+    ),
+    v(
+        "ce_softmax_cw_ignore255_avgnonignore_lw2",
+        r#"{"type": "CrossEntropyLoss", "class_weight": CLASS_WEIGHT, "ignore_index": 255, "avg_non_ignore": true, "loss_weight": 2.0}"#,
+        Tgt::ClassIdx(255),
+    ),
+    Variant {
+        ref_f32: true,
+        ..v(
+            "ce_sigmoid_labels_ignore255_avgnonignore",
+            r#"{"type": "CrossEntropyLoss", "use_sigmoid": true, "ignore_index": 255, "avg_non_ignore": true}"#,
+            Tgt::LabelsIgnore(255),
+        )
+    },
+    Variant {
+        ref_f32: true,
+        ..v(
+            "ce_sigmoid_dense_cw",
+            r#"{"type": "CrossEntropyLoss", "use_sigmoid": true, "class_weight": CLASS_WEIGHT}"#,
+            Tgt::DenseIgnore(-100),
+        )
+    },
+    Variant {
+        ref_f32: true,
+        ..v(
+            "ce_sigmoid_column",
+            r#"{"type": "CrossEntropyLoss", "use_sigmoid": true, "avg_non_ignore": true}"#,
+            Tgt::Column,
+        )
+    },
+    v(
+        "dfl",
+        r#"{"type": "DistributionFocalLoss"}"#,
+        Tgt::Distances,
+    ),
+    v(
+        "dfl_lw0.25",
+        r#"{"type": "DistributionFocalLoss", "loss_weight": 0.25, "reduction": "sum"}"#,
+        Tgt::Distances,
+    ),
+    Variant {
+        bins: 10,
+        ref_f32: true,
+        ..v("ghmc", r#"{"type": "GHMC"}"#, Tgt::Labels)
+    },
+    Variant {
+        bins: 30,
+        ref_f32: true,
+        ..v(
+            "ghmc_bins30_mom0.75_dense",
+            r#"{"type": "GHMC", "bins": 30, "momentum": 0.75, "loss_weight": 2.0}"#,
+            Tgt::Binary,
+        )
+    },
+];
+
+/// The variant of that name.
+pub fn variant(name: &str) -> &'static Variant {
+    VARIANTS
+        .iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no variant {name}"))
+}
+
+/// The variant's config for C classes.
+pub fn config(v: &Variant, c: i64) -> String {
+    let cw: Vec<String> = (0..c)
+        .map(|k| format!("{}", 0.5 + 0.25 * (k % 7) as f64))
+        .collect();
+    v.config
+        .replace("CLASS_WEIGHT", &format!("[{}]", cw.join(", ")))
+}
+
+pub struct Inputs {
+    pub pred: Tensor,
+    pub target: Tensor,
+    pub scores: Option<Tensor>,
+}
+
+impl Inputs {
+    pub fn target(&self) -> Target<'_> {
+        match &self.scores {
+            Some(s) => Target::LabelsScores {
+                labels: &self.target,
+                scores: s,
+            },
+            None => Target::Tensor(&self.target),
+        }
+    }
+
+    pub fn to_device(&self, device: Device) -> Inputs {
+        Inputs {
+            pred: self.pred.to_device(device),
+            target: self.target.to_device(device),
+            scores: self.scores.as_ref().map(|s| s.to_device(device)),
+        }
+    }
+
+    /// pred (and floating targets and scores) in `kind`.
+    pub fn to_kind(&self, kind: Kind) -> Inputs {
+        let t = if self.target.is_floating_point() {
+            self.target.to_kind(kind)
+        } else {
+            self.target.shallow_clone()
+        };
+        Inputs {
+            pred: self.pred.to_kind(kind),
+            target: t,
+            scores: self.scores.as_ref().map(|s| s.to_kind(kind)),
+        }
+    }
+}
+
+/// Logits (in `kind`) whose sigmoid, and one minus it, lie at least 1e-4 from every GHM edge
+/// `k / bins`: elements closer are replaced by 0.3.
+fn away_from_edges(pred: Tensor, bins: i64) -> Tensor {
+    let p = pred.to_kind(Kind::Double).sigmoid();
+    let near = |g: &Tensor| {
+        let s = g * bins as f64;
+        (&s - s.round()).abs().lt(1e-4 * bins as f64)
+    };
+    let bad = near(&p).logical_or(&near(&(1.0 - &p)));
+    pred.masked_fill(&bad, 0.3)
+}
+
+/// Random inputs of a variant. `pred` is built transposed (non-contiguous) when asked.
+pub fn inputs(v: &Variant, n: i64, c: i64, kind: Kind, transposed: bool) -> Inputs {
+    let opts = (Kind::Double, Device::Cpu);
+    let mut logits = Tensor::randn([n, c], opts) * 2.5;
+    if v.prob {
+        logits = logits.sigmoid();
+        if matches!(kind, Kind::Half | Kind::BFloat16) {
+            // A half probability of exactly 0 or 1 has a BCE gradient of 1e12, beyond half's
+            // range (as with stock torch); keep half inputs off the saturated ends.
+            logits = logits.clamp(1e-3, 1.0 - 1e-3);
+        }
+    }
+    let pred = if transposed {
+        logits.t_copy().contiguous().t_()
+    } else {
+        logits
+    };
+    let mut pred = pred.to_kind(kind);
+    if v.bins > 0 {
+        pred = away_from_edges(pred, v.bins);
+    }
+    let labels = Tensor::randint(c + 1, [n], (Kind::Int64, Device::Cpu)); // c = background
+    let some = |p: f64, shape: &[i64]| Tensor::rand(shape, opts).lt(p);
+    let (target, scores) = match v.tgt {
+        Tgt::Labels => (labels, None),
+        Tgt::LabelsScores => (labels, Some(Tensor::rand([n], opts).to_kind(kind))),
+        Tgt::Dense | Tgt::DenseIgnore(_) => {
+            // Mostly zeros, some soft positives and some exact ones.
+            let soft = Tensor::rand([n, c], opts);
+            let keep = Tensor::rand([n, c], opts).gt(0.7).to_kind(Kind::Double);
+            let ones = Tensor::rand([n, c], opts).gt(0.95).to_kind(Kind::Double);
+            let mut t = (soft * keep).maximum(&ones);
+            if let Tgt::DenseIgnore(ignore) = v.tgt {
+                t = t
+                    .masked_fill(&some(0.05, &[n, c]), -1.0)
+                    .masked_fill(&some(0.05, &[n, c]), ignore as f64);
+            }
+            (t.to_kind(kind), None)
+        }
+        Tgt::ClassIdx(ignore) => {
+            let l = Tensor::randint(c.max(1), [n], (Kind::Int64, Device::Cpu));
+            (l.masked_fill(&some(0.15, &[n]), ignore), None)
+        }
+        Tgt::LabelsIgnore(ignore) => {
+            let l =
+                (labels - 1).clamp_min(-1) + Tensor::randint(2, [n], (Kind::Int64, Device::Cpu));
+            (l.masked_fill(&some(0.1, &[n]), ignore), None)
+        }
+        Tgt::Column => {
+            pred = pred.flatten(0, -1).narrow(0, 0, n);
+            (Tensor::rand([n], opts).to_kind(kind), None)
+        }
+        Tgt::Distances => {
+            // Below reg_max - 1, so that rounding to the dtype stays below reg_max.
+            let top = ((c - 2) as f64).max(0.5);
+            let d = Tensor::rand([n], opts) * top;
+            // Some exact integers (the right bin's coefficient is then 0).
+            let d = d.where_self(&some(0.8, &[n]), &d.floor());
+            (d.to_kind(kind), None)
+        }
+        Tgt::Binary => (Tensor::rand([n, c], opts).gt(0.8).to_kind(kind), None),
+    };
+    Inputs {
+        pred,
+        target,
+        scores,
+    }
+}
+
+/// Weight shapes each variant accepts, as MMDetection broadcasts them (GHMC's label weight, a
+/// mask, is never absent).
+pub fn weights(v: &Variant, n: i64, c: i64) -> Vec<(&'static str, Option<Tensor>)> {
+    let w = |shape: &[i64]| Some(Tensor::rand(shape, (Kind::Double, Device::Cpu)) + 0.25);
+    let mask = |shape: &[i64]| {
+        let m = Tensor::rand(shape, (Kind::Double, Device::Cpu)).gt(0.2);
+        Some((Tensor::rand(shape, (Kind::Double, Device::Cpu)) + 0.25) * m)
+    };
+    let ty = v.config;
+    let mut out = vec![("none", None)];
+    match v.tgt {
+        _ if ty.contains("GHMC") => {
+            out.clear();
+            if v.tgt == Tgt::Labels {
+                out.push(("(N,) mask", mask(&[n])));
+            } else {
+                out.push(("(N,C) mask", mask(&[n, c])));
+                out.push(("(N,1) mask", mask(&[n, 1])));
+            }
+        }
+        _ if ty.contains("\"FocalLoss\"") => {
+            out.push(("(N,)", w(&[n])));
+            out.push(("(N*C,)", w(&[n * c])));
+            out.push(("(N,C)", w(&[n, c])));
+            // A transposed (non-contiguous) (N, C) weight.
+            out.push(("(N,C)^T", w(&[c, n]).map(|t| t.transpose(0, 1))));
+        }
+        Tgt::LabelsScores | Tgt::ClassIdx(_) | Tgt::Distances => {
+            out.push(("(N,)", w(&[n])));
+            out.push(("()", w(&[])));
+        }
+        _ if ty.contains("QualityFocalLoss") => {
+            out.push(("(N,)", w(&[n])));
+            out.push(("()", w(&[])));
+        }
+        Tgt::LabelsIgnore(_) => {
+            out.push(("(N,)", w(&[n])));
+            out.push(("(N,1)", w(&[n, 1])));
+        }
+        Tgt::Column => out.push(("(N,)", w(&[n]))),
+        _ => {
+            out.push(("(N,C)", w(&[n, c])));
+            out.push(("(C,)", w(&[c])));
+            out.push(("(N,1)", w(&[n, 1])));
+        }
+    }
+    out
+}
+
+/// Relative tolerance of a dtype's fused result against the float64 reference.
+pub fn tolerance(kind: Kind) -> f64 {
+    match kind {
+        Kind::Double => 1e-10,
+        Kind::Float => 2e-5,
+        Kind::Half => 4e-3,
+        _ => 3e-2, // bfloat16: 8 bits of mantissa
+    }
+}
+
+/// Whether `got` matches the float64 `want` to the dtype's precision: its relative tolerance of
+/// `want`'s largest magnitude, plus, for float16, the spacing of its subnormals (2^-24), which
+/// is all a float16 gradient of a mean over many elements can resolve.
+pub fn assert_close(got: &Tensor, want: &Tensor, kind: Kind, what: &str) {
+    assert_close_tol(got, want, kind, tolerance(kind), what)
+}
+
+pub fn assert_close_tol(got: &Tensor, want: &Tensor, kind: Kind, tol: f64, what: &str) {
+    let got = got.to_device(Device::Cpu);
+    let err = rel_err(&got, want).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let scale = if want.numel() == 0 {
+        1.0
+    } else {
+        want.abs()
+            .nan_to_num(0.0, None, None)
+            .max()
+            .double_value(&[])
+    };
+    let quantum = if kind == Kind::Half {
+        2f64.powi(-24)
+    } else {
+        0.0
+    };
+    let allowed = tol + quantum / scale.max(f64::MIN_POSITIVE);
+    assert!(
+        err <= allowed,
+        "{what}: error {err:e} of the largest magnitude {scale:e} > {allowed:e}"
+    );
+}
+
+/// Empty, single-class, odd (vector tails), a row longer than a block, many rows, and over a
+/// thousand classes (an LVIS-sized softmax).
+pub const SHAPES: &[(i64, i64)] = &[(0, 5), (7, 1), (37, 13), (3, 300), (257, 80), (5, 1204)];
+pub const REDUCTIONS: &[(&str, Option<Reduction>, Option<f64>, bool)] = &[
+    ("none", Some(Reduction::None), None, false),
+    ("mean", Some(Reduction::Mean), None, false),
+    ("sum", Some(Reduction::Sum), None, false),
+    ("mean/avg", Some(Reduction::Mean), Some(13.5), false),
+    ("mean/avg-tensor", Some(Reduction::Mean), Some(7.25), true),
+    ("none/avg", Some(Reduction::None), Some(3.0), false),
+    ("config", None, None, false),
+];
+
+pub fn call_args(
+    w: Option<&Tensor>,
+    red: Option<Reduction>,
+    avg: Option<f64>,
+    avg_tensor: bool,
+    k: Kind,
+) -> LossArgs<'_> {
+    let mut a = LossArgs::new();
+    if let Some(w) = w {
+        a = a.weight(w);
+    }
+    if let Some(r) = red {
+        a = a.reduction(r);
+    }
+    match (avg, avg_tensor) {
+        (Some(v), false) => a.avg_factor(v),
+        (Some(v), true) => a.avg_factor(AvgFactor::Tensor(Tensor::from(v).to_kind(k))),
+        _ => a,
+    }
+}
+
+/// The global RNG is shared by the parallel tests: a test holds this while it draws inputs so
+/// that each test sees the same inputs on every run.
+pub static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs every shape, layout, weight and reduction of one variant on `device` and compares the
+/// fused loss and both gradient paths with the unfused composition in float64 on the CPU.
+pub fn check_variant(name: &str, kind: Kind, device: Device) {
+    let _rng = rng_lock();
+    let v = variant(name);
+    tch::manual_seed(name.len() as i64 * 31 + kind as i64);
+    // The reference's own precision bounds the comparison.
+    let tol = if v.ref_f32 {
+        tolerance(kind).max(tolerance(Kind::Float))
+    } else {
+        tolerance(kind)
+    };
+    let mut checked = 0;
+    for &(n, c) in SHAPES {
+        if v.tgt == Tgt::Distances && c < 2 {
+            continue; // reg_max = 0: no distance is in range
+        }
+        let config = config(v, c);
+        for transposed in [false, true] {
+            // One loss object per path, called in lockstep (GHM's momentum state).
+            let loss = registry::build_str(&config).unwrap();
+            let reference = registry::build_str(&config).unwrap();
+            let inp = inputs(v, n, c, kind, transposed);
+            let on_device = inp.to_device(device);
+            for (wname, weight) in weights(v, n, c) {
+                for &(rname, red, avg, avg_tensor) in REDUCTIONS {
+                    let ctx = format!("{name} {kind:?} {device:?} [{n}, {c}] transposed={transposed} weight={wname} {rname}");
+                    let weight_k = weight.as_ref().map(|w| w.to_kind(kind));
+                    let weight_d = weight_k.as_ref().map(|w| w.to_device(device));
+
+                    // Fused, in the input dtype, on the device.
+                    let pred = on_device.pred.detach().set_requires_grad(true);
+                    let mut args = call_args(weight_d.as_ref(), red, avg, avg_tensor, kind);
+                    if let Some(AvgFactor::Tensor(t)) = &args.avg_factor {
+                        args.avg_factor = Some(AvgFactor::Tensor(t.to_device(device)));
+                    }
+                    let fused = loss.forward(&pred, on_device.target(), &args);
+
+                    // Unfused, in float64 on the same values, on the CPU.
+                    let pred64 = inp
+                        .pred
+                        .to_kind(Kind::Double)
+                        .detach()
+                        .set_requires_grad(true);
+                    let inp64 = inp.to_kind(Kind::Double);
+                    let w64 = weight_k.as_ref().map(|w| w.to_kind(Kind::Double));
+                    let want = reference.forward_unfused(
+                        &pred64,
+                        inp64.target(),
+                        &call_args(w64.as_ref(), red, avg, avg_tensor, Kind::Double),
+                    );
+                    let (out, want) = match (fused, want) {
+                        (Ok(o), Ok(w)) => (o, w),
+                        (Err(a), Err(b)) => {
+                            // Both reject it (GHMC's 'sum'), with the same reason.
+                            let (a, b) = (format!("{a:#}"), format!("{b:#}"));
+                            assert!(
+                                a.contains("avg_factor can not be used")
+                                    && b.contains("avg_factor can not be used"),
+                                "{ctx}: {a} / {b}"
+                            );
+                            continue;
+                        }
+                        (a, b) => panic!("{ctx}: fused {:?}, unfused {:?}", a.err(), b.err()),
+                    };
+                    let upstream =
+                        Tensor::rand(out.size().as_slice(), (Kind::Double, Device::Cpu)) + 0.5;
+                    let objective =
+                        (&out * upstream.to_kind(out.kind()).to_device(device)).sum(Kind::Double);
+                    // On the CPU the first backward uses the gradient the forward pass wrote and the
+                    // second (graph retained) recomputes it in the backward kernel; on CUDA both
+                    // recompute. All must be right.
+                    let first =
+                        Tensor::run_backward(&[&objective], &[&pred], true, false).remove(0);
+                    let second =
+                        Tensor::run_backward(&[&objective], &[&pred], false, false).remove(0);
+                    (&want.to_kind(Kind::Double) * &upstream)
+                        .sum(Kind::Double)
+                        .backward();
+
+                    assert_eq!(out.kind(), kind, "{ctx}: output dtype");
+                    assert_eq!(out.device(), device, "{ctx}: output device");
+                    let want = want.to_kind(Kind::Double);
+                    assert_close_tol(&out, &want, kind, tol, &format!("{ctx}: loss"));
+                    for (which, g) in [("first", first), ("second", second)] {
+                        assert_close_tol(
+                            &g,
+                            &pred64.grad(),
+                            kind,
+                            tol,
+                            &format!("{ctx}: {which} grad"),
+                        );
+                    }
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        checked >= 2 * REDUCTIONS.len() * 2,
+        "only {checked} combinations ran"
+    );
+}

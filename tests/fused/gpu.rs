@@ -1,0 +1,154 @@
+//! The CUDA kernels, run only when asked for: `cargo test --release --features gpu-tests` on a
+//! machine with an NVIDIA GPU (sm_80 or newer).
+
+use rstest::rstest;
+use tch::{Device, Kind, Tensor};
+use tch_detloss::golden::rel_err;
+use tch_detloss::losses::FocalLoss;
+use tch_detloss::{Loss, LossArgs, Reduction};
+
+use crate::common::{check_variant, inputs, variant};
+
+fn cuda() -> Device {
+    assert!(tch::Cuda::is_available(), "gpu-tests needs a CUDA device");
+    Device::Cuda(0)
+}
+
+#[rstest]
+fn cuda_matches_unfused(
+    #[values(
+        "focal",
+        "focal_g1.5_a0.5",
+        "focal_g0",
+        "focal_dense_lw0.5",
+        "focal_activated",
+        "focal_activated_dense_g1.5",
+        "qfl",
+        "qfl_dense_b1_lw2",
+        "qfl_activated",
+        "qfl_activated_dense_b1.5",
+        "vfl",
+        "vfl_plain_g1.5_a0.5",
+        "ce_softmax",
+        "ce_softmax_cw_ignore255_avgnonignore_lw2",
+        "ce_sigmoid_labels_ignore255_avgnonignore",
+        "ce_sigmoid_dense_cw",
+        "ce_sigmoid_column",
+        "dfl",
+        "dfl_lw0.25",
+        "ghmc",
+        "ghmc_bins30_mom0.75_dense"
+    )]
+    name: &str,
+    #[values(Kind::Double, Kind::Float, Kind::Half, Kind::BFloat16)] kind: Kind,
+) {
+    check_variant(name, kind, cuda());
+}
+
+/// RetinaNet-sized input: fused CUDA against the float64 composition, and bitwise
+/// reproducible from run to run (no atomics).
+#[test]
+fn cuda_large_and_deterministic() {
+    let d = cuda();
+    let (n, c) = (400_000, 80);
+    let inp = inputs(variant("focal"), n, c, Kind::Float, false);
+    let pred = inp.pred.to_device(d).set_requires_grad(true);
+    let labels = inp.target.to_device(d);
+    let w = Tensor::rand([n], (Kind::Float, d));
+    let af = Tensor::from(1234.5f32).to_device(d);
+    let loss = FocalLoss::default();
+    let run = || {
+        let l = loss
+            .forward(
+                &pred,
+                (&labels).into(),
+                &LossArgs::new().weight(&w).avg_factor(&af),
+            )
+            .unwrap();
+        let g = Tensor::run_backward(&[&l], &[&pred], false, false).remove(0);
+        (l, g)
+    };
+    let (l1, g1) = run();
+    let (l2, g2) = run();
+    assert!(l1.equal(&l2) && g1.equal(&g2), "not bitwise reproducible");
+    let pred64 = inp.pred.to_kind(Kind::Double).set_requires_grad(true);
+    let w64 = w.to_device(Device::Cpu).to_kind(Kind::Double);
+    let want = loss
+        .forward_unfused(
+            &pred64,
+            (&inp.target).into(),
+            &LossArgs::new().weight(&w64).avg_factor(1234.5),
+        )
+        .unwrap();
+    want.backward();
+    assert!(rel_err(&l1.to_device(Device::Cpu), &want).unwrap() < 1e-5);
+    assert!(rel_err(&g1.to_device(Device::Cpu), &pred64.grad()).unwrap() < 1e-5);
+}
+
+/// More than 2^32 elements take the 64-bit-index kernels.
+#[test]
+fn cuda_wide_index() {
+    let d = cuda();
+    let (n, c) = ((1i64 << 32) / 80 + 1000, 80);
+    let pred = Tensor::randn([n, c], (Kind::BFloat16, d));
+    let labels = Tensor::randint(c + 1, [n], (Kind::Int64, d));
+    let loss = FocalLoss {
+        reduction: Reduction::Sum,
+        ..Default::default()
+    };
+    let whole = loss
+        .forward(&pred, (&labels).into(), &LossArgs::new())
+        .unwrap()
+        .to_kind(Kind::Double);
+    let h = n / 2;
+    let part = |s: i64, len: i64| {
+        loss.forward(
+            &pred.narrow(0, s, len),
+            (&labels.narrow(0, s, len)).into(),
+            &LossArgs::new(),
+        )
+        .unwrap()
+        .to_kind(Kind::Double)
+    };
+    let split = part(0, h) + part(h, n - h);
+    assert!(rel_err(&whole.to_device(Device::Cpu), &split.to_device(Device::Cpu)).unwrap() < 2e-2);
+}
+
+#[test]
+fn tensors_on_different_devices_are_errors() {
+    let d = cuda();
+    let pred = Tensor::randn([6, 4], (Kind::Float, d));
+    let labels = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 0]);
+    let e = FocalLoss::default()
+        .forward(&pred, (&labels).into(), &LossArgs::new())
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("device"), "{e:#}");
+    let w = Tensor::ones([6], (Kind::Float, Device::Cpu));
+    let labels = labels.to_device(d);
+    let e = FocalLoss::default()
+        .forward(&pred, (&labels).into(), &LossArgs::new().weight(&w))
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("device"), "{e:#}");
+}
+
+/// On CUDA a label outside [0, C] cannot be reported without reading the device back; the
+/// documented result is NaN for the rows concerned.
+#[test]
+fn cuda_bad_labels_give_nan() {
+    let d = cuda();
+    let pred = Tensor::randn([4, 3], (Kind::Float, d));
+    let labels = Tensor::from_slice(&[0i64, 7, 2, 3]).to_device(d);
+    let l = FocalLoss::default()
+        .forward(
+            &pred,
+            (&labels).into(),
+            &LossArgs::new().reduction(Reduction::None),
+        )
+        .unwrap()
+        .to_device(Device::Cpu);
+    let nan_rows = l.isnan().any_dim(1, false);
+    assert_eq!(
+        Vec::<bool>::try_from(nan_rows).unwrap(),
+        vec![false, true, false, false]
+    );
+}
