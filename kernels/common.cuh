@@ -47,7 +47,7 @@ DL_NAMESPACE_BEGIN
   X(uint64_t, grad_buf)   /* CPU forward: 0, or [n, c] T for d(result)/d(pred), same pass */          \
   X(uint64_t, row_stat)   /* row executor: [n] accumulation type, each row's log-sum-exp */            \
   X(uint64_t, hist_counts)  /* histogram executor: [blocks, bins + 1] int32 per-block counts */       \
-  X(uint64_t, hist_weights) /* histogram executor: [bins] accumulation type, each bin's weight */      \
+  X(uint64_t, hist_weights) /* histogram executor: [2 bins + 1] accumulation type: weights, edges */  \
   X(uint64_t, hist_state)   /* histogram executor: [bins] float32 momentum state (acc_sum) or 0 */     \
   X(uint64_t, aux)        /* a body's vector parameter, accumulation type (see the body) */            \
   X(int64_t, n)                                                                                         \
@@ -264,16 +264,20 @@ template <class A> struct Lse {
 };
 
 // The histogram executor's bin of g: bin i holds edges[i] <= g < edges[i + 1], with MMDetection's
-// float32 edges float(i) / float(bins) and the last one `last` (GHM-C: float32(1) + 1e-6, GHM-R:
-// 1e3). Compared against the edge table, not floor(g * bins), which misplaces values next to an
-// edge. -1 for a g in no bin (NaN included).
-template <class A> DL_HD int hist_bin(A g, int bins, double last) {
-  if (!(g >= A(0)) || !(g < A(last))) return -1;
-  const A scaled = g * A(bins);
+// float32 edges float(i) / float(bins) (`edge(i)`, computed or looked up by the executor) and the
+// last one `last` (GHM-C: float32(1) + 1e-6, GHM-R: 1e3). Compared against the edges, not
+// floor(g * bins) alone, which misplaces values next to an edge; that floor is off by at most one
+// bin, so one step each way finds the bin. -1 for a g in no bin (NaN included).
+template <class A> DL_HD A hist_edge(int k, int bins) { return A(float(k) / float(bins)); }
+template <class A, class Edge> DL_HD int hist_bin(A g, int bins, A last, const Edge& edge) {
+  // Selects rather than branches, so that a CPU loop over elements vectorizes.
+  const bool in = (g >= A(0)) & (g < last);
+  const A gg = in ? g : A(0);
+  const A scaled = gg * A(bins);
   int k = scaled >= A(bins - 1) ? bins - 1 : int(scaled);
-  while (k > 0 && g < A(float(k) / float(bins))) --k;
-  while (k < bins - 1 && g >= A(float(k + 1) / float(bins))) ++k;
-  return k;
+  k -= ((k > 0) & (gg < edge(k))) ? 1 : 0;
+  k += ((k < bins - 1) & (gg >= edge(k + 1))) ? 1 : 0;
+  return in ? k : -1;
 }
 
 // The weight of a bin with `num` elements (before the division by the number of non-empty bins),

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstring>
 #include <exception>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -73,6 +74,14 @@ template <class T, class A> struct Launch {
   bool strict;
   bool row_sum;
   int64_t rows_per_chunk, n_chunks;
+  // Loop invariants, hoisted so that the element loops vectorize: the per-class parameters (a
+  // column of ones without them), the ignored label value, and the histogram's bins.
+  std::vector<A> ones;
+  const A* col;
+  A ignore;
+  const A* bin_weight;
+  int bins;
+  A last_edge;
 
   explicit Launch(const Args& args)
       : a(args),
@@ -86,26 +95,54 @@ template <class T, class A> struct Launch {
         strict((args.flags & FLAG_STRICT_LABELS) != 0),
         row_sum((args.flags & FLAG_ROW_SUM) != 0),
         rows_per_chunk(std::max<int64_t>(1, CHUNK_ELEMS / std::max<int64_t>(c, 1))),
-        n_chunks((n + rows_per_chunk - 1) / rows_per_chunk) {}
+        n_chunks((n + rows_per_chunk - 1) / rows_per_chunk),
+        ones(args.aux ? 0 : size_t(std::max<int64_t>(c, 0)), A(1)),
+        col(args.aux ? reinterpret_cast<const A*>(args.aux) : ones.data()),
+        ignore(A(args.i0)),
+        bin_weight(reinterpret_cast<const A*>(args.hist_weights)),
+        bins(args.bins),
+        last_edge(A(args.last_edge)) {}
+
+  // The bin of g (-1 for none). The edges are divided out rather than looked up: a division
+  // vectorizes where a table lookup does not.
+  DL_HD int bin(A g) const {
+    const int nb = bins;
+    return hist_bin(g, nb, last_edge, [nb](int k) { return hist_edge<A>(k, nb); });
+  }
+
+  // The weights of a histogram body's elements j0 .. j0 + m of a row: their bins in one loop
+  // (vectorized), the bin weights gathered in a second.
+  template <class E, int TM, bool WELEM>
+  DL_HD void hist_weights(const E& e, const Row<T, A>& r, int64_t j0, int64_t m, int32_t* slot, A* w) const {
+    // The label's column relative to the block, in 32 bits (a 64-bit compare in the loop keeps it
+    // from vectorizing).
+    const int32_t lab = (r.label >= j0 && r.label < j0 + m) ? int32_t(r.label - j0) : -1;
+    for (int32_t k = 0; k < int32_t(m); ++k) {
+      const A wk = WELEM ? ld<T, A>(r.w, j0 + k) : r.wr;
+      const A t = TM == TARGET_DENSE ? ld<T, A>(r.tgt, j0 + k) : (k == lab ? r.score : A(0));
+      const int b = bin(e.hist_g(ld<T, A>(r.x, j0 + k), t));
+      slot[k] = wk > A(0) ? b : -1;
+    }
+    for (int64_t k = 0; k < m; ++k) w[k] = slot[k] >= 0 ? bin_weight[slot[k]] : A(0);
+  }
 
   // Element (i, j)'s weight: its weight (per element or per row), 0 where an IGNORE_INDEX body
   // ignores it, and for a histogram body its bin's weight where its weight is > 0.
-  template <class E, int TM, bool WELEM> A weight_of(const E& e, const Row<T, A>& r, int64_t j, A x, A t) const {
+  template <class E, int TM, bool WELEM> DL_HD A weight_of(const E& e, const Row<T, A>& r, int64_t j, A x, A t) const {
     A w = WELEM ? ld<T, A>(r.w, j) : r.wr;
     if constexpr (E::IGNORE_INDEX) {
       w *= r.valid;
-      if (TM == TARGET_DENSE && !(t >= A(0) && t != A(a.i0))) w = A(0);
+      if (TM == TARGET_DENSE) w = (t >= A(0) && t != ignore) ? w : A(0);
     }
     if constexpr (E::HISTOGRAM) {
-      if (!(w > A(0))) return A(0);
-      const int b = hist_bin(e.hist_g(x, t), a.bins, a.last_edge);
-      w = b < 0 ? A(0) : reinterpret_cast<const A*>(a.hist_weights)[b];
+      const int b = bin(e.hist_g(x, t));
+      w = (w > A(0)) & (b >= 0) ? bin_weight[b >= 0 ? b : 0] : A(0);
     }
     return w;
   }
-  // Column j's parameter (aux[j]) for a COLUMN_PARAM body.
-  template <class E> A column_param(int64_t j) const {
-    if constexpr (E::COLUMN_PARAM) return a.aux ? reinterpret_cast<const A*>(a.aux)[j] : A(1);
+  // Column j's parameter (aux[j], or 1) for a COLUMN_PARAM body.
+  template <class E> DL_HD A column_param(int64_t j) const {
+    if constexpr (E::COLUMN_PARAM) return col[j];
     return A(1);
   }
 
@@ -141,11 +178,12 @@ template <class T, class A> struct Launch {
   }
 };
 
-template <class E, class A> inline A elem_loss(const E& e, A x, A t, A cp) {
+// Always inlined, as the functors are: a call per element would stop the loops vectorizing.
+template <class E, class A> DL_HD A elem_loss(const E& e, A x, A t, A cp) {
   if constexpr (E::COLUMN_PARAM) return e.loss(x, t, cp);
   else return e.loss(x, t);
 }
-template <class E, class A> inline A elem_grad(const E& e, A x, A t, A cp) {
+template <class E, class A> DL_HD A elem_grad(const E& e, A x, A t, A cp) {
   if constexpr (E::COLUMN_PARAM) return e.grad(x, t, cp);
   else return e.grad(x, t);
 }
@@ -168,6 +206,8 @@ int64_t forward(const Args& args) {
 
   at::parallel_for(0, L.n_chunks, 1, [&](int64_t cb, int64_t ce) {
     alignas(64) A buf[BLOCK];
+    alignas(64) A hw[E::HISTOGRAM ? BLOCK : 1];
+    alignas(64) int32_t slot[E::HISTOGRAM ? BLOCK : 1];
     for (int64_t ch = cb; ch < ce; ++ch) {
       double acc = 0.0;
       for (int64_t i = L.chunk_begin(ch); i < L.chunk_end(ch); ++i) {
@@ -178,9 +218,12 @@ int64_t forward(const Args& args) {
           const int64_t m = std::min(BLOCK, c - j0);
           const T* x = r.x + j0;
           T* g = WG ? grad + i * c + j0 : nullptr;
+          if constexpr (E::HISTOGRAM) L.template hist_weights<E, TM, WELEM>(e, r, j0, m, slot, hw);
           for (int64_t k = 0; k < m; ++k) {
             const A xk = ld<T, A>(x, k), tk = target_at<T, A, TM>(r, j0 + k);
-            const A w = L.template weight_of<E, TM, WELEM>(e, r, j0 + k, xk, tk);
+            A w;
+            if constexpr (E::HISTOGRAM) w = hw[k];
+            else w = L.template weight_of<E, TM, WELEM>(e, r, j0 + k, xk, tk);
             const A cp = L.template column_param<E>(j0 + k);
             buf[k] = elem_loss(e, xk, tk, cp) * w;
             if (WG) g[k] = static_cast<T>(elem_grad(e, xk, tk, cp) * (w * gscale));
@@ -276,22 +319,42 @@ template <class E, class T, int TM, bool WELEM> void prepare(const Args& args) {
     // weight sum; pass 2: the chunks added in order, the state updated, the bin weights written.
     std::vector<int64_t> counts(size_t(L.n_chunks) * (bins + 1), 0);
     std::vector<double> wsums(L.n_chunks, 0.0);
+    const bool tot_sum = (args.flags & FLAG_TOT_SUM) != 0;
     at::parallel_for(0, L.n_chunks, 1, [&](int64_t cb, int64_t ce) {
+      // Per block of a row: the slots in a vector loop (bins: no bin; bins + 1: weight not
+      // > 0), then the counts in a scalar one.
+      alignas(64) int32_t slot[BLOCK];
+      alignas(64) A wbuf[BLOCK];
+      std::vector<int64_t> local(size_t(bins) + 2);
       for (int64_t ch = cb; ch < ce; ++ch) {
-        int64_t* cnt = counts.data() + ch * (bins + 1);
+        std::fill(local.begin(), local.end(), 0);
         A ws = A(0);
         for (int64_t i = L.chunk_begin(ch); i < L.chunk_end(ch); ++i) {
           Row<T, A> r;
           L.template row<TM>(i, r);
-          for (int64_t j = 0; j < c; ++j) {
-            const A w = WELEM ? ld<T, A>(r.w, j) : r.wr;
-            ws += w;
-            if (!(w > A(0))) continue;
-            cnt[bins]++;
-            const int b = hist_bin(e.hist_g(ld<T, A>(r.x, j), target_at<T, A, TM>(r, j)), bins, args.last_edge);
-            if (b >= 0) cnt[b]++;
+          for (int64_t j0 = 0; j0 < c; j0 += BLOCK) {
+            const int64_t m = std::min(BLOCK, c - j0);
+            // The label's column relative to the block, in 32 bits: a 64-bit compare in the loop
+            // keeps it from vectorizing.
+            const int32_t lab = (r.label >= j0 && r.label < j0 + m) ? int32_t(r.label - j0) : -1;
+            for (int32_t k = 0; k < int32_t(m); ++k) {
+              const int64_t j = j0 + k;
+              const A w = WELEM ? ld<T, A>(r.w, j) : r.wr;
+              const A t = TM == TARGET_DENSE ? ld<T, A>(r.tgt, j) : (k == lab ? r.score : A(0));
+              const int b = L.bin(e.hist_g(ld<T, A>(r.x, j), t));
+              slot[k] = !(w > A(0)) ? bins + 1 : (b < 0 ? bins : b);
+            }
+            for (int64_t k = 0; k < m; ++k) local[slot[k]]++;
+            if (tot_sum) {
+              // Apart from the loop above, whose float sum would stop it vectorizing.
+              for (int64_t k = 0; k < m; ++k) wbuf[k] = WELEM ? ld<T, A>(r.w, j0 + k) : r.wr;
+              ws += lane_sum(wbuf, m);
+            }
           }
         }
+        int64_t* cnt = counts.data() + ch * (bins + 1);
+        for (int b = 0; b < bins; ++b) cnt[b] = local[b];
+        cnt[bins] = std::accumulate(local.begin(), local.begin() + bins + 1, int64_t(0));
         wsums[ch] = double(ws);
       }
     });
@@ -340,13 +403,8 @@ template <class T, class A> inline RowLse<A> row_lse(const T* x, int64_t c, A* b
   A m = dl_max(dl_max(dl_max(lanes[0], lanes[1]), dl_max(lanes[2], lanes[3])),
                dl_max(dl_max(lanes[4], lanes[5]), dl_max(lanes[6], lanes[7])));
   for (; j < c; ++j) m = dl_max(m, ld<T, A>(x, j));
-  bool nan = false;
-  for (int64_t k = 0; k < c; ++k) {
-    const A v = ld<T, A>(x, k);
-    nan |= v != v;
-    buf[k] = dl_exp(v - m);
-  }
-  if (nan) return {A(0) / A(0), A(0) / A(0)};  // dl_max skips NaN; torch's log-sum-exp propagates it
+  // dl_max skips a NaN, but exp(NaN - m) makes the sum NaN, as torch's log-sum-exp is.
+  for (int64_t k = 0; k < c; ++k) buf[k] = dl_exp(ld<T, A>(x, k) - m);
   const A s = lane_sum(buf, c);
   return {m + dl_log(s), s};
 }

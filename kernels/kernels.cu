@@ -115,8 +115,11 @@ template <class E, class A> __device__ __forceinline__ A elem_weight(const E& e,
   }
   if constexpr (E::HISTOGRAM) {
     if (!(w > A(0))) return A(0);
-    const int b = hist_bin(e.hist_g(x, t.t), a.bins, a.last_edge);
-    return b < 0 ? A(0) : reinterpret_cast<const A*>(a.hist_weights)[b];
+    // The finalize wrote the edges after the bin weights.
+    const A* hw = reinterpret_cast<const A*>(a.hist_weights);
+    const int bins = a.bins;
+    const int b = hist_bin(e.hist_g(x, t.t), bins, A(a.last_edge), [hw, bins](int k) { return hw[bins + k]; });
+    return b < 0 ? A(0) : hw[b];
   } else {
     return w;
   }
@@ -283,7 +286,8 @@ template <class E, class T, class I> __device__ __forceinline__ void histogram(c
       if (w > A(0)) {
         const Tgt<A> t = target_at<E, A, T>(a, k, i, j);
         atomicAdd(&counts[bins], 1);
-        const int b = hist_bin(e.hist_g(ld<A>(pred, k), t.t), bins, a.last_edge);
+        const int b = hist_bin(e.hist_g(ld<A>(pred, k), t.t), bins, A(a.last_edge),
+                               [bins](int q) { return hist_edge<A>(q, bins); });
         if (b >= 0) atomicAdd(&counts[b], 1);
       }
     }
@@ -349,7 +353,8 @@ template <class T> __device__ __forceinline__ void finalize(const Args& a) {
 
 // Histogram executor, pass 2 (one block): adds the per-block counts of each bin in block order,
 // updates the momentum state of the non-empty bins, and writes each bin's weight, divided by the
-// number of non-empty bins, and the total (the divisor of 'mean') to avg_factor.
+// number of non-empty bins, then the bins + 1 edges, to hist_weights, and the total (the divisor
+// of 'mean') to avg_factor.
 template <class A> __device__ __forceinline__ void hist_finalize(const Args& a) {
   const int bins = a.bins, nb = a.n_partials;
   const int* counts = reinterpret_cast<const int*>(a.hist_counts);
@@ -387,6 +392,9 @@ template <class A> __device__ __forceinline__ void hist_finalize(const Args& a) 
   __syncthreads();
   if (nonempty_s > 0)
     for (int b = threadIdx.x; b < bins; b += THREADS) weights[b] = weights[b] / A(nonempty_s);
+  // The edges, for the element passes (a table instead of a division per element).
+  for (int b = threadIdx.x; b < bins; b += THREADS) weights[bins + b] = hist_edge<A>(b, bins);
+  if (threadIdx.x == 0) weights[2 * bins] = A(a.last_edge);
   if (threadIdx.x == 0) *reinterpret_cast<A*>(a.avg_factor) = A(tot);
 }
 

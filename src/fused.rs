@@ -415,7 +415,8 @@ fn prepare(
         // The total, the divisor of 'mean', is written by the histogram finalize.
         avg_buffer(&mut args, &mut buffers)?;
         args.has_avg_factor = AVG_TENSOR;
-        let w = Tensor::f_zeros([h.bins], (acc, device))?;
+        // Each bin's weight, then the bins + 1 edges (kernels/kernels.cu, hist_finalize).
+        let w = Tensor::f_zeros([2 * h.bins + 1], (acc, device))?;
         args.hist_weights = ptr(&w);
         buffers.push(w);
         args.bins = h.bins as i32;

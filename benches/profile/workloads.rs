@@ -1,0 +1,242 @@
+//! What is profiled: one entry per loss, with the shapes and inputs of the head that uses it.
+//! Adding a loss to the profile is one entry in [`WORKLOADS`].
+
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+use tch_detloss::{LossArgs, Target};
+
+/// Fraction of anchors that are positive, and of anchors that are ignored (weight 0).
+const POSITIVE_FRACTION: f64 = 0.01;
+const IGNORED_FRACTION: f64 = 0.05;
+
+/// One profiled loss.
+pub struct Workload {
+    /// The row's name: the MMDetection class, and the form where it has several.
+    pub name: &'static str,
+    /// The MMDetection config dict it is built from.
+    pub config: &'static str,
+    /// (rows, columns) on the CPU and on CUDA.
+    pub cpu_shape: (i64, i64),
+    pub cuda_shape: (i64, i64),
+    /// The dtypes timed on CUDA (the CPU times float32).
+    pub cuda_kinds: &'static [Kind],
+    /// The inputs its head gives it.
+    pub inputs: fn(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs>,
+}
+
+/// 2 images x 20,000 anchors on the CPU; 16 images x 100,000 anchors (a RetinaNet batch) on CUDA.
+const ANCHORS: ((i64, i64), (i64, i64)) = ((40_000, 80), (1_600_000, 80));
+const F32: &[Kind] = &[Kind::Float];
+
+pub const WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "FocalLoss",
+        config: r#"{"type": "FocalLoss"}"#,
+        cpu_shape: ANCHORS.0,
+        cuda_shape: ANCHORS.1,
+        cuda_kinds: &[Kind::Float, Kind::BFloat16, Kind::Half],
+        inputs: labelled_anchors,
+    },
+    Workload {
+        name: "QualityFocalLoss",
+        config: r#"{"type": "QualityFocalLoss"}"#,
+        cpu_shape: ANCHORS.0,
+        cuda_shape: ANCHORS.1,
+        cuda_kinds: F32,
+        inputs: quality_anchors,
+    },
+    Workload {
+        name: "VarifocalLoss",
+        config: r#"{"type": "VarifocalLoss"}"#,
+        cpu_shape: ANCHORS.0,
+        cuda_shape: ANCHORS.1,
+        cuda_kinds: F32,
+        inputs: varifocal_anchors,
+    },
+    // An LVIS-sized RoI head: 16 images x 512 RoIs, 1,203 classes + background.
+    Workload {
+        name: "CrossEntropyLoss softmax",
+        config: r#"{"type": "CrossEntropyLoss"}"#,
+        cpu_shape: (8_192, 1_204),
+        cuda_shape: (8_192, 1_204),
+        cuda_kinds: &[Kind::Float, Kind::BFloat16],
+        inputs: roi_classes,
+    },
+    Workload {
+        name: "CrossEntropyLoss sigmoid",
+        config: r#"{"type": "CrossEntropyLoss", "use_sigmoid": true}"#,
+        cpu_shape: ANCHORS.0,
+        cuda_shape: ANCHORS.1,
+        cuda_kinds: F32,
+        inputs: labelled_anchors,
+    },
+    // GFL's box branch: 4 sides per anchor, reg_max 16.
+    Workload {
+        name: "DistributionFocalLoss",
+        config: r#"{"type": "DistributionFocalLoss"}"#,
+        cpu_shape: (4 * 40_000, 17),
+        cuda_shape: (4 * 1_600_000, 17),
+        cuda_kinds: F32,
+        inputs: side_distributions,
+    },
+    Workload {
+        name: "GHMC",
+        config: r#"{"type": "GHMC", "bins": 30, "momentum": 0.75}"#,
+        cpu_shape: ANCHORS.0,
+        cuda_shape: ANCHORS.1,
+        cuda_kinds: F32,
+        inputs: labelled_anchors,
+    },
+];
+
+/// The inputs of one loss call, as a head produces them.
+pub struct Inputs {
+    pub kind: Kind,
+    /// Logits, a leaf that requires grad.
+    pub pred: Tensor,
+    pub target: TargetData,
+    /// Label (or sample) weights.
+    pub weight: Option<Tensor>,
+    /// The number of positives (at least 1), a 0-dim float32 tensor on the device.
+    pub avg_factor: Option<Tensor>,
+}
+
+/// The target a loss gets from its head.
+pub enum TargetData {
+    /// One tensor: class indices, a dense target or one value per row.
+    One(Tensor),
+    /// QualityFocalLoss: the labels and the IoU quality of each positive (0 for negatives).
+    LabelsScores(Tensor, Tensor),
+}
+
+impl Inputs {
+    pub fn target(&self) -> Target<'_> {
+        match &self.target {
+            TargetData::One(t) => Target::Tensor(t),
+            TargetData::LabelsScores(labels, scores) => Target::LabelsScores { labels, scores },
+        }
+    }
+
+    pub fn args(&self) -> LossArgs<'_> {
+        let mut args = LossArgs::new();
+        if let Some(w) = &self.weight {
+            args = args.weight(w);
+        }
+        if let Some(a) = &self.avg_factor {
+            args = args.avg_factor(a);
+        }
+        args
+    }
+
+    /// The fewest bytes the fused pass can move: every input read once (at the element sizes
+    /// the kernels read), and for backward the gradient written once more.
+    pub fn fused_bytes(&self, forward: bool, backward: bool) -> u64 {
+        let bytes = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        let pred = (self.pred.numel() * self.kind.elt_size_in_bytes()) as u64;
+        let side = match &self.target {
+            TargetData::One(t) => bytes(t),
+            TargetData::LabelsScores(l, s) => bytes(l) + bytes(s),
+        } + self.weight.as_ref().map_or(0, bytes);
+        let read = pred + side;
+        u64::from(forward) * read + u64::from(backward) * (read + pred)
+    }
+}
+
+fn logits(n: i64, c: i64, kind: Kind, device: Device, mean: f64) -> Result<Tensor> {
+    Ok(Tensor::f_randn([n, c], (Kind::Float, device))?
+        .f_mul_scalar(1.5)?
+        .f_add_scalar(mean)?
+        .f_to_kind(kind)?
+        .set_requires_grad(true))
+}
+
+/// Anchors of a dense head: logits around the prior bias (about -4), 1 % positives with a
+/// random class (C = background), 5 % ignored (label weight 0); avg_factor the positives.
+fn anchors(n: i64, c: i64, kind: Kind, device: Device) -> Result<(Inputs, Tensor, Tensor)> {
+    let f32s = (Kind::Float, device);
+    let positive = Tensor::f_rand([n], f32s)?.f_lt(POSITIVE_FRACTION)?;
+    let labels =
+        Tensor::f_randint(c, [n], (Kind::Int64, device))?.f_where_scalarother(&positive, c)?;
+    let weight = Tensor::f_rand([n], f32s)?
+        .f_ge(IGNORED_FRACTION)?
+        .f_to_kind(Kind::Float)?;
+    let avg_factor = positive.f_sum(Kind::Float)?.f_clamp_min(1.0)?;
+    let inputs = Inputs {
+        kind,
+        pred: logits(n, c, kind, device, -4.0)?,
+        target: TargetData::One(labels.shallow_clone()),
+        weight: Some(weight),
+        avg_factor: Some(avg_factor),
+    };
+    Ok((inputs, labels, positive))
+}
+
+/// IoU-like scores in (0.1, 1] for the positives, 0 elsewhere.
+fn scores(positive: &Tensor, kind: Kind) -> Result<Tensor> {
+    Ok(
+        Tensor::f_rand(positive.size(), (Kind::Float, positive.device()))?
+            .f_mul_scalar(0.9)?
+            .f_add_scalar(0.1)?
+            .f_where_scalarother(positive, 0.0)?
+            .f_to_kind(kind)?,
+    )
+}
+
+/// FocalLoss, sigmoid CrossEntropyLoss, GHMC: class indices and label weights.
+fn labelled_anchors(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    Ok(anchors(n, c, kind, device)?.0)
+}
+
+/// QualityFocalLoss: (labels, IoU scores) and label weights.
+fn quality_anchors(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    let (mut x, labels, positive) = anchors(n, c, kind, device)?;
+    x.target = TargetData::LabelsScores(labels, scores(&positive, kind)?);
+    Ok(x)
+}
+
+/// VarifocalLoss: the dense IoU-aware target (the IoU at each positive's class); VFNet passes
+/// no weight.
+fn varifocal_anchors(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    let (mut x, labels, positive) = anchors(n, c, kind, device)?;
+    let dense = labels
+        .f_one_hot(c + 1)?
+        .f_narrow(1, 0, c)?
+        .f_to_kind(kind)?
+        .f_mul(&scores(&positive, kind)?.f_unsqueeze(1)?)?;
+    x.target = TargetData::One(dense);
+    x.weight = None;
+    Ok(x)
+}
+
+/// A RoI head's softmax classifier: logits around 0, a class per RoI (a quarter background,
+/// the last class), label weights, avg_factor the RoI count.
+fn roi_classes(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    let background = Tensor::f_rand([n], (Kind::Float, device))?.f_lt(0.25)?;
+    let labels = Tensor::f_randint(c, [n], (Kind::Int64, device))?
+        .f_where_scalarother(&background, c - 1)?;
+    Ok(Inputs {
+        kind,
+        pred: logits(n, c, kind, device, 0.0)?,
+        target: TargetData::One(labels),
+        weight: Some(Tensor::f_ones([n], (Kind::Float, device))?),
+        avg_factor: Some(Tensor::from(n as f32).f_to_device(device)?),
+    })
+}
+
+/// GFL's distribution of each box side over `c = reg_max + 1` bins: a distance in [0, reg_max),
+/// the positive anchor's weight (its quality score), avg_factor a quarter of the sides.
+fn side_distributions(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    let f32s = (Kind::Float, device);
+    let reg_max = (c - 1) as f64;
+    Ok(Inputs {
+        kind,
+        pred: logits(n, c, kind, device, 0.0)?,
+        target: TargetData::One(
+            Tensor::f_rand([n], f32s)?
+                .f_mul_scalar(reg_max * 0.999)?
+                .f_to_kind(kind)?,
+        ),
+        weight: Some(Tensor::f_rand([n], f32s)?),
+        avg_factor: Some(Tensor::from(n as f32 / 4.0).f_to_device(device)?),
+    })
+}
