@@ -1,8 +1,9 @@
 // What we need from libtorch's CUDA side, behind a C ABI: torch's current stream (so that our
-// launches are ordered with libtorch's work and captured with it in a CUDA graph) and the
-// caching allocator's byte counters (for the profile's peak memory). Built only when the CUDA
-// headers are available.
+// launches are ordered with libtorch's work and captured with it in a CUDA graph), the caching
+// allocator's byte counters (for the profile's peak memory) and c10's sync-debug mode (to prove
+// that a training step reads nothing back). Built only when the CUDA headers are available.
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
 // From libtorch_cuda (ATen/cuda/CUDAContextLight.h, whose other includes need the cuBLAS and
@@ -49,6 +50,20 @@ extern "C" int dl_cuda_reset_peak_bytes(int device) {
   try {
     c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
     return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// c10's CUDA sync-debug mode (0 off, 1 warn, 2 error: an operation that synchronizes with the
+// host then warns or throws). Returns the previous mode, or -1.
+extern "C" int dl_cuda_set_sync_debug_mode(int mode) {
+  try {
+    if (mode < 0 || mode > 2) return -1;
+    auto& state = c10::cuda::warning_state();
+    const int previous = static_cast<int>(state.get_sync_debug_mode());
+    state.set_sync_debug_mode(static_cast<c10::cuda::SyncDebugMode>(mode));
+    return previous;
   } catch (...) {
     return -1;
   }

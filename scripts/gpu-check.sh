@@ -304,7 +304,7 @@ print(torch.__version__, "CUDA", torch.version.cuda, "| cuda available:", torch.
   # compute-sanitizer over our kernels only (kns=dl_), with torch's caching allocator off so that
   # memcheck sees each buffer's real bounds; each tool under its own time limit.
   local san_summary="" san tool t_san=${GPU_CHECK_SANITIZER_TIMEOUT:-75} fused_bin
-  local san_tests=${GPU_CHECK_SANITIZER_TESTS:-"gpu::cuda_matches_unfused::variant_01_0::kind_2_Kind__Float gpu::cuda_matches_unfused::variant_07_6::kind_3_Kind__Half gpu::cuda_bad_labels_give_nan"}
+  local san_tests=${GPU_CHECK_SANITIZER_TESTS:-"gpu::cuda_matches_unfused::name_01___focal__::kind_2_Kind__Float gpu::cuda_matches_unfused::name_14___ce_softmax_cw_ignore255_avgnonignore_lw2__::kind_3_Kind__Half gpu::cuda_matches_unfused::name_21___ghmc_bins30_mom0_75_dense__::kind_2_Kind__Float gpu::cuda_bad_labels_give_nan"}
   fused_bin=$bins/test-fused
   san=$(find_sanitizer "$site")
   if [ "$gpu" != 1 ]; then

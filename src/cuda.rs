@@ -36,6 +36,7 @@ pub(crate) use imp::run_kernel;
 extern "C" {
     fn dl_cuda_allocated_bytes(device: i32, current: *mut i64, peak: *mut i64) -> i32;
     fn dl_cuda_reset_peak_bytes(device: i32) -> i32;
+    fn dl_cuda_set_sync_debug_mode(mode: i32) -> i32;
 }
 
 /// Bytes held by libtorch's CUDA caching allocator on a device: `(current, peak since the last
@@ -178,5 +179,59 @@ mod imp {
         // reuse on torch's current stream, the one we launch on).
         unsafe { b.launch(cfg) }.with_context(|| format!("launching {name}"))?;
         Ok(())
+    }
+}
+
+/// c10's CUDA sync-debug mode: what libtorch does when an operation makes the host wait for the
+/// device (`.item()`, `nonzero`, a copy to the host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncDebugMode {
+    /// Nothing (the default).
+    Disabled = 0,
+    /// A warning per synchronizing operation.
+    Warn = 1,
+    /// The operation fails with an error.
+    Error = 2,
+}
+
+/// Restores the previous sync-debug mode when dropped; see [`sync_debug`].
+#[derive(Debug)]
+pub struct SyncDebugGuard {
+    previous: i32,
+}
+
+impl Drop for SyncDebugGuard {
+    fn drop(&mut self) {
+        #[cfg(dl_torch_cuda)]
+        // SAFETY: sets a process-wide flag of c10; no pointers.
+        unsafe {
+            dl_cuda_set_sync_debug_mode(self.previous);
+        }
+    }
+}
+
+/// Sets c10's CUDA sync-debug mode until the guard is dropped (the mode is process-wide, as in
+/// PyTorch's `torch.cuda.set_sync_debug_mode`). An error on a build without libtorch's CUDA side.
+///
+/// ```no_run
+/// use tch_detloss::cuda::{sync_debug, SyncDebugMode};
+/// let _guard = sync_debug(SyncDebugMode::Error)?;
+/// // ... a training step: any host synchronization in it now fails
+/// # anyhow::Ok(())
+/// ```
+pub fn sync_debug(mode: SyncDebugMode) -> anyhow::Result<SyncDebugGuard> {
+    #[cfg(dl_torch_cuda)]
+    {
+        // SAFETY: sets a process-wide flag of c10; no pointers.
+        let previous = unsafe { dl_cuda_set_sync_debug_mode(mode as i32) };
+        anyhow::ensure!(previous >= 0, "c10 refused the sync-debug mode {mode:?}");
+        Ok(SyncDebugGuard { previous })
+    }
+    #[cfg(not(dl_torch_cuda))]
+    {
+        anyhow::bail!(
+            "sync-debug mode {mode:?}: this build has no libtorch CUDA side (the CUDA headers were \
+             not found at build time)"
+        )
     }
 }

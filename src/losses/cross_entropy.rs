@@ -61,6 +61,9 @@ pub struct CrossEntropyLoss {
     pub loss_weight: f64,
     /// 'mean' without `avg_factor` averages over the non-ignored labels only.
     pub avg_non_ignore: bool,
+    /// `class_weight` on the device of the last call (not part of the config).
+    #[serde(skip)]
+    pub class_weight_copy: super::DeviceCopy,
 }
 
 impl Default for CrossEntropyLoss {
@@ -73,6 +76,7 @@ impl Default for CrossEntropyLoss {
             ignore_index: None,
             loss_weight: 1.0,
             avg_non_ignore: false,
+            class_weight_copy: super::DeviceCopy::default(),
         }
     }
 }
@@ -95,15 +99,12 @@ impl CrossEntropyLoss {
         args.ignore_index.or(self.ignore_index).unwrap_or(-100)
     }
 
-    /// `class_weight` as MMDetection's `cls_score.new_tensor(...)`: in pred's kind.
+    /// `class_weight` as MMDetection's `cls_score.new_tensor(...)`: in pred's kind, on its device
+    /// (copied there on the first call only).
     fn class_weight(&self, pred: &Tensor) -> Result<Option<Tensor>> {
         self.class_weight
             .as_ref()
-            .map(|cw| {
-                Ok(Tensor::from_slice(cw)
-                    .f_to_kind(pred.kind())?
-                    .f_to_device(pred.device())?)
-            })
+            .map(|cw| self.class_weight_copy.get(cw, pred.kind(), pred.device()))
             .transpose()
     }
 }

@@ -124,3 +124,53 @@ pub(crate) fn single_target<'a>(name: &str, target: crate::Target<'a>) -> Result
         }
     }
 }
+
+/// A loss's constant vector (CrossEntropyLoss's `class_weight`) on the device and in the kind of
+/// the last call: copied there once, not on every call as MMDetection's `new_tensor` does (a
+/// host-to-device copy from pageable memory synchronizes).
+#[derive(Default)]
+pub struct DeviceCopy(std::sync::Mutex<Option<Tensor>>);
+
+impl DeviceCopy {
+    /// `values` as a `kind` tensor on `device`.
+    pub(crate) fn get(
+        &self,
+        values: &[f64],
+        kind: tch::Kind,
+        device: tch::Device,
+    ) -> Result<Tensor> {
+        let mut cached = self
+            .0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a cached device copy's lock is poisoned"))?;
+        if let Some(t) = cached.as_ref() {
+            if t.kind() == kind && t.device() == device && t.numel() == values.len() {
+                return Ok(t.shallow_clone());
+            }
+        }
+        let t = Tensor::from_slice(values)
+            .f_to_kind(kind)?
+            .f_to_device(device)?;
+        *cached = Some(t.shallow_clone());
+        Ok(t)
+    }
+}
+
+impl Clone for DeviceCopy {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for DeviceCopy {
+    /// A cache: always equal.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for DeviceCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceCopy")
+    }
+}

@@ -152,3 +152,67 @@ fn cuda_bad_labels_give_nan() {
         vec![false, true, false, false]
     );
 }
+
+/// A fused forward and backward of every loss reads nothing back to the host: it runs with c10's
+/// sync-debug mode set to error, in which a synchronizing operation (as the check below shows)
+/// fails.
+#[test]
+fn fused_steps_never_synchronize() {
+    use tch_detloss::cuda::{sync_debug, SyncDebugMode};
+    let d = cuda();
+    let names = [
+        "focal",
+        "qfl",
+        "vfl",
+        "ce_softmax_cw_ignore255_avgnonignore_lw2",
+        "ce_sigmoid_labels_ignore255_avgnonignore",
+        "dfl",
+        "ghmc_bins30_mom0.75_dense",
+    ];
+    let prepared: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let v = variant(name);
+            let (n, c) = (257, 80);
+            let loss = tch_detloss::registry::build_str(&crate::common::config(v, c)).unwrap();
+            let inp = inputs(v, n, c, Kind::Float, false).to_device(d);
+            let w = crate::common::weights(v, n, c)
+                .pop()
+                .and_then(|(_, w)| w)
+                .map(|w| w.to_kind(Kind::Float).to_device(d));
+            let af = Tensor::from(17.0f32).to_device(d);
+            (name, loss, inp, w, af)
+        })
+        .collect();
+    // One call of each first: CrossEntropyLoss copies its class_weight to the device then (once).
+    for (_, loss, inp, w, _) in &prepared {
+        let mut args = LossArgs::new();
+        if let Some(w) = w {
+            args = args.weight(w);
+        }
+        let _ = loss.forward(&inp.pred, inp.target(), &args).unwrap();
+    }
+    tch::Cuda::synchronize(0);
+    {
+        let _guard = sync_debug(SyncDebugMode::Error).unwrap();
+        let probe = Tensor::ones([1], (Kind::Float, d));
+        assert!(
+            probe.f_double_value(&[0]).is_err(),
+            "sync-debug mode is not in force"
+        );
+        for (name, loss, inp, w, af) in &prepared {
+            let pred = inp.pred.detach().set_requires_grad(true);
+            let mut args = LossArgs::new().avg_factor(af);
+            if let Some(w) = w {
+                args = args.weight(w);
+            }
+            let l = loss
+                .forward(&pred, inp.target(), &args)
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            let g = Tensor::f_run_backward(&[&l], &[&pred], false, false)
+                .unwrap_or_else(|e| panic!("{name} backward: {e}"));
+            drop(g);
+        }
+    }
+    tch::Cuda::synchronize(0);
+}
