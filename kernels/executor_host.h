@@ -110,19 +110,30 @@ template <class T, class A> struct Launch {
     return hist_bin(g, nb, last_edge, [nb](int k) { return hist_edge<A>(k, nb); });
   }
 
-  // The weights of a histogram body's elements j0 .. j0 + m of a row: their bins in one loop
-  // (vectorized), the bin weights gathered in a second.
+  // The slots of a histogram body's elements j0 .. j0 + m of a row: their bin, `none` where
+  // they are in no bin and `skip` where their weight is not > 0. Two loops: the gradient norms
+  // (the exp and the division, which vectorize), then the bins from them.
   template <class E, int TM, bool WELEM>
-  DL_HD void hist_weights(const E& e, const Row<T, A>& r, int64_t j0, int64_t m, int32_t* slot, A* w) const {
-    // The label's column relative to the block, in 32 bits (a 64-bit compare in the loop keeps it
-    // from vectorizing).
+  DL_HD void hist_slots(const E& e, const Row<T, A>& r, int64_t j0, int64_t m, A* g, int32_t* slot, int32_t none,
+                        int32_t skip) const {
+    // The label's column relative to the block, in 32 bits: a 64-bit compare in the loop keeps it
+    // from vectorizing.
     const int32_t lab = (r.label >= j0 && r.label < j0 + m) ? int32_t(r.label - j0) : -1;
     for (int32_t k = 0; k < int32_t(m); ++k) {
-      const A wk = WELEM ? ld<T, A>(r.w, j0 + k) : r.wr;
       const A t = TM == TARGET_DENSE ? ld<T, A>(r.tgt, j0 + k) : (k == lab ? r.score : A(0));
-      const int b = bin(e.hist_g(ld<T, A>(r.x, j0 + k), t));
-      slot[k] = wk > A(0) ? b : -1;
+      g[k] = e.hist_g(ld<T, A>(r.x, j0 + k), t);
     }
+    for (int64_t k = 0; k < m; ++k) {
+      const A w = WELEM ? ld<T, A>(r.w, j0 + k) : r.wr;
+      const int b = bin(g[k]);
+      slot[k] = !(w > A(0)) ? skip : (b < 0 ? none : b);
+    }
+  }
+
+  // The weights of a histogram body's elements j0 .. j0 + m of a row, by their slots.
+  template <class E, int TM, bool WELEM>
+  DL_HD void hist_weights(const E& e, const Row<T, A>& r, int64_t j0, int64_t m, A* g, int32_t* slot, A* w) const {
+    hist_slots<E, TM, WELEM>(e, r, j0, m, g, slot, -1, -1);
     for (int64_t k = 0; k < m; ++k) w[k] = slot[k] >= 0 ? bin_weight[slot[k]] : A(0);
   }
 
@@ -207,6 +218,7 @@ int64_t forward(const Args& args) {
   at::parallel_for(0, L.n_chunks, 1, [&](int64_t cb, int64_t ce) {
     alignas(64) A buf[BLOCK];
     alignas(64) A hw[E::HISTOGRAM ? BLOCK : 1];
+    alignas(64) A hg[E::HISTOGRAM ? BLOCK : 1];
     alignas(64) int32_t slot[E::HISTOGRAM ? BLOCK : 1];
     for (int64_t ch = cb; ch < ce; ++ch) {
       double acc = 0.0;
@@ -218,7 +230,7 @@ int64_t forward(const Args& args) {
           const int64_t m = std::min(BLOCK, c - j0);
           const T* x = r.x + j0;
           T* g = WG ? grad + i * c + j0 : nullptr;
-          if constexpr (E::HISTOGRAM) L.template hist_weights<E, TM, WELEM>(e, r, j0, m, slot, hw);
+          if constexpr (E::HISTOGRAM) L.template hist_weights<E, TM, WELEM>(e, r, j0, m, hg, slot, hw);
           for (int64_t k = 0; k < m; ++k) {
             const A xk = ld<T, A>(x, k), tk = target_at<T, A, TM>(r, j0 + k);
             A w;
@@ -325,6 +337,7 @@ template <class E, class T, int TM, bool WELEM> void prepare(const Args& args) {
       // > 0), then the counts in a scalar one.
       alignas(64) int32_t slot[BLOCK];
       alignas(64) A wbuf[BLOCK];
+      alignas(64) A gbuf[BLOCK];
       std::vector<int64_t> local(size_t(bins) + 2);
       for (int64_t ch = cb; ch < ce; ++ch) {
         std::fill(local.begin(), local.end(), 0);
@@ -334,16 +347,7 @@ template <class E, class T, int TM, bool WELEM> void prepare(const Args& args) {
           L.template row<TM>(i, r);
           for (int64_t j0 = 0; j0 < c; j0 += BLOCK) {
             const int64_t m = std::min(BLOCK, c - j0);
-            // The label's column relative to the block, in 32 bits: a 64-bit compare in the loop
-            // keeps it from vectorizing.
-            const int32_t lab = (r.label >= j0 && r.label < j0 + m) ? int32_t(r.label - j0) : -1;
-            for (int32_t k = 0; k < int32_t(m); ++k) {
-              const int64_t j = j0 + k;
-              const A w = WELEM ? ld<T, A>(r.w, j) : r.wr;
-              const A t = TM == TARGET_DENSE ? ld<T, A>(r.tgt, j) : (k == lab ? r.score : A(0));
-              const int b = L.bin(e.hist_g(ld<T, A>(r.x, j), t));
-              slot[k] = !(w > A(0)) ? bins + 1 : (b < 0 ? bins : b);
-            }
+            L.template hist_slots<E, TM, WELEM>(e, r, j0, m, gbuf, slot, bins, bins + 1);
             for (int64_t k = 0; k < m; ++k) local[slot[k]]++;
             if (tot_sum) {
               // Apart from the loop above, whose float sum would stop it vectorizing.

@@ -258,17 +258,9 @@ impl Loss for CrossEntropyLoss {
                 label.size()
             );
             let labels = label.f_to_kind(Kind::Int64)?;
-            let mut bin_labels = labels.f_new_full([n, c], 0, (Kind::Int64, pred.device()))?;
             let valid = labels.f_ge(0)?.f_logical_and(&labels.f_ne(ignore)?)?;
-            let inds = valid
-                .f_logical_and(&labels.f_lt(c)?)?
-                .f_nonzero()?
-                .f_squeeze_dim(1)?;
-            if inds.numel() > 0 {
-                let cols = labels.f_index(&[Some(&inds)])?;
-                let ones = Tensor::f_ones([inds.numel() as i64], (Kind::Int64, pred.device()))?;
-                bin_labels = bin_labels.f_index_put(&[Some(&inds), Some(&cols)], &ones, false)?;
-            }
+            let bin_labels =
+                super::one_hot_where(&labels, c, &valid.f_logical_and(&labels.f_lt(c)?)?)?;
             let valid_mask = valid
                 .f_view([-1, 1])?
                 .f_expand([n, c], false)?

@@ -248,17 +248,8 @@ impl Loss for GHMC {
                 target.size()
             );
             let labels = target.f_to_kind(Kind::Int64)?;
-            let mut bin_labels = labels.f_new_full([n, c], 0, (Kind::Int64, device))?;
-            let inds = labels
-                .f_ge(0)?
-                .f_logical_and(&labels.f_lt(c)?)?
-                .f_nonzero()?
-                .f_squeeze_dim(1)?;
-            if inds.numel() > 0 {
-                let cols = labels.f_index(&[Some(&inds)])?;
-                let ones = Tensor::f_ones([inds.numel() as i64], (Kind::Int64, device))?;
-                bin_labels = bin_labels.f_index_put(&[Some(&inds), Some(&cols)], &ones, false)?;
-            }
+            let in_range = labels.f_ge(0)?.f_logical_and(&labels.f_lt(c)?)?;
+            let bin_labels = super::one_hot_where(&labels, c, &in_range)?;
             let lw = label_weight.f_view([-1, 1])?.f_expand([n, c], false)?;
             (bin_labels, lw)
         } else {

@@ -95,6 +95,22 @@ pub(crate) fn one_hot_without_background(name: &str, labels: &Tensor, c: i64) ->
     Ok(oh.f_narrow(1, 0, c)?)
 }
 
+/// The one-hot `(N, C)` int64 rows of the `labels` (N,) where `mask` is true, zeros elsewhere,
+/// made as MMDetection's `_expand_onehot_labels` makes them (`nonzero`, then an index put: host
+/// reads, as theirs).
+pub(crate) fn one_hot_where(labels: &Tensor, c: i64, mask: &Tensor) -> Result<Tensor> {
+    let n = labels.size()[0];
+    let device = labels.device();
+    let bin_labels = labels.f_new_full([n, c], 0, (tch::Kind::Int64, device))?;
+    let inds = mask.f_nonzero()?.f_squeeze_dim(1)?;
+    if inds.numel() == 0 {
+        return Ok(bin_labels);
+    }
+    let cols = labels.f_index(&[Some(&inds)])?;
+    let ones = Tensor::f_ones([inds.numel() as i64], (tch::Kind::Int64, device))?;
+    Ok(bin_labels.f_index_put(&[Some(&inds), Some(&cols)], &ones, false)?)
+}
+
 /// A weight that broadcasts against the loss of `shape` without adding dimensions to it (the
 /// fused kernels write the loss's own shape; torch would silently grow the result).
 pub(crate) fn check_weight_shape(name: &str, weight: &Tensor, shape: &[i64]) -> Result<()> {
