@@ -189,6 +189,22 @@ template <class T, class A> struct Launch {
   }
 };
 
+// The end of every forward pass on the CPU, one reduction step for all shapes: the chunks'
+// partial sums added in order, divided and scaled by loss_weight into out[0] for a reduction;
+// returns the count of invalid targets the chunks found.
+template <class T, class A>
+int64_t finish_forward(const Args& args, const std::vector<double>& partial, const std::vector<int64_t>& invalid) {
+  int64_t bad = 0;
+  for (int64_t v : invalid) bad += v;
+  if (args.reduction != RED_NONE) {
+    double total = 0.0;
+    for (double v : partial) total += v;
+    reinterpret_cast<T*>(args.out)[0] =
+        static_cast<T>(A(double(A(args.loss_weight)) * (total / double(reduction_divisor<A>(args)))));
+  }
+  return bad;
+}
+
 // Always inlined, as the functors are: a call per element would stop the loops vectorizing.
 template <class E, class A> DL_HD A elem_loss(const E& e, A x, A t, A cp) {
   if constexpr (E::COLUMN_PARAM) return e.loss(x, t, cp);
@@ -257,14 +273,7 @@ int64_t forward(const Args& args) {
     }
   });
 
-  int64_t bad = 0;
-  for (int64_t v : invalid) bad += v;
-  if (args.reduction != RED_NONE) {
-    double total = 0.0;
-    for (double v : partial) total += v;
-    out[0] = static_cast<T>(A(double(lw) * (total / double(reduction_divisor<A>(args)))));
-  }
-  return bad;
+  return finish_forward<T, A>(args, partial, invalid);
 }
 
 template <class E, class T, int TM, bool WELEM, bool GELEM>
@@ -472,14 +481,7 @@ template <class E, class T, bool WG> int64_t row_forward(const Args& args) {
       partial[ch] = acc;
     }
   });
-  int64_t bad = 0;
-  for (int64_t v : invalid) bad += v;
-  if (args.reduction != RED_NONE) {
-    double total = 0.0;
-    for (double v : partial) total += v;
-    out[0] = static_cast<T>(A(double(lw) * (total / double(reduction_divisor<A>(args)))));
-  }
-  return bad;
+  return finish_forward<T, A>(args, partial, invalid);
 }
 
 template <class E, class T> int64_t row_backward(const Args& args) {
