@@ -50,6 +50,7 @@ DL_NAMESPACE_BEGIN
   X(uint64_t, hist_weights) /* histogram executor: [2 bins + 1] accumulation type: weights, edges */  \
   X(uint64_t, hist_state)   /* histogram executor: [bins] float32 momentum state (acc_sum) or 0 */     \
   X(uint64_t, aux)        /* a body's vector parameter, accumulation type (see the body) */            \
+  X(uint64_t, shortcut)   /* FLAG_SHORTCUT: [1] accumulation type, 1 where no weight is > 0, else 0 */ \
   X(int64_t, n)                                                                                         \
   X(int64_t, c)                                                                                         \
   X(int64_t, w_sn)                                                                                      \
@@ -88,7 +89,11 @@ struct ArgsField {
 // Flags. ACTIVATED: pred holds probabilities (focal family). IOU_WEIGHTED: VFL's option. ROW_SUM:
 // the loss of a row is the sum over its elements ('none' gives [n], 'mean' divides by n). STRICT_LABELS:
 // a label outside [0, C] is invalid. SIGMOID: CrossEntropyLoss's use_sigmoid. TOT_SUM: the histogram's
-// total is the sum of the weights (GHM-R), not the count of positive ones (GHM-C).
+// total is the sum of the weights (GHM-R), not the count of positive ones (GHM-C). SHORTCUT:
+// MMDetection's zero-weight short-cut (L1, SmoothL1, the IoU family): where no weight is > 0 the
+// result is sum(pred * weight), unreduced and unscaled, and its gradient the weight. The forward
+// pass decides it on the device (partial slots below) and writes the decision to `shortcut`, where
+// the backward pass reads it.
 enum : int32_t {
   FLAG_ACTIVATED = 1,
   FLAG_IOU_WEIGHTED = 2,
@@ -96,6 +101,7 @@ enum : int32_t {
   FLAG_STRICT_LABELS = 8,
   FLAG_SIGMOID = 16,
   FLAG_TOT_SUM = 32,
+  FLAG_SHORTCUT = 64,
 };
 // What `target` holds: a dense [n, c] T tensor, [n] int64 class indices (with [n] T scores in
 // `score`), or one T value per row ([n], DFL's distance).
@@ -109,8 +115,14 @@ enum : int32_t { DT_F32 = 0, DT_F64 = 1, DT_F16 = 2, DT_BF16 = 3 };
 // avg_factor pointer (CrossEntropyLoss's avg_non_ignore), where the backward pass reads it.
 enum : int32_t { AVG_NONE = 0, AVG_VALUE = 1, AVG_TENSOR = 2, AVG_COUNT_VALID = 3 };
 
-// The shapes of kernel body (DESIGN.md section 9): what a body's functor sees.
-enum : int32_t { SHAPE_ELEMENT = 0, SHAPE_ROW = 1 };
+// The shapes of kernel body (DESIGN.md section 9): what a body's functor sees. BOX: one box pair,
+// the 4 coordinates of pred and of target (a thread per box on the device); a row-sum loss.
+enum : int32_t { SHAPE_ELEMENT = 0, SHAPE_ROW = 1, SHAPE_BOX = 2 };
+
+// The per-block partials of a forward reduction on a device, in slots of n_partials values: the
+// loss sum; the count of valid elements (AVG_COUNT_VALID); and for FLAG_SHORTCUT the sum of
+// pred * weight over the elements with a non-zero weight and the count of weights > 0.
+enum : int32_t { SLOT_LOSS = 0, SLOT_VALID = 1, SLOT_SHORTCUT = 2, SLOT_POSITIVE = 3 };
 
 // Histogram bins beyond this are rejected by the Rust side (the pre-pass counts in shared memory).
 constexpr int MAX_BINS = 1024;
@@ -152,6 +164,11 @@ DL_HD double dl_pow(double x, double y) { return x == 0.0 ? (y == 0.0 ? 1.0 : 0.
 DL_HD float dl_pow(float x, float y) { return powf(x, y); }
 DL_HD double dl_pow(double x, double y) { return pow(x, y); }
 #endif
+
+DL_HD float dl_sqrt(float x) { return sqrtf(x); }
+DL_HD double dl_sqrt(double x) { return sqrt(x); }
+DL_HD float dl_atan(float x) { return atanf(x); }
+DL_HD double dl_atan(double x) { return atan(x); }
 
 template <class A> DL_HD A dl_min(A a, A b) { return a < b ? a : b; }
 template <class A> DL_HD A dl_max(A a, A b) { return a > b ? a : b; }
@@ -211,19 +228,36 @@ template <class A> DL_HD A prob_guard(A p, A v) { return (p >= A(0) && p <= A(1)
 //   IGNORE_INDEX     a label (or dense target value) that is negative or equals i0 is ignored:
 //                    weight 0, and not counted as valid;
 //   HISTOGRAM        the histogram executor: `A hist_g(A x, A t)` places an element in a bin and
-//                    the element's weight becomes its bin's weight where its weight is > 0.
+//                    the element's weight becomes its bin's weight where its weight is > 0;
+//   MASKED_WEIGHTS   an element (or box) whose weight is 0 contributes exactly 0 to the loss and
+//                    the gradient, whatever its values (no 0 * NaN: a box loss over all anchors
+//                    with zero weights for the negatives); the zero-weight short-cut
+//                    (FLAG_SHORTCUT) is compiled in.
 // A row functor derives from RowBody and has `SparseTarget<A> target(int64_t label, A value)`: the
 // row executor computes the cross-entropy of the row's softmax against that target.
+// A box functor derives from BoxBody and has `A eval(const A (&p)[4], const A (&t)[4], A (&g)[4])`:
+// the loss of one xyxy box pair, writing its gradient with respect to p to g (box.cuh).
 struct ElementBody {
   static constexpr int SHAPE = SHAPE_ELEMENT;
   static constexpr bool LABEL_TARGETS = false, ELEMENT_WEIGHTS = true, COLUMN_PARAM = false,
-                        IGNORE_INDEX = false, HISTOGRAM = false;
+                        IGNORE_INDEX = false, HISTOGRAM = false, MASKED_WEIGHTS = false;
 };
 struct RowBody {
   static constexpr int SHAPE = SHAPE_ROW;
   static constexpr bool LABEL_TARGETS = true, ELEMENT_WEIGHTS = false, COLUMN_PARAM = false,
-                        IGNORE_INDEX = false, HISTOGRAM = false;
+                        IGNORE_INDEX = false, HISTOGRAM = false, MASKED_WEIGHTS = false;
 };
+struct BoxBody {
+  static constexpr int SHAPE = SHAPE_BOX;
+  static constexpr bool LABEL_TARGETS = false, ELEMENT_WEIGHTS = true, COLUMN_PARAM = false,
+                        IGNORE_INDEX = false, HISTOGRAM = false, MASKED_WEIGHTS = true;
+};
+
+// v * w, or exactly 0 where a MASKED_WEIGHTS body's weight is 0.
+template <bool MASKED, class A> DL_HD A weighted(A v, A w) {
+  if (MASKED) return w == A(0) ? A(0) : v * w;
+  return v * w;
+}
 
 // A row's target distribution with at most two non-zero entries: coef[k] at column idx[k] (a
 // coefficient of 0 leaves idx[k] unread). The row's loss is sum_k coef[k] (lse - x[idx[k]]) and

@@ -189,18 +189,40 @@ template <class T, class A> struct Launch {
   }
 };
 
+// The zero-weight short-cut's per-chunk values (FLAG_SHORTCUT): the sum of pred * weight over the
+// elements with a non-zero weight and the count of weights > 0.
+struct ShortcutParts {
+  std::vector<double> sum;
+  std::vector<int64_t> positive;
+  explicit ShortcutParts(int64_t chunks) : sum(size_t(chunks), 0.0), positive(size_t(chunks), 0) {}
+};
+
 // The end of every forward pass on the CPU, one reduction step for all shapes: the chunks'
-// partial sums added in order, divided and scaled by loss_weight into out[0] for a reduction;
-// returns the count of invalid targets the chunks found.
+// partial sums added in order, divided and scaled by loss_weight into out[0] for a reduction, or,
+// where the short-cut applies and no weight is > 0, sum(pred * weight) (the decision is written
+// to `shortcut` for the backward pass and returned in `taken`); returns the count of invalid
+// targets the chunks found.
 template <class T, class A>
-int64_t finish_forward(const Args& args, const std::vector<double>& partial, const std::vector<int64_t>& invalid) {
+int64_t finish_forward(const Args& args, const std::vector<double>& partial, const std::vector<int64_t>& invalid,
+                       const ShortcutParts* sc = nullptr, bool* taken = nullptr) {
   int64_t bad = 0;
   for (int64_t v : invalid) bad += v;
   if (args.reduction != RED_NONE) {
     double total = 0.0;
     for (double v : partial) total += v;
-    reinterpret_cast<T*>(args.out)[0] =
-        static_cast<T>(A(double(A(args.loss_weight)) * (total / double(reduction_divisor<A>(args)))));
+    T result = static_cast<T>(A(double(A(args.loss_weight)) * (total / double(reduction_divisor<A>(args)))));
+    if (sc && (args.flags & FLAG_SHORTCUT)) {
+      int64_t positive = 0;
+      double sum = 0.0;
+      for (size_t k = 0; k < sc->sum.size(); ++k) {
+        positive += sc->positive[k];
+        sum += sc->sum[k];
+      }
+      *taken = positive == 0;
+      *reinterpret_cast<A*>(args.shortcut) = A(*taken);
+      if (*taken) result = static_cast<T>(A(sum));
+    }
+    reinterpret_cast<T*>(args.out)[0] = result;
   }
   return bad;
 }
@@ -230,6 +252,9 @@ int64_t forward(const Args& args) {
   const A gscale = lw / reduction_divisor<A>(args);
   std::vector<double> partial(L.n_chunks, 0.0);
   std::vector<int64_t> invalid(L.n_chunks, 0);
+  constexpr bool MASKED = E::MASKED_WEIGHTS;
+  const bool shortcut = MASKED && (args.flags & FLAG_SHORTCUT) && args.reduction != RED_NONE;
+  ShortcutParts sc(shortcut ? L.n_chunks : 0);
 
   at::parallel_for(0, L.n_chunks, 1, [&](int64_t cb, int64_t ce) {
     alignas(64) A buf[BLOCK];
@@ -253,8 +278,17 @@ int64_t forward(const Args& args) {
             if constexpr (E::HISTOGRAM) w = hw[k];
             else w = L.template weight_of<E, TM, WELEM>(e, r, j0 + k, xk, tk);
             const A cp = L.template column_param<E>(j0 + k);
-            buf[k] = elem_loss(e, xk, tk, cp) * w;
-            if (WG) g[k] = static_cast<T>(elem_grad(e, xk, tk, cp) * (w * gscale));
+            buf[k] = weighted<MASKED>(elem_loss(e, xk, tk, cp), w);
+            if (WG) g[k] = static_cast<T>(weighted<MASKED>(elem_grad(e, xk, tk, cp), w) * gscale);
+          }
+          if constexpr (MASKED) {
+            // Apart from the loop above, which it would keep from vectorizing.
+            if (shortcut)
+              for (int64_t k = 0; k < m; ++k) {
+                const A w = WELEM ? ld<T, A>(r.w, j0 + k) : r.wr;
+                sc.sum[ch] += double(weighted<true>(ld<T, A>(x, k), w));
+                sc.positive[ch] += w > A(0);
+              }
           }
           if (args.reduction == RED_NONE && !row_sum) {
             T* o = out + i * c + j0;
@@ -273,7 +307,17 @@ int64_t forward(const Args& args) {
     }
   });
 
-  return finish_forward<T, A>(args, partial, invalid);
+  bool taken = false;
+  const int64_t bad = finish_forward<T, A>(args, partial, invalid, &sc, &taken);
+  if (WG && taken) {
+    // The short-cut's gradient, d sum(pred * weight) / d pred: the weight (a rare second pass).
+    for (int64_t i = 0; i < L.n; ++i) {
+      Row<T, A> r;
+      L.template row<TM>(i, r);
+      for (int64_t j = 0; j < c; ++j) grad[i * c + j] = static_cast<T>(WELEM ? ld<T, A>(r.w, j) : r.wr);
+    }
+  }
+  return bad;
 }
 
 template <class E, class T, int TM, bool WELEM, bool GELEM>
@@ -286,6 +330,8 @@ int64_t backward(const Args& args) {
   T* out = reinterpret_cast<T*>(args.out);
   const A scale = A(args.loss_weight) / reduction_divisor<A>(args);
   std::vector<int64_t> invalid(L.n_chunks, 0);
+  // The short-cut's gradient is the weight (MASKED_WEIGHTS bodies).
+  const bool shortcut = E::MASKED_WEIGHTS && (args.flags & FLAG_SHORTCUT) && *reinterpret_cast<const A*>(args.shortcut) != A(0);
 
   at::parallel_for(0, L.n_chunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t ch = cb; ch < ce; ++ch) {
@@ -293,12 +339,18 @@ int64_t backward(const Args& args) {
         Row<T, A> r;
         if (!L.template row<TM, E::IGNORE_INDEX>(i, r)) invalid[ch]++;
         const T* gr = go + i * args.g_sn;
-        const A rs = scale * (GELEM ? A(1) : ld<T, A>(gr, 0));
+        const A up = GELEM ? A(1) : ld<T, A>(gr, 0);
+        const A rs = scale * up;
         T* o = out + i * c;
+        if (shortcut) {
+          for (int64_t j = 0; j < c; ++j) o[j] = static_cast<T>((WELEM ? ld<T, A>(r.w, j) : r.wr) * up);
+          continue;
+        }
         for (int64_t j = 0; j < c; ++j) {
           const A xj = ld<T, A>(r.x, j), tj = target_at<T, A, TM>(r, j);
-          A g = elem_grad(e, xj, tj, L.template column_param<E>(j)) * rs *
-                L.template weight_of<E, TM, WELEM>(e, r, j, xj, tj);
+          A g = weighted<E::MASKED_WEIGHTS>(elem_grad(e, xj, tj, L.template column_param<E>(j)),
+                                            L.template weight_of<E, TM, WELEM>(e, r, j, xj, tj)) *
+                rs;
           if (GELEM) g *= ld<T, A>(gr, j);
           o[j] = static_cast<T>(g);
         }
@@ -514,6 +566,117 @@ template <class E, class T> int64_t row_backward(const Args& args) {
   return 0;
 }
 
+// ---- Box bodies: one box pair (4 coordinates) per row of [n, 4]. WM: no weight (0), one per box
+// (1), or one per coordinate (2), averaged over the box (the IoU family's (N, 4) weight).
+template <int WM, class T, class A> DL_HD A box_weight(const T* w, int64_t w_sn, int64_t i, A (&wk)[4]) {
+  if (WM == 0) {
+    for (int q = 0; q < 4; ++q) wk[q] = A(1);
+    return A(1);
+  }
+  if (WM == 1) {
+    const A v = ld<T, A>(w, i * w_sn);
+    for (int q = 0; q < 4; ++q) wk[q] = v;
+    return v;
+  }
+  for (int q = 0; q < 4; ++q) wk[q] = ld<T, A>(w, i * w_sn + q);
+  return (((wk[0] + wk[1]) + wk[2]) + wk[3]) / A(4);
+}
+
+template <class E, class T, int WM, bool WG> int64_t box_forward(const Args& args) {
+  using A = typename AccOf<T>::type;
+  const E e(args);
+  const int64_t n = args.n;
+  const int64_t rows_per_chunk = CHUNK_ELEMS / 4;
+  const int64_t n_chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
+  const T* pred = reinterpret_cast<const T*>(args.pred);
+  const T* target = reinterpret_cast<const T*>(args.target);
+  const T* weight = reinterpret_cast<const T*>(args.weight);
+  const int64_t w_sn = args.w_sn;
+  T* out = reinterpret_cast<T*>(args.out);
+  T* grad = reinterpret_cast<T*>(args.grad_buf);
+  const A lw = A(args.loss_weight);
+  const A gscale = lw / reduction_divisor<A>(args);
+  const bool shortcut = (args.flags & FLAG_SHORTCUT) && args.reduction != RED_NONE;
+  std::vector<double> partial(n_chunks, 0.0);
+  std::vector<int64_t> invalid(n_chunks, 0);
+  ShortcutParts sc(shortcut ? n_chunks : 0);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
+    alignas(64) A buf[BLOCK];
+    for (int64_t ch = cb; ch < ce; ++ch) {
+      double acc = 0.0;
+      const int64_t end = std::min(n, (ch + 1) * rows_per_chunk);
+      for (int64_t i0 = ch * rows_per_chunk; i0 < end; i0 += BLOCK) {
+        const int64_t m = std::min(BLOCK, end - i0);
+        for (int64_t k = 0; k < m; ++k) {
+          const int64_t i = i0 + k;
+          A p[4], t[4], g[4], wk[4];
+          for (int q = 0; q < 4; ++q) {
+            p[q] = ld<T, A>(pred, i * 4 + q);
+            t[q] = ld<T, A>(target, i * 4 + q);
+          }
+          const A w = box_weight<WM, T, A>(weight, w_sn, i, wk);
+          buf[k] = weighted<true>(e.eval(p, t, g), w);
+          if (WG)
+            for (int q = 0; q < 4; ++q) grad[i * 4 + q] = static_cast<T>(weighted<true>(g[q], w) * gscale);
+        }
+        if (args.reduction == RED_NONE)
+          for (int64_t k = 0; k < m; ++k) out[i0 + k] = static_cast<T>(lw * buf[k]);
+        else
+          acc += double(lane_sum(buf, m));
+        if (shortcut)
+          for (int64_t i = i0; i < i0 + m; ++i) {
+            A wk[4];
+            box_weight<WM, T, A>(weight, w_sn, i, wk);
+            for (int q = 0; q < 4; ++q) {
+              sc.sum[ch] += double(weighted<true>(ld<T, A>(pred, i * 4 + q), wk[q]));
+              sc.positive[ch] += wk[q] > A(0);
+            }
+          }
+      }
+      partial[ch] = acc;
+    }
+  });
+  bool taken = false;
+  const int64_t bad = finish_forward<T, A>(args, partial, invalid, &sc, &taken);
+  if (WG && taken)
+    for (int64_t i = 0; i < n; ++i) {
+      A wk[4];
+      box_weight<WM, T, A>(weight, w_sn, i, wk);
+      for (int q = 0; q < 4; ++q) grad[i * 4 + q] = static_cast<T>(wk[q]);
+    }
+  return bad;
+}
+
+template <class E, class T, int WM> int64_t box_backward(const Args& args) {
+  using A = typename AccOf<T>::type;
+  const E e(args);
+  const T* pred = reinterpret_cast<const T*>(args.pred);
+  const T* target = reinterpret_cast<const T*>(args.target);
+  const T* weight = reinterpret_cast<const T*>(args.weight);
+  const T* go = reinterpret_cast<const T*>(args.grad_out);
+  T* out = reinterpret_cast<T*>(args.out);
+  const A scale = A(args.loss_weight) / reduction_divisor<A>(args);
+  const bool shortcut = (args.flags & FLAG_SHORTCUT) && *reinterpret_cast<const A*>(args.shortcut) != A(0);
+  at::parallel_for(0, args.n, CHUNK_ELEMS / 4, [&](int64_t b, int64_t end) {
+    for (int64_t i = b; i < end; ++i) {
+      A p[4], t[4], g[4], wk[4];
+      for (int q = 0; q < 4; ++q) {
+        p[q] = ld<T, A>(pred, i * 4 + q);
+        t[q] = ld<T, A>(target, i * 4 + q);
+      }
+      const A w = box_weight<WM, T, A>(weight, args.w_sn, i, wk);
+      const A up = ld<T, A>(go, i * args.g_sn);
+      if (shortcut) {
+        for (int q = 0; q < 4; ++q) out[i * 4 + q] = static_cast<T>(wk[q] * up);
+        continue;
+      }
+      e.eval(p, t, g);
+      for (int q = 0; q < 4; ++q) out[i * 4 + q] = static_cast<T>(weighted<true>(g[q], w) * scale * up);
+    }
+  });
+  return 0;
+}
+
 // Calls f(target mode, element weights) as compile-time constants, for the combinations E supports.
 template <int V> using IntC = std::integral_constant<int, V>;
 template <bool V> using BoolC = std::integral_constant<bool, V>;
@@ -535,7 +698,16 @@ template <class E, class F> int64_t dispatch_modes(bool dense, bool welem, F&& f
 // per-element weights and upstream gradients besides per-row ones), so that no loop is compiled
 // for a combination the Rust side never launches. Returns -2 for one it does not support.
 template <class E, class T> int64_t run(int32_t pass, const Args& a) {
-  if constexpr (E::SHAPE == SHAPE_ROW) {
+  if constexpr (E::SHAPE == SHAPE_BOX) {
+    if (a.target_mode != TARGET_DENSE || a.c != 4) return -2;
+    auto by_weight = [&](auto wm) -> int64_t {
+      constexpr int WM = decltype(wm)::value;
+      if (pass == PASS_FORWARD) return a.grad_buf ? box_forward<E, T, WM, true>(a) : box_forward<E, T, WM, false>(a);
+      return box_backward<E, T, WM>(a);
+    };
+    if (!a.weight) return by_weight(IntC<0>{});
+    return a.w_sc == 0 ? by_weight(IntC<1>{}) : by_weight(IntC<2>{});
+  } else if constexpr (E::SHAPE == SHAPE_ROW) {
     if (a.weight != 0 && a.w_sc != 0) return -2;
     if (pass == PASS_FORWARD) {
       if (a.has_avg_factor == AVG_COUNT_VALID && a.reduction == RED_MEAN) {

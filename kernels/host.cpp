@@ -13,9 +13,11 @@ extern "C" {
 float expf(float) noexcept __attribute__((simd("notinbranch")));
 float logf(float) noexcept __attribute__((simd("notinbranch")));
 float powf(float, float) noexcept __attribute__((simd("notinbranch")));
+float atanf(float) noexcept __attribute__((simd("notinbranch")));
 double exp(double) noexcept __attribute__((simd("notinbranch")));
 double log(double) noexcept __attribute__((simd("notinbranch")));
 double pow(double, double) noexcept __attribute__((simd("notinbranch")));
+double atan(double) noexcept __attribute__((simd("notinbranch")));
 }
 #endif
 

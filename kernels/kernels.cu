@@ -60,19 +60,118 @@ template <class A> __device__ __forceinline__ A block_sum(A v) {
   return v;
 }
 
-// A forward reduction's per-block values: the block's loss sum at partials[block] and, when the
-// divisor is the count of valid elements (AVG_COUNT_VALID), their count at
-// partials[n_partials + block]. Every thread of the block calls it.
-// COUNTS: compiled only for the bodies that can count (the others never get AVG_COUNT_VALID).
-template <bool COUNTS, class A> __device__ __forceinline__ void write_partials(const Args& a, A acc, A valid) {
+// A thread's running loss sum, in a register or (SHARED) in shared memory. The IoU and GHM-R
+// bodies keep many values live across their division and square-root slow paths (calls); one
+// more register there made ptxas spill, a shared-memory slot does not.
+template <class A, bool SHARED> struct ThreadSum;
+template <class A> struct ThreadSum<A, false> {
+  A v = A(0);
+  __device__ __forceinline__ A& get() { return v; }
+};
+template <class A> struct ThreadSum<A, true> {
+  A* v;
+  __device__ __forceinline__ ThreadSum() {
+    __shared__ A sums[THREADS];
+    v = sums + threadIdx.x;
+    *v = A(0);
+  }
+  __device__ __forceinline__ A& get() { return *v; }
+};
+
+// The zero-weight short-cut's running values of a thread (FLAG_SHORTCUT): the sum of pred * weight
+// over the non-zero weights and whether a weight > 0 was seen, in shared memory (see ThreadSum).
+template <class A, bool ON> struct ShortcutAcc {
+  static constexpr bool on = false;
+  __device__ __forceinline__ explicit ShortcutAcc(const Args&) {}
+  __device__ __forceinline__ void add(A, A) {}
+  __device__ __forceinline__ A sum() const { return A(0); }
+  __device__ __forceinline__ int positive() const { return 0; }
+};
+template <class A> struct ShortcutAcc<A, true> {
+  A* sum_;
+  int* positive_;
+  bool on;
+  __device__ __forceinline__ explicit ShortcutAcc(const Args& a) : on((a.flags & FLAG_SHORTCUT) != 0) {
+    __shared__ A sum_s[THREADS];
+    __shared__ int positive_s[THREADS];
+    sum_ = sum_s + threadIdx.x;
+    positive_ = positive_s + threadIdx.x;
+    *sum_ = A(0);
+    *positive_ = 0;
+  }
+  __device__ __forceinline__ void add(A x, A w) {
+    *sum_ += weighted<true>(x, w);
+    *positive_ |= int(w > A(0));
+  }
+  __device__ __forceinline__ A sum() const { return *sum_; }
+  __device__ __forceinline__ int positive() const { return *positive_; }
+};
+
+// A forward reduction's per-block values, in slots of n_partials (SLOT_*): the loss sum and,
+// where the launch asks for them, the valid count (AVG_COUNT_VALID) and the zero-weight
+// short-cut's sum and whether a weight > 0 was seen (FLAG_SHORTCUT; a sum of these is 0 only if
+// each is). COUNTS, SHORTCUT: compiled only for the bodies that can need them. Every thread of
+// the block calls it.
+template <bool COUNTS, bool SHORTCUT, class A>
+__device__ __forceinline__ void write_partials(const Args& a, A acc, A valid, const ShortcutAcc<A, SHORTCUT>& sc) {
+  A* partials = reinterpret_cast<A*>(a.partials);
   acc = block_sum(acc);
-  if (threadIdx.x == 0) reinterpret_cast<A*>(a.partials)[blockIdx.x] = acc;
+  if (threadIdx.x == 0) partials[blockIdx.x] = acc;
   if (COUNTS && a.has_avg_factor == AVG_COUNT_VALID) {
     __syncthreads();  // block_sum's shared memory is reused
     valid = block_sum(valid);
-    if (threadIdx.x == 0) reinterpret_cast<A*>(a.partials)[a.n_partials + blockIdx.x] = valid;
+    if (threadIdx.x == 0) partials[SLOT_VALID * a.n_partials + blockIdx.x] = valid;
+  }
+  if (SHORTCUT && (a.flags & FLAG_SHORTCUT)) {
+    __syncthreads();
+    const A sum = block_sum(sc.sum());
+    const int any = __syncthreads_or(sc.positive());
+    if (threadIdx.x == 0) {
+      partials[SLOT_SHORTCUT * a.n_partials + blockIdx.x] = sum;
+      partials[SLOT_POSITIVE * a.n_partials + blockIdx.x] = A(any);
+    }
   }
 }
+
+// Whether the forward pass took the zero-weight short-cut (its finalize wrote the decision).
+template <class A> __device__ __forceinline__ bool shortcut_taken(const Args& a) {
+  return (a.flags & FLAG_SHORTCUT) && *reinterpret_cast<const A*>(a.shortcut) != A(0);
+}
+
+// The element k = i c + j of a grid-stride loop over [n, c]. INCREMENTAL: advanced by the grid's
+// stride without a division per element (a 64-bit one is a subroutine call); otherwise i = k / c
+// each step. Which form keeps ptxas from spilling differs by body (build.rs fails on a spill):
+// the division-free form for the box-regression bodies, the division for the others.
+template <bool INCREMENTAL, class I> struct GridPos {
+  I k, c;
+  __device__ __forceinline__ explicit GridPos(I c_) : k(blockIdx.x * I(blockDim.x) + threadIdx.x), c(c_) {}
+  // Only inside the loop, where c > 0.
+  __device__ __forceinline__ I row() const { return k / c; }
+  __device__ __forceinline__ I col() const { return k - row() * c; }
+  __device__ __forceinline__ void next() { k += I(gridDim.x) * blockDim.x; }
+};
+template <class I> struct GridPos<true, I> {
+  I k, i, j, c, step_i, step_j;
+  __device__ __forceinline__ I row() const { return i; }
+  __device__ __forceinline__ I col() const { return j; }
+  __device__ __forceinline__ explicit GridPos(I c_) : c(c_) {
+    const I stride = I(gridDim.x) * blockDim.x;
+    k = blockIdx.x * I(blockDim.x) + threadIdx.x;
+    i = c > 0 ? k / c : I(0);
+    j = k - i * c;
+    step_i = c > 0 ? stride / c : I(0);
+    step_j = stride - step_i * c;
+  }
+  __device__ __forceinline__ void next() {
+    k += I(gridDim.x) * blockDim.x;
+    i += step_i;
+    j += step_j;
+    if (j >= c) {
+      j -= c;
+      ++i;
+    }
+  }
+};
 
 // Element (i, j)'s target; `bad` marks a label outside [0, C] in strict mode, `valid` false an
 // element that an IGNORE_INDEX body ignores.
@@ -81,7 +180,8 @@ template <class A> struct Tgt {
   bool bad, valid;
 };
 template <class E, class A, class T, class I> __device__ __forceinline__ Tgt<A> target_at(const Args& a, I k, I i, I j) {
-  if (a.target_mode == TARGET_DENSE) {
+  // A body without label targets only ever gets dense ones (the host checks).
+  if (!E::LABEL_TARGETS || a.target_mode == TARGET_DENSE) {
     const A t = ld<A>(reinterpret_cast<const T*>(a.target), k);
     const bool valid = !E::IGNORE_INDEX || (t >= A(0) && t != A(a.i0));
     return {t, false, valid};
@@ -133,7 +233,8 @@ template <class E, class T, class I> __device__ __forceinline__ void forward(con
   T* out = reinterpret_cast<T*>(a.out);
   const A lw = A(a.loss_weight);
   const A nan = A(0) / A(0);
-  const bool row_sum = (a.flags & FLAG_ROW_SUM) != 0;
+  // Row-sum element losses (QFL) take label targets; the others never get FLAG_ROW_SUM.
+  const bool row_sum = E::LABEL_TARGETS && (a.flags & FLAG_ROW_SUM) != 0;
   if (a.reduction == RED_NONE && row_sum) {
     // Per-anchor losses (QFL 'none'): one thread per row.
     for (I i = blockIdx.x * I(blockDim.x) + threadIdx.x; i < I(a.n); i += I(gridDim.x) * blockDim.x) {
@@ -143,26 +244,33 @@ template <class E, class T, class I> __device__ __forceinline__ void forward(con
         const Tgt<A> t = target_at<E, A, T>(a, I(i * c + j), i, j);
         const A x = ld<A>(pred, I(i * c + j));
         bad |= t.bad;
-        s += elem_loss(e, a, x, t.t, j) * elem_weight(e, a, weight_at<A, T>(a, i, j), x, t);
+        s += weighted<E::MASKED_WEIGHTS>(elem_loss(e, a, x, t.t, j), elem_weight(e, a, weight_at<A, T>(a, i, j), x, t));
       }
       out[i] = st<T>(bad ? nan : lw * s);
     }
     return;
   }
-  A acc = A(0), valid = A(0);
-  for (I k = blockIdx.x * I(blockDim.x) + threadIdx.x; k < total; k += I(gridDim.x) * blockDim.x) {
-    const I i = k / c, j = k - i * c;
+  // A histogram body never takes the short-cut (GHM-R has none).
+  constexpr bool SHORTCUT = E::MASKED_WEIGHTS && !E::HISTOGRAM;
+  ShortcutAcc<A, SHORTCUT> sc(a);
+  ThreadSum<A, E::HISTOGRAM && E::MASKED_WEIGHTS> sum;
+  A& acc = sum.get();
+  A valid = A(0);
+  for (GridPos<E::MASKED_WEIGHTS, I> pos(c); pos.k < total; pos.next()) {
+    const I k = pos.k, i = pos.row(), j = pos.col();
     const Tgt<A> t = target_at<E, A, T>(a, k, i, j);
     const A x = ld<A>(pred, k);
-    A l = elem_loss(e, a, x, t.t, j) * elem_weight(e, a, weight_at<A, T>(a, i, j), x, t);
+    const A w = weight_at<A, T>(a, i, j);
+    A l = weighted<E::MASKED_WEIGHTS>(elem_loss(e, a, x, t.t, j), elem_weight(e, a, w, x, t));
     if (t.bad) l = nan;
     if constexpr (E::IGNORE_INDEX) valid += A(t.valid);
+    if (sc.on) sc.add(x, w);
     if (a.reduction == RED_NONE)
       out[k] = st<T>(lw * l);
     else
       acc += l;
   }
-  if (a.reduction != RED_NONE) write_partials<E::IGNORE_INDEX>(a, acc, valid);
+  if (a.reduction != RED_NONE) write_partials<E::IGNORE_INDEX, SHORTCUT>(a, acc, valid, sc);
 }
 
 template <class E, class T, class I> __device__ __forceinline__ void backward(const Args& a) {
@@ -174,12 +282,16 @@ template <class E, class T, class I> __device__ __forceinline__ void backward(co
   T* out = reinterpret_cast<T*>(a.out);
   const A scale = A(a.loss_weight) / reduction_divisor<A>(a);
   const A nan = A(0) / A(0);
-  for (I k = blockIdx.x * I(blockDim.x) + threadIdx.x; k < total; k += I(gridDim.x) * blockDim.x) {
-    const I i = k / c, j = k - i * c;
+  // The short-cut's gradient: d sum(pred * weight) / d pred = weight.
+  const bool shortcut = E::MASKED_WEIGHTS && !E::HISTOGRAM && shortcut_taken<A>(a);
+  for (GridPos<E::MASKED_WEIGHTS, I> pos(c); pos.k < total; pos.next()) {
+    const I k = pos.k, i = pos.row(), j = pos.col();
     const Tgt<A> t = target_at<E, A, T>(a, k, i, j);
     const A x = ld<A>(pred, k);
-    A g = elem_grad(e, a, x, t.t, j) * elem_weight(e, a, weight_at<A, T>(a, i, j), x, t) * scale *
-          ld<A>(go, I(i * I(a.g_sn) + j * I(a.g_sc)));
+    const A w = weight_at<A, T>(a, i, j);
+    const A up = ld<A>(go, I(i * I(a.g_sn) + j * I(a.g_sc)));
+    A g = shortcut ? w * up
+                   : weighted<E::MASKED_WEIGHTS>(elem_grad(e, a, x, t.t, j), elem_weight(e, a, w, x, t)) * scale * up;
     out[k] = st<T>(t.bad ? nan : g);
   }
 }
@@ -232,7 +344,7 @@ template <class E, class T, class I> __device__ __forceinline__ void row_forward
         acc += l;
     }
   }
-  if (a.reduction != RED_NONE) write_partials<true>(a, acc, valid);
+  if (a.reduction != RED_NONE) write_partials<true, false, A>(a, acc, valid, ShortcutAcc<A, false>(a));
 }
 
 template <class E, class T, class I> __device__ __forceinline__ void row_backward(const Args& a) {
@@ -266,6 +378,79 @@ template <class E, class T, class I> __device__ __forceinline__ void row_backwar
   }
 }
 
+// ---- Box executor: a thread per box pair (4 coordinates each of pred and target). The weight is
+// per box, or per coordinate (IoU family: MMDetection's (N, 4) weight), averaged over the box.
+template <class A, class T, class I> __device__ __forceinline__ A box_weight(const Args& a, I i, A (&wk)[4]) {
+  const T* w = reinterpret_cast<const T*>(a.weight);
+  if (!w) {
+    for (int q = 0; q < 4; ++q) wk[q] = A(1);
+    return A(1);
+  }
+  if (a.w_sc == 0) {
+    const A v = ld<A>(w, I(i * I(a.w_sn)));
+    for (int q = 0; q < 4; ++q) wk[q] = v;
+    return v;
+  }
+  for (int q = 0; q < 4; ++q) wk[q] = ld<A>(w, I(i * I(a.w_sn) + I(q)));
+  return (((wk[0] + wk[1]) + wk[2]) + wk[3]) / A(4);
+}
+
+template <class A, class T, class I> __device__ __forceinline__ void load_box(const T* p, I i, A (&v)[4]) {
+  for (int q = 0; q < 4; ++q) v[q] = ld<A>(p, I(i * 4 + q));
+}
+
+template <class E, class T, class I> __device__ __forceinline__ void box_forward(const Args& a) {
+  using A = typename AccOf<T>::type;
+  const E e(a);
+  const I n = I(a.n);
+  const T* pred = reinterpret_cast<const T*>(a.pred);
+  const T* target = reinterpret_cast<const T*>(a.target);
+  T* out = reinterpret_cast<T*>(a.out);
+  const A lw = A(a.loss_weight);
+  ShortcutAcc<A, true> sc(a);
+  ThreadSum<A, true> sum;
+  A& acc = sum.get();
+  for (I i = blockIdx.x * I(blockDim.x) + threadIdx.x; i < n; i += I(gridDim.x) * blockDim.x) {
+    A p[4], t[4], g[4], wk[4];
+    load_box<A>(pred, i, p);
+    load_box<A>(target, i, t);
+    const A w = box_weight<A, T>(a, i, wk);
+    const A l = weighted<true>(e.eval(p, t, g), w);
+    if (sc.on)
+      for (int q = 0; q < 4; ++q) sc.add(p[q], wk[q]);
+    if (a.reduction == RED_NONE)
+      out[i] = st<T>(lw * l);
+    else
+      acc += l;
+  }
+  if (a.reduction != RED_NONE) write_partials<false, true>(a, acc, A(0), sc);
+}
+
+template <class E, class T, class I> __device__ __forceinline__ void box_backward(const Args& a) {
+  using A = typename AccOf<T>::type;
+  const E e(a);
+  const I n = I(a.n);
+  const T* pred = reinterpret_cast<const T*>(a.pred);
+  const T* target = reinterpret_cast<const T*>(a.target);
+  const T* go = reinterpret_cast<const T*>(a.grad_out);
+  T* out = reinterpret_cast<T*>(a.out);
+  const A scale = A(a.loss_weight) / reduction_divisor<A>(a);
+  const bool shortcut = shortcut_taken<A>(a);
+  for (I i = blockIdx.x * I(blockDim.x) + threadIdx.x; i < n; i += I(gridDim.x) * blockDim.x) {
+    A p[4], t[4], g[4], wk[4];
+    load_box<A>(pred, i, p);
+    load_box<A>(target, i, t);
+    const A w = box_weight<A, T>(a, i, wk);
+    const A up = ld<A>(go, I(i * I(a.g_sn)));
+    if (shortcut) {
+      for (int q = 0; q < 4; ++q) out[i * 4 + q] = st<T>(wk[q] * up);
+      continue;
+    }
+    e.eval(p, t, g);
+    for (int q = 0; q < 4; ++q) out[i * 4 + q] = st<T>(weighted<true>(g[q], w) * scale * up);
+  }
+}
+
 // ---- Histogram executor, pass 1: per-block counts of the elements with weight > 0 in each bin
 // (integer atomics in shared memory: exact in any order), their total count and weight sum.
 template <class E, class T, class I> __device__ __forceinline__ void histogram(const Args& a) {
@@ -279,8 +464,8 @@ template <class E, class T, class I> __device__ __forceinline__ void histogram(c
     const I c = I(a.c), total = I(a.n) * c;
     const T* pred = reinterpret_cast<const T*>(a.pred);
     A wsum = A(0);
-    for (I k = blockIdx.x * I(blockDim.x) + threadIdx.x; k < total; k += I(gridDim.x) * blockDim.x) {
-      const I i = k / c, j = k - i * c;
+    for (GridPos<E::MASKED_WEIGHTS, I> pos(c); pos.k < total; pos.next()) {
+      const I k = pos.k, i = pos.row(), j = pos.col();
       const A w = weight_at<A, T>(a, i, j);
       wsum += w;
       if (w > A(0)) {
@@ -307,6 +492,11 @@ template <class E, class T, class I> __device__ __forceinline__ void run(int32_t
       row_forward<E, T, I>(a);
     else
       row_backward<E, T, I>(a);
+  } else if constexpr (E::SHAPE == SHAPE_BOX) {
+    if (pass == PASS_FORWARD)
+      box_forward<E, T, I>(a);
+    else
+      box_backward<E, T, I>(a);
   } else {
     if (pass == PASS_FORWARD)
       forward<E, T, I>(a);
@@ -329,18 +519,24 @@ DL_LOSSES(DL_DEVICE_RUNNER)
 #undef DL_DEVICE_RUNNER
 #undef DL_RUN
 
-template <class T> __device__ __forceinline__ void finalize(const Args& a) {
-  using A = typename AccOf<T>::type;
-  const A* partials = reinterpret_cast<const A*>(a.partials);
+template <class A> __device__ __forceinline__ A slot_sum(const Args& a, int slot) {
+  const A* partials = reinterpret_cast<const A*>(a.partials) + int64_t(slot) * a.n_partials;
   A s = A(0);
   for (int b = threadIdx.x; b < a.n_partials; b += THREADS) s += partials[b];
   s = block_sum(s);
+  __syncthreads();
+  return s;
+}
+
+template <class T> __device__ __forceinline__ void finalize(const Args& a) {
+  using A = typename AccOf<T>::type;
+  const A s = slot_sum<A>(a, SLOT_LOSS);
   A divisor;
   if (a.has_avg_factor == AVG_COUNT_VALID) {
     // The per-block counts are integers: summed as such, exact in any order.
+    const A* counts = reinterpret_cast<const A*>(a.partials) + int64_t(SLOT_VALID) * a.n_partials;
     long long cnt = 0;
-    for (int b = threadIdx.x; b < a.n_partials; b += THREADS) cnt += (long long)(partials[a.n_partials + b]);
-    __syncthreads();
+    for (int b = threadIdx.x; b < a.n_partials; b += THREADS) cnt += (long long)(counts[b]);
     cnt = block_sum(cnt);
     // The count is the divisor's avg_factor, for this pass and the backward one.
     if (threadIdx.x == 0 && a.reduction == RED_MEAN) *reinterpret_cast<A*>(a.avg_factor) = A(cnt);
@@ -348,7 +544,17 @@ template <class T> __device__ __forceinline__ void finalize(const Args& a) {
   } else {
     divisor = reduction_divisor<A>(a);
   }
-  if (threadIdx.x == 0) reinterpret_cast<T*>(a.out)[0] = st<T>(A(a.loss_weight) * (s / divisor));
+  A result = A(a.loss_weight) * (s / divisor);
+  if (a.flags & FLAG_SHORTCUT) {
+    // No weight > 0: sum(pred * weight), neither divided nor scaled; the backward pass reads the
+    // decision. A sum of non-negative counts is 0 only if each is.
+    const A sc = slot_sum<A>(a, SLOT_SHORTCUT);
+    const A positive = slot_sum<A>(a, SLOT_POSITIVE);
+    const bool taken = positive == A(0);
+    if (threadIdx.x == 0) *reinterpret_cast<A*>(a.shortcut) = A(taken);
+    if (taken) result = sc;
+  }
+  if (threadIdx.x == 0) reinterpret_cast<T*>(a.out)[0] = st<T>(result);
 }
 
 // Histogram executor, pass 2 (one block): adds the per-block counts of each bin in block order,

@@ -19,6 +19,8 @@ pub(crate) enum Shape {
     Element = 0,
     /// One row of `C` values.
     Row = 1,
+    /// One box pair: the 4 coordinates of a pred and a target row (the IoU family).
+    Box = 2,
 }
 
 // `FLAG_*`: how a body reads its arguments.
@@ -27,8 +29,8 @@ pub(crate) const FLAG_IOU_WEIGHTED: i32 = 2;
 pub(crate) const FLAG_ROW_SUM: i32 = 4;
 pub(crate) const FLAG_STRICT_LABELS: i32 = 8;
 pub(crate) const FLAG_SIGMOID: i32 = 16;
-#[allow(dead_code)] // GHM-R's
 pub(crate) const FLAG_TOT_SUM: i32 = 32;
+pub(crate) const FLAG_SHORTCUT: i32 = 64;
 
 // `TARGET_*`: what `target` (and `score`) hold.
 pub(crate) const TARGET_DENSE: i32 = 0;
@@ -43,6 +45,11 @@ pub(crate) const AVG_COUNT_VALID: i32 = 3;
 
 /// `MAX_BINS`: the most histogram bins the executors take.
 pub(crate) const MAX_BINS: i64 = 1024;
+
+// `SLOT_*`: the per-block partials of a forward reduction, in slots of `n_partials` values.
+/// The slots a forward reduction uses: the loss; the valid count; the short-cut's sum and count.
+pub(crate) const SLOTS_WITH_COUNT: i64 = 2;
+pub(crate) const SLOTS_WITH_SHORTCUT: i64 = 4;
 
 // The reduction codes (`RED_*`) are the discriminants of `crate::Reduction`.
 
@@ -65,6 +72,7 @@ pub(crate) struct DlArgs {
     pub hist_weights: u64,
     pub hist_state: u64,
     pub aux: u64,
+    pub shortcut: u64,
     pub n: i64,
     pub c: i64,
     pub w_sn: i64,
@@ -154,6 +162,7 @@ mod tests {
             hist_weights,
             hist_state,
             aux,
+            shortcut,
             n,
             c,
             w_sn,

@@ -10,7 +10,8 @@ use tch::{Device, Kind, Tensor};
 pub(crate) use crate::abi::Shape;
 use crate::abi::{
     dtype_code, DlArgs, Pass, AVG_COUNT_VALID, AVG_TENSOR, AVG_VALUE, FLAG_ACTIVATED, FLAG_ROW_SUM,
-    MAX_BINS, TARGET_DENSE, TARGET_LABELS, TARGET_LABELS_SCORES, TARGET_ROW_VALUE,
+    FLAG_SHORTCUT, MAX_BINS, SLOTS_WITH_COUNT, SLOTS_WITH_SHORTCUT, TARGET_DENSE, TARGET_LABELS,
+    TARGET_LABELS_SCORES, TARGET_ROW_VALUE,
 };
 pub(crate) use crate::bodies::Body;
 use crate::checks;
@@ -38,6 +39,10 @@ pub(crate) struct Spec {
     pub count_valid: bool,
     /// The histogram executor's settings, for histogram bodies.
     pub hist: Option<Hist>,
+    /// MMDetection's zero-weight short-cut (L1, SmoothL1, the IoU family), decided on the device:
+    /// where a weight is given and none is > 0, 'mean' and 'sum' give `sum(pred * weight)`,
+    /// neither divided nor scaled, whose gradient is the weight.
+    pub shortcut: bool,
     /// What valid targets are, for the error on the CPU (`None`: class indices in [0, C]).
     pub valid_targets: Option<&'static str>,
     pub loss_weight: f64,
@@ -63,6 +68,7 @@ impl Spec {
             class_param: None,
             count_valid: false,
             hist: None,
+            shortcut: false,
             valid_targets: None,
             loss_weight,
             reduction,
@@ -71,7 +77,7 @@ impl Spec {
 
     /// One loss per row rather than per element.
     fn per_row(&self) -> bool {
-        self.shape == Shape::Row || self.flags & FLAG_ROW_SUM != 0
+        self.shape != Shape::Element || self.flags & FLAG_ROW_SUM != 0
     }
 }
 
@@ -231,8 +237,15 @@ fn prepare(
     let device = pred.device();
     let reduction = spec.reduction;
     check_avg_factor(name, reduction, avg_factor)?;
-    if spec.shape == Shape::Row {
+    if spec.shape != Shape::Element {
         spec.flags |= FLAG_ROW_SUM;
+    }
+    if spec.shape == Shape::Box {
+        ensure!(
+            c == 4,
+            "{name}: pred must be (N, 4) boxes (x1, y1, x2, y2), got shape {:?}",
+            pred.size()
+        );
     }
     let per_row = spec.per_row();
     let acc = acc_kind(kind);
@@ -326,7 +339,14 @@ fn prepare(
         Some(w) => {
             checks::real(name, "weight", w)?;
             same_device(name, "weight", w, device)?;
-            let shape: Vec<i64> = if per_row { vec![n, 1] } else { vec![n, c] };
+            // A box loss also takes one weight per coordinate, (N, 4), averaged over each box by
+            // the kernels (MMDetection's `weight.mean(-1)`).
+            let per_coordinate = spec.shape == Shape::Box && w.size() == [n, c];
+            let shape: Vec<i64> = if per_row && !per_coordinate {
+                vec![n, 1]
+            } else {
+                vec![n, c]
+            };
             let w = w.f_detach()?.f_to_kind(kind)?;
             let e = w.f_expand(shape.as_slice(), false).map_err(|_| {
                 anyhow::anyhow!(
@@ -364,6 +384,13 @@ fn prepare(
             t.numel()
         );
         args.aux = ptr(&t);
+        buffers.push(t);
+    }
+    if spec.shortcut && weight.is_some() && reduction != Reduction::None {
+        // The forward pass's decision, for the backward pass.
+        let t = Tensor::f_zeros([1], (acc, device))?;
+        args.shortcut = ptr(&t);
+        args.flags |= FLAG_SHORTCUT;
         buffers.push(t);
     }
     if spec.shape == Shape::Row {
@@ -530,10 +557,12 @@ fn launch(p: &Prepared, pass: Pass, args: &mut DlArgs) -> Result<()> {
     // we launch on; the emulated device runs synchronously.
     let _partials = if plan.finalize.is_some() || plan.histogram.is_some() {
         let n = i64::from(plan.blocks);
-        let len = if args.has_avg_factor == AVG_COUNT_VALID {
-            2 * n
+        let len = n * if args.flags & FLAG_SHORTCUT != 0 {
+            SLOTS_WITH_SHORTCUT
+        } else if args.has_avg_factor == AVG_COUNT_VALID {
+            SLOTS_WITH_COUNT
         } else {
-            n
+            1
         };
         let t = match p.executor {
             // On the emulated device NaNs follow the partials, so that a kernel that reads

@@ -87,6 +87,8 @@ pub(crate) fn plan(
             (args.n + THREADS as i64 - 1) / THREADS as i64
         }
         Shape::Element => (total + THREADS as i64 - 1) / THREADS as i64,
+        // A thread per box.
+        Shape::Box => (args.n + THREADS as i64 - 1) / THREADS as i64,
     }
     .clamp(1, geo.max_blocks.max(1));
     // 32-bit indices while the grid-stride index cannot wrap: the last index plus one stride.

@@ -20,7 +20,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::losses::{
-    CrossEntropyLoss, DistributionFocalLoss, FocalLoss, QualityFocalLoss, VarifocalLoss, GHMC,
+    BalancedL1Loss, CIoULoss, CrossEntropyLoss, DIoULoss, DistributionFocalLoss, FocalLoss,
+    GIoULoss, IoULoss, L1Loss, QualityFocalLoss, SmoothL1Loss, VarifocalLoss, GHMC, GHMR,
 };
 use crate::Loss;
 
@@ -42,6 +43,14 @@ static REGISTRY: LazyLock<RwLock<BTreeMap<String, Builder>>> = LazyLock::new(|| 
         "CrossEntropyLoss" => CrossEntropyLoss,
         "DistributionFocalLoss" => DistributionFocalLoss,
         "GHMC" => GHMC,
+        "L1Loss" => L1Loss,
+        "SmoothL1Loss" => SmoothL1Loss,
+        "BalancedL1Loss" => BalancedL1Loss,
+        "IoULoss" => IoULoss,
+        "GIoULoss" => GIoULoss,
+        "DIoULoss" => DIoULoss,
+        "CIoULoss" => CIoULoss,
+        "GHMR" => GHMR,
     }
     RwLock::new(m)
 });

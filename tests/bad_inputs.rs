@@ -75,8 +75,37 @@ fn valid_call(ty: &str) -> Call {
             weight,
             avg_factor,
         },
+        "L1Loss" | "SmoothL1Loss" | "BalancedL1Loss" => Call {
+            pred,
+            target: Tensor::randn([N, C], opts),
+            scores: None,
+            weight: Tensor::rand([N, C], opts) + 0.5,
+            avg_factor,
+        },
+        "IoULoss" | "GIoULoss" | "DIoULoss" | "CIoULoss" => Call {
+            pred: boxes(),
+            target: boxes(),
+            scores: None,
+            weight,
+            avg_factor,
+        },
+        "GHMR" => Call {
+            pred,
+            target: Tensor::randn([N, C], opts),
+            scores: None,
+            weight: Tensor::rand([N, C], opts).gt(0.3).to_kind(Kind::Float),
+            avg_factor,
+        },
         other => panic!("add a valid call of {other} to tests/bad_inputs.rs"),
     }
+}
+
+/// N random xyxy boxes (C = 4 coordinates).
+fn boxes() -> Tensor {
+    let opts = (Kind::Float, Device::Cpu);
+    let lo = Tensor::rand([N, 2], opts) * 10.0;
+    let hi = &lo + Tensor::rand([N, 2], opts) * 5.0 + 0.5;
+    Tensor::cat(&[lo, hi], 1)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -1,6 +1,6 @@
 //! Every reference case computed by MMDetection 3.3 (tests/data/mmdet_cases.json) of every loss
 //! this crate ships passes through the public config API: loss and gradient within the README's
-//! tolerances, GHM-C's momentum state after each call of a sequence, and every error case
+//! tolerances, GHM's momentum state after each call of a sequence, and every error case
 //! rejected with MMDetection's message.
 
 use std::path::PathBuf;
@@ -22,6 +22,14 @@ fn data_dir() -> PathBuf {
 #[case("CrossEntropyLoss", 22, 2)]
 #[case("DistributionFocalLoss", 3, 0)]
 #[case("GHMC", 7, 1)]
+#[case("L1Loss", 7, 1)]
+#[case("SmoothL1Loss", 16, 1)]
+#[case("BalancedL1Loss", 15, 1)]
+#[case("IoULoss", 18, 0)]
+#[case("GIoULoss", 9, 1)]
+#[case("DIoULoss", 6, 0)]
+#[case("CIoULoss", 10, 0)]
+#[case("GHMR", 8, 1)]
 fn mmdetection_cases_pass(#[case] loss: &str, #[case] n_cases: usize, #[case] n_errors: usize) {
     let file = CaseFile::load(&data_dir().join("mmdet_cases.json")).unwrap();
     let cases: Vec<_> = file.cases.iter().filter(|c| c.loss == loss).collect();

@@ -87,7 +87,79 @@ pub const WORKLOADS: &[Workload] = &[
         cuda_kinds: F32,
         inputs: labelled_anchors,
     },
+    // A box head over all anchors, weight 0 for the 99 % that are not positive (no gather).
+    Workload {
+        name: "GIoULoss all anchors",
+        config: r#"{"type": "GIoULoss", "loss_weight": 2.0}"#,
+        cpu_shape: BOX_ANCHORS.0,
+        cuda_shape: BOX_ANCHORS.1,
+        cuda_kinds: &[Kind::Float, Kind::BFloat16],
+        inputs: all_anchor_boxes,
+    },
+    // The same head after gathering its positives.
+    Workload {
+        name: "GIoULoss positives",
+        config: r#"{"type": "GIoULoss", "loss_weight": 2.0}"#,
+        cpu_shape: POSITIVE_BOXES,
+        cuda_shape: POSITIVE_BOXES,
+        cuda_kinds: F32,
+        inputs: positive_boxes,
+    },
+    Workload {
+        name: "DIoULoss positives",
+        config: r#"{"type": "DIoULoss"}"#,
+        cpu_shape: POSITIVE_BOXES,
+        cuda_shape: POSITIVE_BOXES,
+        cuda_kinds: F32,
+        inputs: positive_boxes,
+    },
+    Workload {
+        name: "CIoULoss positives",
+        config: r#"{"type": "CIoULoss"}"#,
+        cpu_shape: POSITIVE_BOXES,
+        cuda_shape: POSITIVE_BOXES,
+        cuda_kinds: F32,
+        inputs: positive_boxes,
+    },
+    // RetinaNet's box branch: deltas of every anchor, bbox_weights 1 on the positives.
+    Workload {
+        name: "SmoothL1Loss",
+        config: r#"{"type": "SmoothL1Loss", "beta": 0.11}"#,
+        cpu_shape: BOX_ANCHORS.0,
+        cuda_shape: BOX_ANCHORS.1,
+        cuda_kinds: F32,
+        inputs: anchor_deltas,
+    },
+    Workload {
+        name: "L1Loss",
+        config: r#"{"type": "L1Loss"}"#,
+        cpu_shape: BOX_ANCHORS.0,
+        cuda_shape: BOX_ANCHORS.1,
+        cuda_kinds: F32,
+        inputs: anchor_deltas,
+    },
+    Workload {
+        name: "BalancedL1Loss",
+        config: r#"{"type": "BalancedL1Loss"}"#,
+        cpu_shape: BOX_ANCHORS.0,
+        cuda_shape: BOX_ANCHORS.1,
+        cuda_kinds: F32,
+        inputs: anchor_deltas,
+    },
+    // GHM RetinaNet's box branch on its sampled anchors.
+    Workload {
+        name: "GHMR",
+        config: r#"{"type": "GHMR", "mu": 0.02, "bins": 10, "momentum": 0.7}"#,
+        cpu_shape: (40_000, 4),
+        cuda_shape: (40_000, 4),
+        cuda_kinds: F32,
+        inputs: ghm_deltas,
+    },
 ];
+
+/// Box heads: 2 images x 100,000 anchors on the CPU, 16 on CUDA; 20,000 gathered positives.
+const BOX_ANCHORS: ((i64, i64), (i64, i64)) = ((200_000, 4), (1_600_000, 4));
+const POSITIVE_BOXES: (i64, i64) = (20_000, 4);
 
 /// The inputs of one loss call, as a head produces them.
 pub struct Inputs {
@@ -238,5 +310,94 @@ fn side_distributions(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inpu
         ),
         weight: Some(Tensor::f_rand([n], f32s)?),
         avg_factor: Some(Tensor::from(n as f32 / 4.0).f_to_device(device)?),
+    })
+}
+
+/// xyxy target boxes and predictions near them (a trained head's), `(n, 4)`.
+fn box_pair(n: i64, kind: Kind, device: Device) -> Result<(Tensor, Tensor)> {
+    let f32s = (Kind::Float, device);
+    let lo = Tensor::f_rand([n, 2], f32s)?.f_mul_scalar(800.0)?;
+    let size = Tensor::f_rand([n, 2], f32s)?
+        .f_mul_scalar(200.0)?
+        .f_add_scalar(8.0)?;
+    let target = Tensor::f_cat(&[&lo, &lo.f_add(&size)?], 1)?;
+    let noise = Tensor::f_randn([n, 4], f32s)?.f_mul(&size.f_repeat([1, 2])?.f_mul_scalar(0.1)?)?;
+    let pred = target
+        .f_add(&noise)?
+        .f_to_kind(kind)?
+        .set_requires_grad(true);
+    Ok((pred, target.f_to_kind(kind)?))
+}
+
+/// A box loss over every anchor: weight 1 on the 1 % positives, 0 elsewhere; avg_factor their
+/// count.
+fn all_anchor_boxes(n: i64, _c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    let (pred, target) = box_pair(n, kind, device)?;
+    let positive = Tensor::f_rand([n], (Kind::Float, device))?.f_lt(POSITIVE_FRACTION)?;
+    Ok(Inputs {
+        kind,
+        pred,
+        target: TargetData::One(target),
+        avg_factor: Some(positive.f_sum(Kind::Float)?.f_clamp_min(1.0)?),
+        weight: Some(positive.f_to_kind(kind)?),
+    })
+}
+
+/// Gathered positive boxes, with their centerness (or quality) as the weight.
+fn positive_boxes(n: i64, _c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    let (pred, target) = box_pair(n, kind, device)?;
+    let weight = Tensor::f_rand([n], (Kind::Float, device))?.f_to_kind(kind)?;
+    Ok(Inputs {
+        kind,
+        pred,
+        target: TargetData::One(target),
+        avg_factor: Some(weight.f_sum(Kind::Float)?),
+        weight: Some(weight),
+    })
+}
+
+/// Encoded deltas of every anchor: `bbox_weights` 1 on the 1 % positives (all 4 coordinates).
+fn anchor_deltas(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    let f32s = (Kind::Float, device);
+    let positive = Tensor::f_rand([n, 1], f32s)?.f_lt(POSITIVE_FRACTION)?;
+    let target = Tensor::f_randn([n, c], f32s)?.f_mul_scalar(0.5)?;
+    let pred = target
+        .f_add(&Tensor::f_randn([n, c], f32s)?.f_mul_scalar(0.2)?)?
+        .f_to_kind(kind)?
+        .set_requires_grad(true);
+    Ok(Inputs {
+        kind,
+        pred,
+        target: TargetData::One(target.f_to_kind(kind)?),
+        avg_factor: Some(positive.f_sum(Kind::Float)?.f_clamp_min(1.0)?),
+        weight: Some(
+            positive
+                .f_expand([n, c], false)?
+                .f_to_kind(kind)?
+                .f_contiguous()?,
+        ),
+    })
+}
+
+/// GHM-R's sampled anchors: deltas and label weights 1 on the sampled ones (half of them).
+fn ghm_deltas(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    let f32s = (Kind::Float, device);
+    let target = Tensor::f_randn([n, c], f32s)?.f_mul_scalar(0.5)?;
+    let pred = target
+        .f_add(&Tensor::f_randn([n, c], f32s)?.f_mul_scalar(0.1)?)?
+        .f_to_kind(kind)?
+        .set_requires_grad(true);
+    let sampled = Tensor::f_rand([n, 1], f32s)?.f_lt(0.5)?;
+    Ok(Inputs {
+        kind,
+        pred,
+        target: TargetData::One(target.f_to_kind(kind)?),
+        avg_factor: None,
+        weight: Some(
+            sampled
+                .f_expand([n, c], false)?
+                .f_to_kind(Kind::Float)?
+                .f_contiguous()?,
+        ),
     })
 }

@@ -1,5 +1,5 @@
-//! mmdet/models/losses/ghm_loss.py: [`GHMC`] on the histogram executor (kernel body
-//! `kernels/ghmc.cuh`).
+//! mmdet/models/losses/ghm_loss.py: [`GHMC`] and [`GHMR`] on the histogram executor (kernel
+//! bodies `kernels/ghmc.cuh`, `kernels/ghmr.cuh`).
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::{begin, pred_shape, single_target};
-use crate::abi::MAX_BINS;
+use crate::abi::{FLAG_TOT_SUM, MAX_BINS};
 use crate::checks::broadcast_shapes;
 use crate::fused::{self, Body, Hist, KTarget, Shape, Spec};
 use crate::reduction::{weight_reduce_loss, AvgFactor, Reduction, SUM_WITH_AVG_FACTOR};
@@ -317,33 +317,54 @@ impl Loss for GHMC {
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
-        if self.momentum <= 0.0 {
-            return Ok(Vec::new());
-        }
-        let guard = self.acc_sum.lock()?;
-        let t = match guard.as_ref() {
-            Some(t) => deep_copy(t)?,
-            None => Tensor::f_zeros([self.bins], (Kind::Float, Device::Cpu))?,
-        };
-        Ok(vec![("acc_sum".to_string(), t)])
+        momentum_state(&self.acc_sum, self.momentum, self.bins)
     }
 
     fn load_state(&self, name: &str, value: &Tensor) -> Result<()> {
-        ensure!(
-            name == "acc_sum" && self.momentum > 0.0,
-            "{NAME}: no state named {name:?} (acc_sum exists with momentum > 0)"
-        );
-        crate::checks::real(NAME, "acc_sum", value)?;
-        ensure!(
-            value.size() == [self.bins],
-            "{NAME}: acc_sum must be ({},), got {:?}",
-            self.bins,
-            value.size()
-        );
-        let t = deep_copy(&value.f_detach()?.f_to_kind(Kind::Float)?)?;
-        *self.acc_sum.lock()? = Some(t);
-        Ok(())
+        load_momentum_state(&self.acc_sum, NAME, self.momentum, self.bins, name, value)
     }
+}
+
+/// [`Loss::state`] of a GHM loss: a copy of `acc_sum` (zeros before the first call), or nothing
+/// without momentum.
+fn momentum_state(
+    acc_sum: &MomentumState,
+    momentum: f64,
+    bins: i64,
+) -> Result<Vec<(String, Tensor)>> {
+    if momentum <= 0.0 {
+        return Ok(Vec::new());
+    }
+    let guard = acc_sum.lock()?;
+    let t = match guard.as_ref() {
+        Some(t) => deep_copy(t)?,
+        None => Tensor::f_zeros([bins], (Kind::Float, Device::Cpu))?,
+    };
+    Ok(vec![("acc_sum".to_string(), t)])
+}
+
+/// [`Loss::load_state`] of a GHM loss.
+fn load_momentum_state(
+    acc_sum: &MomentumState,
+    name_of_loss: &str,
+    momentum: f64,
+    bins: i64,
+    name: &str,
+    value: &Tensor,
+) -> Result<()> {
+    ensure!(
+        name == "acc_sum" && momentum > 0.0,
+        "{name_of_loss}: no state named {name:?} (acc_sum exists with momentum > 0)"
+    );
+    crate::checks::real(name_of_loss, "acc_sum", value)?;
+    ensure!(
+        value.size() == [bins],
+        "{name_of_loss}: acc_sum must be ({bins},), got {:?}",
+        value.size()
+    );
+    let t = deep_copy(&value.f_detach()?.f_to_kind(Kind::Float)?)?;
+    *acc_sum.lock()? = Some(t);
+    Ok(())
 }
 
 /// A contiguous copy that shares no storage with `t`.
@@ -351,4 +372,227 @@ fn deep_copy(t: &Tensor) -> Result<Tensor> {
     let mut c = Tensor::f_empty(t.size(), (t.kind(), t.device()))?;
     c.f_copy_(t)?;
     Ok(c)
+}
+
+const GHMR_NAME: &str = "GHMR";
+
+/// MMDetection's `GHMR`, the gradient harmonizing regression loss: the authentic smooth L1
+/// `sqrt(d^2 + mu^2) - mu` (`d = pred - target`) where an element's weight is
+/// `tot / (elements whose gradient norm |d| / sqrt(d^2 + mu^2) falls in its bin)`, divided by the
+/// number of non-empty bins, with `tot` the **sum** of `label_weight` (otherwise only a mask).
+/// 'mean' divides by `tot`; 'none' gives the weighted loss, not divided; 'sum' is MMDetection's
+/// error.
+///
+/// Call it with `label_weight` as [`LossArgs::weight`] (required), broadcasting against pred
+/// `(N, 4)`; the target has pred's shape. `avg_factor` is accepted and ignored, as MMDetection's.
+/// The bins are MMDetection's float32 edges `i / bins` with the last at `1e3`; with
+/// `momentum > 0` each call moves the state `acc_sum` (see [`Loss::state`]) on the device. No
+/// value is read back to the host.
+///
+/// ```
+/// use tch::{Device, Kind, Tensor};
+/// use tch_detloss::{registry, LossArgs};
+/// let ghmr = registry::build_str(r#"{"type": "GHMR", "mu": 0.02, "bins": 10, "momentum": 0.7}"#)?;
+/// let pred = Tensor::randn([16, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+/// let target = Tensor::randn([16, 4], (Kind::Float, Device::Cpu));
+/// let label_weight = Tensor::ones([16, 4], (Kind::Float, Device::Cpu));
+/// ghmr.forward(&pred, (&target).into(), &LossArgs::new().weight(&label_weight))?.backward();
+/// # anyhow::Ok(())
+/// ```
+#[allow(clippy::upper_case_acronyms)] // MMDetection's name
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GHMR {
+    /// The smooth L1's parameter.
+    pub mu: f64,
+    /// The number of bins of the gradient norm.
+    pub bins: i64,
+    /// The momentum of the moving average of the bin counts; 0 for none.
+    pub momentum: f64,
+    /// Multiplies the result.
+    pub loss_weight: f64,
+    /// The default reduction ('sum' is an error).
+    pub reduction: Reduction,
+    /// The momentum state (`acc_sum`), not part of the config.
+    #[serde(skip)]
+    pub acc_sum: MomentumState,
+}
+
+impl Default for GHMR {
+    fn default() -> Self {
+        Self {
+            mu: 0.02,
+            bins: 10,
+            momentum: 0.0,
+            loss_weight: 1.0,
+            reduction: Reduction::Mean,
+            acc_sum: MomentumState::default(),
+        }
+    }
+}
+
+impl GHMR {
+    /// The range of `bins` the kernels take and of `momentum`.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            (1..=MAX_BINS).contains(&self.bins),
+            "{GHMR_NAME}: bins must be in [1, {MAX_BINS}], got {}",
+            self.bins
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.momentum),
+            "{GHMR_NAME}: momentum must be in [0, 1), got {}",
+            self.momentum
+        );
+        Ok(())
+    }
+
+    /// The checks before either path: the reduction (never 'sum'), the shapes, the label weight.
+    fn start<'a>(
+        &self,
+        pred: &Tensor,
+        target: Target<'a>,
+        args: &'a LossArgs<'_>,
+    ) -> Result<(Reduction, &'a Tensor, &'a Tensor)> {
+        self.validate()?;
+        let reduction = begin(GHMR_NAME, pred, target, args, self.reduction)?;
+        if reduction == Reduction::Sum {
+            bail!("{GHMR_NAME}: {SUM_WITH_AVG_FACTOR} (GHMR always divides by its total)");
+        }
+        let target = single_target(GHMR_NAME, target)?;
+        ensure!(
+            target.size() == pred.size(),
+            "{GHMR_NAME}: target must have pred's shape {:?}, got {:?}",
+            pred.size(),
+            target.size()
+        );
+        let label_weight = args
+            .weight
+            .ok_or_else(|| anyhow!("{GHMR_NAME}: label_weight (LossArgs::weight) is required"))?;
+        super::check_weight_shape(GHMR_NAME, label_weight, &pred.size())?;
+        Ok((reduction, target, label_weight))
+    }
+}
+
+impl Loss for GHMR {
+    fn type_name(&self) -> &str {
+        GHMR_NAME
+    }
+
+    fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
+        let (reduction, target, label_weight) = self.start(pred, target, args)?;
+        pred_shape(GHMR_NAME, pred)?;
+        // `label_weight.float()`: its sum is the total.
+        let lw = label_weight.f_to_kind(Kind::Float)?;
+        let mut guard = self.acc_sum.lock()?;
+        let state = if self.momentum > 0.0 {
+            Some(MomentumState::on_device(&mut guard, self.bins, pred.device())?.shallow_clone())
+        } else {
+            None
+        };
+        // Slots: p0 = mu, p1 = mu * mu (kernels/ghmr.cuh).
+        let mut spec = Spec::new(
+            Body::Ghmr,
+            GHMR_NAME,
+            Shape::Element,
+            reduction,
+            self.loss_weight,
+        );
+        spec.params = [self.mu, self.mu * self.mu, 0.0, 0.0];
+        spec.flags = FLAG_TOT_SUM;
+        spec.hist = Some(Hist {
+            bins: self.bins,
+            momentum: self.momentum,
+            last_edge: 1e3,
+            state,
+            weight_numel: label_weight.numel() as i64,
+        });
+        fused::run(spec, pred, KTarget::Dense(target), Some(&lw), None)
+    }
+
+    /// `GHMR.forward` in stock ops: one host read for the total and one per bin, as MMDetection.
+    fn forward_unfused(
+        &self,
+        pred: &Tensor,
+        target: Target<'_>,
+        args: &LossArgs<'_>,
+    ) -> Result<Tensor> {
+        let (reduction, target, label_weight) = self.start(pred, target, args)?;
+        let device = pred.device();
+        let mu = self.mu;
+        let diff = pred.f_sub(&target.f_type_as(pred)?)?;
+        let loss = diff
+            .f_mul(&diff)?
+            .f_add_scalar(mu * mu)?
+            .f_sqrt()?
+            .f_sub_scalar(mu)?;
+        let g = diff
+            .f_div(&diff.f_mul(&diff)?.f_add_scalar(mu * mu)?.f_sqrt()?)?
+            .f_abs()?
+            .f_detach()?;
+        let edges =
+            Tensor::f_arange(self.bins + 1, (Kind::Float, Device::Cpu))?.f_div_scalar(self.bins)?;
+        let _ = edges.f_get(self.bins)?.f_fill_(1e3)?;
+        let edges = edges.f_to_device(device)?;
+        let mut weights = g.f_zeros_like()?;
+        let valid = label_weight.f_gt(0.0)?;
+        let tot = label_weight
+            .f_to_kind(Kind::Float)?
+            .f_sum(Kind::Float)?
+            .f_double_value(&[])?
+            .max(1.0);
+        let mut guard = self.acc_sum.lock()?;
+        let acc_sum = if self.momentum > 0.0 {
+            Some(MomentumState::on_device(&mut guard, self.bins, device)?.shallow_clone())
+        } else {
+            None
+        };
+        let mut nonempty = 0;
+        for i in 0..self.bins {
+            let inds = g
+                .f_ge_tensor(&edges.f_get(i)?)?
+                .f_logical_and(&g.f_lt_tensor(&edges.f_get(i + 1)?)?)?
+                .f_logical_and(&valid)?;
+            let num_in_bin = inds.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+            if num_in_bin > 0 {
+                nonempty += 1;
+                match &acc_sum {
+                    Some(acc) => {
+                        let mut a = acc.f_get(i)?;
+                        let updated = a
+                            .f_mul_scalar(self.momentum)?
+                            .f_add_scalar((1.0 - self.momentum) * num_in_bin as f64)?;
+                        a.f_copy_(&updated)?;
+                        let w = a.f_reciprocal()?.f_mul_scalar(tot)?;
+                        weights = weights.f_masked_fill_tensor(&inds, &w)?;
+                    }
+                    None => weights = weights.f_masked_fill(&inds, tot / num_in_bin as f64)?,
+                }
+            }
+        }
+        if nonempty > 0 {
+            weights = weights.f_div_scalar(nonempty)?;
+        }
+        Ok(weight_reduce_loss(
+            &loss,
+            Some(&weights),
+            reduction,
+            Some(&AvgFactor::Value(tot)),
+        )? * self.loss_weight)
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        momentum_state(&self.acc_sum, self.momentum, self.bins)
+    }
+
+    fn load_state(&self, name: &str, value: &Tensor) -> Result<()> {
+        load_momentum_state(
+            &self.acc_sum,
+            GHMR_NAME,
+            self.momentum,
+            self.bins,
+            name,
+            value,
+        )
+    }
 }

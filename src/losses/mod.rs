@@ -1,20 +1,30 @@
 //! The losses, one module per MMDetection loss file: `focal` (`focal_loss.py`), `gfocal`
 //! (`gfocal_loss.py`: QualityFocalLoss, DistributionFocalLoss), `varifocal`
-//! (`varifocal_loss.py`), `cross_entropy` (`cross_entropy_loss.py`), `ghm` (`ghm_loss.py`).
+//! (`varifocal_loss.py`), `cross_entropy` (`cross_entropy_loss.py`), `ghm` (`ghm_loss.py`: GHMC,
+//! GHMR), `smooth_l1` (`smooth_l1_loss.py`: SmoothL1Loss, L1Loss), `balanced_l1`
+//! (`balanced_l1_loss.py`), `iou` (`iou_loss.py`: IoULoss, GIoULoss, DIoULoss, CIoULoss); and
+//! `shortcut`, the zero-weight short-cut that L1, SmoothL1 and the IoU family share.
 //!
 //! Each struct's fields and defaults are the MMDetection class's constructor arguments; each
 //! implements [`Loss`](crate::Loss) with the fused kernels and its stock-op composition.
 
+pub mod balanced_l1;
 pub mod cross_entropy;
 pub mod focal;
 pub mod gfocal;
 pub mod ghm;
+pub mod iou;
+mod shortcut;
+pub mod smooth_l1;
 pub mod varifocal;
 
+pub use balanced_l1::BalancedL1Loss;
 pub use cross_entropy::CrossEntropyLoss;
 pub use focal::FocalLoss;
 pub use gfocal::{DistributionFocalLoss, QualityFocalLoss};
-pub use ghm::GHMC;
+pub use ghm::{GHMC, GHMR};
+pub use iou::{CIoULoss, DIoULoss, GIoULoss, IoULoss};
+pub use smooth_l1::{L1Loss, SmoothL1Loss};
 pub use varifocal::VarifocalLoss;
 
 use anyhow::{bail, Result};

@@ -27,6 +27,12 @@ pub enum Tgt {
     Distances,
     /// (N, C) binary targets (GHMC).
     Binary,
+    /// (N, K) regression deltas and targets, about 10% of them equal (a gradient at exactly 0).
+    Deltas,
+    /// GHM-R's (N, K) deltas, whose gradient norms keep away from the bin edges of `bins`.
+    GhmDeltas,
+    /// (N, 4) xyxy boxes: close, identical, disjoint, touching and zero-area pairs.
+    Boxes,
 }
 
 /// One loss variant under test: a config dict and the target it takes.
@@ -175,7 +181,115 @@ pub const VARIANTS: &[Variant] = &[
             Tgt::Binary,
         )
     },
+    v("l1", r#"{"type": "L1Loss"}"#, Tgt::Deltas),
+    v(
+        "smooth_l1_b0.11_lw2",
+        r#"{"type": "SmoothL1Loss", "beta": 0.11, "loss_weight": 2.0}"#,
+        Tgt::Deltas,
+    ),
+    v("balanced_l1", r#"{"type": "BalancedL1Loss"}"#, Tgt::Deltas),
+    v(
+        "balanced_l1_a0.3_g2_b0.5",
+        r#"{"type": "BalancedL1Loss", "alpha": 0.3, "gamma": 2.0, "beta": 0.5}"#,
+        Tgt::Deltas,
+    ),
+    v("iou_log", r#"{"type": "IoULoss"}"#, Tgt::Boxes),
+    v(
+        "iou_linear",
+        r#"{"type": "IoULoss", "mode": "linear"}"#,
+        Tgt::Boxes,
+    ),
+    v(
+        "iou_square_eps0.01",
+        r#"{"type": "IoULoss", "mode": "square", "eps": 0.01}"#,
+        Tgt::Boxes,
+    ),
+    v("giou", r#"{"type": "GIoULoss"}"#, Tgt::Boxes),
+    v(
+        "giou_eps0.01_lw5",
+        r#"{"type": "GIoULoss", "eps": 0.01, "loss_weight": 5.0}"#,
+        Tgt::Boxes,
+    ),
+    v("diou", r#"{"type": "DIoULoss"}"#, Tgt::Boxes),
+    v("ciou", r#"{"type": "CIoULoss"}"#, Tgt::Boxes),
+    v(
+        "ciou_eps0.01",
+        r#"{"type": "CIoULoss", "eps": 0.01}"#,
+        Tgt::Boxes,
+    ),
+    // MMDetection's total is a float32 sum of the label weights.
+    Variant {
+        bins: 10,
+        ref_f32: true,
+        ..v("ghmr", r#"{"type": "GHMR"}"#, Tgt::GhmDeltas)
+    },
+    Variant {
+        bins: 5,
+        ref_f32: true,
+        ..v(
+            "ghmr_mu0.1_bins5_mom0.7",
+            r#"{"type": "GHMR", "mu": 0.1, "bins": 5, "momentum": 0.7, "loss_weight": 2.0}"#,
+            Tgt::GhmDeltas,
+        )
+    },
 ];
+
+/// MMDetection's default mu of the GHMR variants (`ghmr_mu0.1...` uses 0.1).
+fn ghmr_mu(v: &Variant) -> f64 {
+    if v.config.contains("\"mu\": 0.1") {
+        0.1
+    } else {
+        0.02
+    }
+}
+
+/// Random xyxy box pairs `(N, 4)` in float64: pred near target for most, and each of the cases
+/// where the IoU family's gradient follows autograd's tie rules or a clamp: identical boxes,
+/// disjoint ones, touching ones (pred's x1 on target's x2) and zero-area ones.
+///
+/// `identical: false` leaves identical pairs out: CIoULoss, as MMDetection computes it, is NaN
+/// for them below float64 (the union's eps vanishes in float32, the IoU is 1 and its
+/// `alpha = v / (1 - iou + v)` is 0 / 0), where the float64 reference is finite.
+pub fn box_pairs(n: i64, identical: bool) -> (Tensor, Tensor) {
+    let opts = (Kind::Double, Device::Cpu);
+    // Coordinates on a 1/8 grid: exact in every dtype, so that ties survive the conversion.
+    let grid = |t: Tensor| (t * 8.0).round() / 8.0;
+    let lo = grid(Tensor::rand([n, 2], opts) * 20.0);
+    let size = grid(Tensor::rand([n, 2], opts) * 10.0 + 0.5);
+    let target = Tensor::cat(&[&lo, &(&lo + &size)], 1);
+    let noise = grid(Tensor::randn([n, 4], opts) * 1.5);
+    let mut pred = &target + noise;
+    // Keep pred's boxes ordered (x1 <= x2, y1 <= y2).
+    let (p_lo, p_hi) = (pred.narrow(1, 0, 2), pred.narrow(1, 2, 2));
+    pred = Tensor::cat(&[p_lo.minimum(&p_hi), p_lo.maximum(&p_hi)], 1);
+    let kind = Tensor::rand([n, 1], opts);
+    let identical = kind.lt(if identical { 0.15 } else { 0.0 });
+    let disjoint = kind.ge(0.15).logical_and(&kind.lt(0.25));
+    let touching = kind.ge(0.25).logical_and(&kind.lt(0.3));
+    let degenerate = kind.ge(0.3).logical_and(&kind.lt(0.35));
+    pred = pred.where_self(&identical.logical_not(), &target);
+    pred = pred.where_self(&disjoint.logical_not(), &(&target + 40.0));
+    let shifted = Tensor::cat(
+        &[
+            target.narrow(1, 2, 1),
+            target.narrow(1, 1, 1),
+            target.narrow(1, 2, 1) + 3.0,
+            target.narrow(1, 3, 1),
+        ],
+        1,
+    );
+    pred = pred.where_self(&touching.logical_not(), &shifted);
+    let flat = Tensor::cat(
+        &[
+            pred.narrow(1, 0, 2),
+            pred.narrow(1, 0, 1),
+            pred.narrow(1, 3, 1),
+        ],
+        1,
+    );
+    pred = pred.where_self(&degenerate.logical_not(), &flat);
+    (pred, target)
+}
 
 /// The variant of that name.
 pub fn variant(name: &str) -> &'static Variant {
@@ -307,6 +421,48 @@ pub fn inputs(v: &Variant, n: i64, c: i64, kind: Kind, transposed: bool) -> Inpu
             (d.to_kind(kind), None)
         }
         Tgt::Binary => (Tensor::rand([n, c], opts).gt(0.8).to_kind(kind), None),
+        Tgt::Deltas => {
+            let t = Tensor::randn([n, c], opts) * 0.5;
+            let p = &t + Tensor::randn([n, c], opts) * 0.4;
+            // Some exact ties, where the gradient is torch's sign at 0.
+            let p = t.where_self(&some(0.1, &[n, c]), &p).to_kind(kind);
+            pred = if transposed {
+                p.t_copy().contiguous().t_()
+            } else {
+                p
+            };
+            (t.to_kind(kind), None)
+        }
+        Tgt::GhmDeltas => {
+            // Gradient norms g at least 0.2 bin widths from every edge, then d = mu g / sqrt(1 - g^2)
+            // on small targets (|t| <= 0.01), so that the dtype's rounding cannot move a g across one.
+            let bins = v.bins as f64;
+            let mu = ghmr_mu(v);
+            let bin =
+                Tensor::randint(v.bins, [n, c], (Kind::Int64, Device::Cpu)).to_kind(Kind::Double);
+            let g = (bin + Tensor::rand([n, c], opts) * 0.6 + 0.2) / bins;
+            let g = g.clamp_max(0.97);
+            let d = &g * mu / (-(&g * &g) + 1.0).sqrt();
+            let sign = Tensor::rand([n, c], opts).gt(0.5).to_kind(Kind::Double) * 2.0 - 1.0;
+            let t = (Tensor::rand([n, c], opts) - 0.5) * 0.02;
+            let p = (&t + d * sign).to_kind(kind);
+            pred = if transposed {
+                p.t_copy().contiguous().t_()
+            } else {
+                p
+            };
+            (t.to_kind(kind), None)
+        }
+        Tgt::Boxes => {
+            let (p, t) = box_pairs(n, kind == Kind::Double || !v.config.contains("CIoU"));
+            let p = p.to_kind(kind);
+            pred = if transposed {
+                p.t_copy().contiguous().t_()
+            } else {
+                p
+            };
+            (t.to_kind(kind), None)
+        }
     };
     Inputs {
         pred,
@@ -325,7 +481,29 @@ pub fn weights(v: &Variant, n: i64, c: i64) -> Vec<(&'static str, Option<Tensor>
     };
     let ty = v.config;
     let mut out = vec![("none", None)];
+    let zeros = |shape: &[i64]| Some(Tensor::zeros(shape, (Kind::Double, Device::Cpu)));
     match v.tgt {
+        Tgt::GhmDeltas => {
+            out.clear();
+            out.push(("(N,K) mask", mask(&[n, c])));
+            out.push(("(N,1) mask", mask(&[n, 1])));
+        }
+        Tgt::Deltas => {
+            out.push(("(N,K)", w(&[n, c])));
+            out.push(("(N,1)", w(&[n, 1])));
+            out.push(("(K,)", w(&[c])));
+            out.push(("(N,K) mask", mask(&[n, c])));
+            // MMDetection's zero-weight short-cut (L1, SmoothL1) or an error (BalancedL1).
+            out.push(("(N,K) zeros", zeros(&[n, c])));
+            out.push(("(N,) zeros", zeros(&[n])));
+        }
+        Tgt::Boxes => {
+            out.push(("(N,)", w(&[n])));
+            out.push(("(N,4)", w(&[n, 4])));
+            out.push(("(N,) mask", mask(&[n])));
+            out.push(("(N,) zeros", zeros(&[n])));
+            out.push(("(N,4) zeros", zeros(&[n, 4])));
+        }
         _ if ty.contains("GHMC") => {
             out.clear();
             if v.tgt == Tgt::Labels {
@@ -398,6 +576,9 @@ pub fn assert_close_tol(got: &Tensor, want: &Tensor, kind: Kind, tol: f64, what:
         0.0
     };
     let allowed = tol + quantum / scale.max(f64::MIN_POSITIVE);
+    // Below 1e-4 a value of these O(1) losses is rounding noise (a box whose exact gradient is 0
+    // gets 1e-16 from one op order and 0 from another): compared against 1e-4 instead.
+    let err = err * scale / scale.max(1e-4);
     assert!(
         err <= allowed,
         "{what}: error {err:e} of the largest magnitude {scale:e} > {allowed:e}"
@@ -407,6 +588,8 @@ pub fn assert_close_tol(got: &Tensor, want: &Tensor, kind: Kind, tol: f64, what:
 /// Empty, single-class, odd (vector tails), a row longer than a block, many rows, and over a
 /// thousand classes (an LVIS-sized softmax).
 pub const SHAPES: &[(i64, i64)] = &[(0, 5), (7, 1), (37, 13), (3, 300), (257, 80), (5, 1204)];
+/// Boxes: none, one, odd counts, more than a block.
+pub const BOX_SHAPES: &[(i64, i64)] = &[(0, 4), (1, 4), (37, 4), (300, 4), (2053, 4)];
 pub const REDUCTIONS: &[(&str, Option<Reduction>, Option<f64>, bool)] = &[
     ("none", Some(Reduction::None), None, false),
     ("mean", Some(Reduction::Mean), None, false),
@@ -459,7 +642,12 @@ pub fn check_variant(name: &str, kind: Kind, device: Device) {
         tolerance(kind)
     };
     let mut checked = 0;
-    for &(n, c) in SHAPES {
+    let shapes = if v.tgt == Tgt::Boxes {
+        BOX_SHAPES
+    } else {
+        SHAPES
+    };
+    for &(n, c) in shapes {
         if v.tgt == Tgt::Distances && c < 2 {
             continue; // reg_max = 0: no distance is in range
         }
@@ -500,11 +688,13 @@ pub fn check_variant(name: &str, kind: Kind, device: Device) {
                     let (out, want) = match (fused, want) {
                         (Ok(o), Ok(w)) => (o, w),
                         (Err(a), Err(b)) => {
-                            // Both reject it (GHMC's 'sum'), with the same reason.
+                            // Both reject it (GHM's 'sum', a weight that does not broadcast),
+                            // with the same reason.
                             let (a, b) = (format!("{a:#}"), format!("{b:#}"));
                             assert!(
-                                a.contains("avg_factor can not be used")
-                                    && b.contains("avg_factor can not be used"),
+                                a == b
+                                    || (a.contains("avg_factor can not be used")
+                                        && b.contains("avg_factor can not be used")),
                                 "{ctx}: {a} / {b}"
                             );
                             continue;

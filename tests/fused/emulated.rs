@@ -18,7 +18,7 @@ fn on<R>(d: EmulatedDevice, f: impl FnOnce() -> R) -> R {
 }
 
 /// Every variant of `common::VARIANTS`, fused on the emulated device against the unfused
-/// composition: the element, row and histogram device executors, every dtype.
+/// composition: the element, row, box and histogram device executors, every dtype.
 #[rstest]
 fn emulated_device_matches_unfused(
     #[values(
@@ -42,7 +42,15 @@ fn emulated_device_matches_unfused(
         "dfl",
         "dfl_lw0.25",
         "ghmc",
-        "ghmc_bins30_mom0.75_dense"
+        "ghmc_bins30_mom0.75_dense",
+        "l1",
+        "smooth_l1_b0.11_lw2",
+        "balanced_l1",
+        "iou_log",
+        "giou",
+        "diou",
+        "ciou",
+        "ghmr_mu0.1_bins5_mom0.7"
     )]
     name: &str,
     #[values(Kind::Double, Kind::Float, Kind::Half, Kind::BFloat16)] kind: Kind,

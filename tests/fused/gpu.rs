@@ -37,7 +37,21 @@ fn cuda_matches_unfused(
         "dfl",
         "dfl_lw0.25",
         "ghmc",
-        "ghmc_bins30_mom0.75_dense"
+        "ghmc_bins30_mom0.75_dense",
+        "l1",
+        "smooth_l1_b0.11_lw2",
+        "balanced_l1",
+        "balanced_l1_a0.3_g2_b0.5",
+        "iou_log",
+        "iou_linear",
+        "iou_square_eps0.01",
+        "giou",
+        "giou_eps0.01_lw5",
+        "diou",
+        "ciou",
+        "ciou_eps0.01",
+        "ghmr",
+        "ghmr_mu0.1_bins5_mom0.7"
     )]
     name: &str,
     #[values(Kind::Double, Kind::Float, Kind::Half, Kind::BFloat16)] kind: Kind,
@@ -168,16 +182,36 @@ fn fused_steps_never_synchronize() {
         "ce_sigmoid_labels_ignore255_avgnonignore",
         "dfl",
         "ghmc_bins30_mom0.75_dense",
+        "l1",
+        "smooth_l1_b0.11_lw2",
+        "balanced_l1",
+        "iou_log",
+        "giou",
+        "diou",
+        "ciou",
+        "ghmr_mu0.1_bins5_mom0.7",
     ];
     let prepared: Vec<_> = names
         .iter()
         .map(|name| {
             let v = variant(name);
-            let (n, c) = (257, 80);
+            let (n, c) = if v.config.contains("L1Loss")
+                || v.config.contains("IoULoss")
+                || v.config.contains("GHMR")
+            {
+                (257, 4)
+            } else {
+                (257, 80)
+            };
             let loss = tch_detloss::registry::build_str(&crate::common::config(v, c)).unwrap();
             let inp = inputs(v, n, c, Kind::Float, false).to_device(d);
+            // The last weight that is not all zeros: the zero-weight short-cut is decided on the
+            // device too, but an all-zero (N,) weight that only the short-cut accepts is one
+            // documented host read.
             let w = crate::common::weights(v, n, c)
-                .pop()
+                .into_iter()
+                .rev()
+                .find(|(name, _)| !name.contains("zeros"))
                 .and_then(|(_, w)| w)
                 .map(|w| w.to_kind(Kind::Float).to_device(d));
             let af = Tensor::from(17.0f32).to_device(d);

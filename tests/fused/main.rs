@@ -1,9 +1,11 @@
 //! The fused kernels, by concern: each family against its unfused stock-op composition over
 //! every dtype, shape, layout, weight and reduction (`matrix`); what is particular to the focal
-//! family and to the classification losses on the row and histogram executors; bitwise
+//! family, to the classification losses on the row and histogram executors and to the box
+//! losses; bitwise
 //! determinism; the compiled CUDA kernels; the device executor on the emulated device; and, behind
 //! the `gpu-tests` feature, on a GPU.
 
+mod boxes;
 mod classification;
 mod common;
 mod determinism;

@@ -58,3 +58,33 @@ fn distribution_focal_loss_and_ghmc(
 ) {
     check_variant(name, kind, Device::Cpu);
 }
+
+#[rstest]
+#[case::l1("l1")]
+#[case::smooth_l1_b0_11_lw2("smooth_l1_b0.11_lw2")]
+#[case::balanced_l1("balanced_l1")]
+#[case::balanced_l1_a0_3_g2_b0_5("balanced_l1_a0.3_g2_b0.5")]
+#[case::ghmr("ghmr")]
+#[case::ghmr_mu0_1_bins5_mom0_7("ghmr_mu0.1_bins5_mom0.7")]
+fn l1_family_and_ghmr(
+    #[case] name: &str,
+    #[values(Kind::Double, Kind::Float, Kind::Half, Kind::BFloat16)] kind: Kind,
+) {
+    check_variant(name, kind, Device::Cpu);
+}
+
+#[rstest]
+#[case::iou_log("iou_log")]
+#[case::iou_linear("iou_linear")]
+#[case::iou_square_eps0_01("iou_square_eps0.01")]
+#[case::giou("giou")]
+#[case::giou_eps0_01_lw5("giou_eps0.01_lw5")]
+#[case::diou("diou")]
+#[case::ciou("ciou")]
+#[case::ciou_eps0_01("ciou_eps0.01")]
+fn iou_family(
+    #[case] name: &str,
+    #[values(Kind::Double, Kind::Float, Kind::Half, Kind::BFloat16)] kind: Kind,
+) {
+    check_variant(name, kind, Device::Cpu);
+}
