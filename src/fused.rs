@@ -111,6 +111,8 @@ pub(crate) enum KTarget<'a> {
 /// pointers in `args` point into them).
 struct Prepared {
     spec: Spec,
+    /// pred's (N, C); `args` may describe the same memory as longer rows (see `flatten_rows`).
+    shape: (i64, i64),
     args: DlArgs,
     kind: Kind,
     device: Device,
@@ -177,8 +179,8 @@ pub(crate) fn run(
     let name = spec.name;
     let p = prepare(spec, pred, target, weight, avg_factor)?;
     let out_shape: Vec<i64> = match (p.spec.reduction, p.spec.per_row()) {
-        (Reduction::None, false) => vec![p.args.n, p.args.c],
-        (Reduction::None, true) => vec![p.args.n],
+        (Reduction::None, false) => vec![p.shape.0, p.shape.1],
+        (Reduction::None, true) => vec![p.shape.0],
         _ => vec![],
     };
     let out = Tensor::f_empty(out_shape.as_slice(), (p.kind, p.device))?;
@@ -189,7 +191,7 @@ pub(crate) fn run(
         && pred.requires_grad()
         && crate::autograd::grad_enabled()
     {
-        Some(Tensor::f_empty([p.args.n, p.args.c], (p.kind, p.device))?)
+        Some(Tensor::f_empty([p.shape.0, p.shape.1], (p.kind, p.device))?)
     } else {
         None
     };
@@ -468,12 +470,14 @@ fn prepare(
         }
     }
 
+    flatten_rows(&spec, &mut args);
     let saved = [Some(pred_c), Some(target_t), score, weight, avg_factor]
         .into_iter()
         .flatten()
         .collect();
     Ok(Prepared {
         spec,
+        shape: (n, c),
         args,
         kind,
         device,
@@ -481,6 +485,32 @@ fn prepare(
         saved,
         buffers,
     })
+}
+
+/// Short rows of an element-wise loss read as longer ones: where nothing depends on the column
+/// (dense targets, no per-class parameter, a weight per element laid out as pred or none), the
+/// contiguous (N, C) arrays are the same memory as (N / r, C r). The CPU executor's cost per row
+/// then spreads over r rows (box deltas: C = 4). Results are unchanged.
+fn flatten_rows(spec: &Spec, args: &mut DlArgs) {
+    const TARGET_ROW: i64 = 256;
+    let (n, c) = (args.n, args.c);
+    let elementwise = spec.shape == Shape::Element
+        && !spec.per_row()
+        && args.target_mode == TARGET_DENSE
+        && args.aux == 0
+        && (args.weight == 0 || (args.w_sn == c && args.w_sc == 1));
+    if !elementwise || n <= 1 || c <= 0 || c >= TARGET_ROW {
+        return;
+    }
+    // The largest r <= TARGET_ROW / C that divides N.
+    let r = (1..=TARGET_ROW / c).rev().find(|r| n % r == 0).unwrap_or(1);
+    if r > 1 {
+        args.n = n / r;
+        args.c = c * r;
+        if args.weight != 0 {
+            args.w_sn = args.c;
+        }
+    }
 }
 
 /// The precomputed d(result)/d(pred) times the upstream gradient (CPU only: reading the scalar
@@ -509,7 +539,7 @@ fn backward(p: &Prepared, grad: &Tensor) -> Result<Tensor> {
         .f_to_kind(p.kind)?
         .f_to_device(p.device)?
         .f_contiguous()?;
-    let out = Tensor::f_empty([p.args.n, p.args.c], (p.kind, p.device))?;
+    let out = Tensor::f_empty([p.shape.0, p.shape.1], (p.kind, p.device))?;
     // `args` points into the saved tensors, which the node keeps alive.
     let mut args = p.args;
     args.grad_out = ptr(&grad);
