@@ -238,7 +238,6 @@ impl Loss for GHMC {
     ) -> Result<Tensor> {
         let (reduction, target, label_weight) = self.start(pred, target, args)?;
         let (n, c) = pred_shape(NAME, pred)?;
-        let device = pred.device();
         let (target, label_weight) = if pred.dim() != target.dim() {
             // `_expand_onehot_labels`.
             crate::checks::integer(NAME, "target", target)?;
@@ -257,10 +256,6 @@ impl Loss for GHMC {
         };
         let target = target.f_to_kind(Kind::Float)?;
         let label_weight = label_weight.f_to_kind(Kind::Float)?;
-        let edges =
-            Tensor::f_arange(self.bins + 1, (Kind::Float, Device::Cpu))?.f_div_scalar(self.bins)?;
-        let _ = edges.f_get(self.bins)?.f_add_scalar_(1e-6)?;
-        let mut weights = pred.f_zeros_like()?;
         let g = pred.f_detach()?.f_sigmoid()?.f_sub(&target)?.f_abs()?;
         let valid = label_weight.f_gt(0.0)?;
         let tot = valid
@@ -268,40 +263,18 @@ impl Loss for GHMC {
             .f_sum(Kind::Float)?
             .f_double_value(&[])?
             .max(1.0);
-        let mut guard = self.acc_sum.lock()?;
-        let acc_sum = if self.momentum > 0.0 {
-            Some(MomentumState::on_device(&mut guard, self.bins, device)?.shallow_clone())
-        } else {
-            None
-        };
-        let mut nonempty = 0;
-        for i in 0..self.bins {
-            let lo = edges.f_get(i)?.f_to_device(device)?;
-            let hi = edges.f_get(i + 1)?.f_to_device(device)?;
-            let inds = g
-                .f_ge_tensor(&lo)?
-                .f_logical_and(&g.f_lt_tensor(&hi)?)?
-                .f_logical_and(&valid)?;
-            let num_in_bin = inds.f_sum(Kind::Int64)?.f_int64_value(&[])?;
-            if num_in_bin > 0 {
-                match &acc_sum {
-                    Some(acc) => {
-                        let mut a = acc.f_get(i)?;
-                        let updated = a
-                            .f_mul_scalar(self.momentum)?
-                            .f_add_scalar((1.0 - self.momentum) * num_in_bin as f64)?;
-                        a.f_copy_(&updated)?;
-                        let w = a.f_reciprocal()?.f_mul_scalar(tot)?;
-                        weights = weights.f_masked_fill_tensor(&inds, &w)?;
-                    }
-                    None => weights = weights.f_masked_fill(&inds, tot / num_in_bin as f64)?,
-                }
-                nonempty += 1;
-            }
-        }
-        if nonempty > 0 {
-            weights = weights.f_div_scalar(nonempty)?;
-        }
+        let weights = unfused_bin_weights(
+            pred,
+            &g,
+            &valid,
+            tot,
+            GhmBins {
+                bins: self.bins,
+                last_edge: Self::last_edge(),
+                momentum: self.momentum,
+                acc_sum: &self.acc_sum,
+            },
+        )?;
         let loss = pred.f_binary_cross_entropy_with_logits::<Tensor>(
             &target,
             None,
@@ -323,6 +296,72 @@ impl Loss for GHMC {
     fn load_state(&self, name: &str, value: &Tensor) -> Result<()> {
         load_momentum_state(&self.acc_sum, NAME, self.momentum, self.bins, name, value)
     }
+}
+
+/// A GHM loss's bins: their number, the last edge, the momentum and its state.
+struct GhmBins<'a> {
+    bins: i64,
+    last_edge: f64,
+    momentum: f64,
+    acc_sum: &'a MomentumState,
+}
+
+/// The GHM weights of the elements `g` (gradient norms) as MMDetection's loop makes them: bins
+/// between float32 edges `i / bins` (the last at `last_edge`), restricted to `valid`; each
+/// non-empty bin's weight `tot / count` (or `tot / acc_sum[i]` after the momentum update, in
+/// float32), divided by the number of non-empty bins, in a tensor like `like` (MMDetection's
+/// `zeros_like(pred)` in GHM-C, `zeros_like(g)` in GHM-R). One host read per bin, as MMDetection.
+fn unfused_bin_weights(
+    like: &Tensor,
+    g: &Tensor,
+    valid: &Tensor,
+    tot: f64,
+    h: GhmBins<'_>,
+) -> Result<Tensor> {
+    let GhmBins {
+        bins,
+        last_edge,
+        momentum,
+        acc_sum,
+    } = h;
+    let device = g.device();
+    let edges = Tensor::f_arange(bins + 1, (Kind::Float, Device::Cpu))?.f_div_scalar(bins)?;
+    let _ = edges.f_get(bins)?.f_fill_(last_edge)?;
+    let edges = edges.f_to_device(device)?;
+    let mut weights = like.f_zeros_like()?;
+    let mut guard = acc_sum.lock()?;
+    let acc_sum = if momentum > 0.0 {
+        Some(MomentumState::on_device(&mut guard, bins, device)?.shallow_clone())
+    } else {
+        None
+    };
+    let mut nonempty = 0;
+    for i in 0..bins {
+        let inds = g
+            .f_ge_tensor(&edges.f_get(i)?)?
+            .f_logical_and(&g.f_lt_tensor(&edges.f_get(i + 1)?)?)?
+            .f_logical_and(valid)?;
+        let num_in_bin = inds.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+        if num_in_bin > 0 {
+            nonempty += 1;
+            match &acc_sum {
+                Some(acc) => {
+                    let mut a = acc.f_get(i)?;
+                    let updated = a
+                        .f_mul_scalar(momentum)?
+                        .f_add_scalar((1.0 - momentum) * num_in_bin as f64)?;
+                    a.f_copy_(&updated)?;
+                    let w = a.f_reciprocal()?.f_mul_scalar(tot)?;
+                    weights = weights.f_masked_fill_tensor(&inds, &w)?;
+                }
+                None => weights = weights.f_masked_fill(&inds, tot / num_in_bin as f64)?,
+            }
+        }
+    }
+    if nonempty > 0 {
+        weights = weights.f_div_scalar(nonempty)?;
+    }
+    Ok(weights)
 }
 
 /// [`Loss::state`] of a GHM loss: a copy of `acc_sum` (zeros before the first call), or nothing
@@ -518,7 +557,6 @@ impl Loss for GHMR {
         args: &LossArgs<'_>,
     ) -> Result<Tensor> {
         let (reduction, target, label_weight) = self.start(pred, target, args)?;
-        let device = pred.device();
         let mu = self.mu;
         let diff = pred.f_sub(&target.f_type_as(pred)?)?;
         let loss = diff
@@ -530,49 +568,24 @@ impl Loss for GHMR {
             .f_div(&diff.f_mul(&diff)?.f_add_scalar(mu * mu)?.f_sqrt()?)?
             .f_abs()?
             .f_detach()?;
-        let edges =
-            Tensor::f_arange(self.bins + 1, (Kind::Float, Device::Cpu))?.f_div_scalar(self.bins)?;
-        let _ = edges.f_get(self.bins)?.f_fill_(1e3)?;
-        let edges = edges.f_to_device(device)?;
-        let mut weights = g.f_zeros_like()?;
         let valid = label_weight.f_gt(0.0)?;
         let tot = label_weight
             .f_to_kind(Kind::Float)?
             .f_sum(Kind::Float)?
             .f_double_value(&[])?
             .max(1.0);
-        let mut guard = self.acc_sum.lock()?;
-        let acc_sum = if self.momentum > 0.0 {
-            Some(MomentumState::on_device(&mut guard, self.bins, device)?.shallow_clone())
-        } else {
-            None
-        };
-        let mut nonempty = 0;
-        for i in 0..self.bins {
-            let inds = g
-                .f_ge_tensor(&edges.f_get(i)?)?
-                .f_logical_and(&g.f_lt_tensor(&edges.f_get(i + 1)?)?)?
-                .f_logical_and(&valid)?;
-            let num_in_bin = inds.f_sum(Kind::Int64)?.f_int64_value(&[])?;
-            if num_in_bin > 0 {
-                nonempty += 1;
-                match &acc_sum {
-                    Some(acc) => {
-                        let mut a = acc.f_get(i)?;
-                        let updated = a
-                            .f_mul_scalar(self.momentum)?
-                            .f_add_scalar((1.0 - self.momentum) * num_in_bin as f64)?;
-                        a.f_copy_(&updated)?;
-                        let w = a.f_reciprocal()?.f_mul_scalar(tot)?;
-                        weights = weights.f_masked_fill_tensor(&inds, &w)?;
-                    }
-                    None => weights = weights.f_masked_fill(&inds, tot / num_in_bin as f64)?,
-                }
-            }
-        }
-        if nonempty > 0 {
-            weights = weights.f_div_scalar(nonempty)?;
-        }
+        let weights = unfused_bin_weights(
+            &g,
+            &g,
+            &valid,
+            tot,
+            GhmBins {
+                bins: self.bins,
+                last_edge: 1e3,
+                momentum: self.momentum,
+                acc_sum: &self.acc_sum,
+            },
+        )?;
         Ok(weight_reduce_loss(
             &loss,
             Some(&weights),
