@@ -233,8 +233,9 @@ template <class E, class T, class I> __device__ __forceinline__ void forward(con
   T* out = reinterpret_cast<T*>(a.out);
   const A lw = A(a.loss_weight);
   const A nan = A(0) / A(0);
-  // Row-sum element losses (QFL) take label targets; the others never get FLAG_ROW_SUM.
-  const bool row_sum = E::LABEL_TARGETS && (a.flags & FLAG_ROW_SUM) != 0;
+  // A histogram body's loss is never summed per row (GHM): its branch is left out, which keeps
+  // ptxas from spilling in GHM-R's forward pass.
+  const bool row_sum = !E::HISTOGRAM && (a.flags & FLAG_ROW_SUM) != 0;
   if (a.reduction == RED_NONE && row_sum) {
     // Per-anchor losses (QFL 'none'): one thread per row.
     for (I i = blockIdx.x * I(blockDim.x) + threadIdx.x; i < I(a.n); i += I(gridDim.x) * blockDim.x) {

@@ -724,7 +724,7 @@ template <class T> struct Ref {
             bool bad;
             const A t = tgt(i, j, &bad);
             any_bad |= bad;
-            s += e.loss(Ty<T>::load(pred[i * c + j]), t) * wt(i, j);
+            s += dl::weighted<E::MASKED_WEIGHTS>(e.loss(Ty<T>::load(pred[i * c + j]), t), wt(i, j));
           }
           o.v.push_back(double(Ty<T>::load(Ty<T>::store(any_bad ? nan : lw * s))));
         }
@@ -735,7 +735,7 @@ template <class T> struct Ref {
         for (int64_t j = 0; j < c; ++j) {
           bool bad;
           const A t = tgt(i, j, &bad);
-          A l = e.loss(Ty<T>::load(pred[i * c + j]), t) * wt(i, j);
+          A l = dl::weighted<E::MASKED_WEIGHTS>(e.loss(Ty<T>::load(pred[i * c + j]), t), wt(i, j));
           if (bad) l = nan;
           if (!reduced)
             o.v.push_back(double(Ty<T>::load(Ty<T>::store(lw * l))));
@@ -756,7 +756,8 @@ template <class T> struct Ref {
       for (int64_t j = 0; j < c; ++j) {
         bool bad;
         const A t = tgt(i, j, &bad);
-        const A g = e.grad(Ty<T>::load(pred[i * c + j]), t) * wt(i, j) * scale * Ty<T>::load(go[i * a.g_sn + j * a.g_sc]);
+        const A g = dl::weighted<E::MASKED_WEIGHTS>(e.grad(Ty<T>::load(pred[i * c + j]), t), wt(i, j)) * scale *
+                    Ty<T>::load(go[i * a.g_sn + j * a.g_sc]);
         o.v.push_back(double(Ty<T>::load(Ty<T>::store(bad ? nan : g))));
       }
     return o;
@@ -869,6 +870,9 @@ template <class T> void run_case(const Cfg& cfg, int pass, uint64_t seed) {
   a.loss_weight = cfg.lw;
   a.p0 = cfg.p0;
   a.p1 = cfg.p1;
+  // Slots p2 and p3 (BalancedL1's beta and b) must be non-zero; the other bodies ignore them.
+  a.p2 = 1.0;
+  a.p3 = 1.0;
   a.flags = cfg.flags;
   a.target_mode = cfg.tmode;
   a.reduction = cfg.red;
