@@ -116,17 +116,19 @@ template <class A> DL_HD D4<A> ratio(const D2<A>& x, const D2<A>& y) {
 }
 
 // torch.max(a, b) and torch.min(a, b): NaN propagates; at a tie each side gets half the gradient.
+// Written as arithmetic on 0/1 values rather than chains of selects, which GCC merges into mixed
+// boolean operations that it cannot vectorize.
 template <class A, int K> DL_HD Dual<A, K> dual_max(const Dual<A, K>& a, const Dual<A, K>& b) {
-  const A wa = a.v > b.v ? A(1) : (a.v < b.v ? A(0) : A(0.5));
+  const A wa = A(0.5) + A(0.5) * (A(a.v > b.v) - A(a.v < b.v));
   Dual<A, K> r;
-  r.v = (a.v > b.v || a.v != a.v) ? a.v : b.v;
+  r.v = a.v == a.v ? (a.v > b.v ? a.v : b.v) : a.v;
   for (int k = 0; k < K; ++k) r.d[k] = wa * a.d[k] + (A(1) - wa) * b.d[k];
   return r;
 }
 template <class A, int K> DL_HD Dual<A, K> dual_min(const Dual<A, K>& a, const Dual<A, K>& b) {
-  const A wa = a.v < b.v ? A(1) : (a.v > b.v ? A(0) : A(0.5));
+  const A wa = A(0.5) + A(0.5) * (A(a.v < b.v) - A(a.v > b.v));
   Dual<A, K> r;
-  r.v = (a.v < b.v || a.v != a.v) ? a.v : b.v;
+  r.v = a.v == a.v ? (a.v < b.v ? a.v : b.v) : a.v;
   for (int k = 0; k < K; ++k) r.d[k] = wa * a.d[k] + (A(1) - wa) * b.d[k];
   return r;
 }

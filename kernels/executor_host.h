@@ -258,6 +258,13 @@ int64_t forward(const Args& args) {
 
   at::parallel_for(0, L.n_chunks, 1, [&](int64_t cb, int64_t ce) {
     alignas(64) A buf[BLOCK];
+    // For histogram bodies the element loop stores the gradient here, not through grad: with the
+    // bin weights' `w > 0` test, a store through grad (which could alias the body's parameters)
+    // makes GCC sink the loads into a branch, and the loop does not vectorize. Other bodies store
+    // through grad: with the buffer GCC predicates their math calls (BalancedL1's log), which
+    // does not vectorize either.
+    constexpr bool GRAD_BUF = WG && E::HISTOGRAM;
+    alignas(64) A gb[GRAD_BUF ? BLOCK : 1];
     alignas(64) A hw[E::HISTOGRAM ? BLOCK : 1];
     alignas(64) A hg[E::HISTOGRAM ? BLOCK : 1];
     alignas(64) int32_t slot[E::HISTOGRAM ? BLOCK : 1];
@@ -279,8 +286,11 @@ int64_t forward(const Args& args) {
             else w = L.template weight_of<E, TM, WELEM>(e, r, j0 + k, xk, tk);
             const A cp = L.template column_param<E>(j0 + k);
             buf[k] = weighted<MASKED>(elem_loss(e, xk, tk, cp), w);
-            if (WG) g[k] = static_cast<T>(weighted<MASKED>(elem_grad(e, xk, tk, cp), w) * gscale);
+            if constexpr (GRAD_BUF) gb[k] = weighted<MASKED>(elem_grad(e, xk, tk, cp), w) * gscale;
+            else if (WG) g[k] = static_cast<T>(weighted<MASKED>(elem_grad(e, xk, tk, cp), w) * gscale);
           }
+          if constexpr (GRAD_BUF)
+            for (int64_t k = 0; k < m; ++k) g[k] = static_cast<T>(gb[k]);
           if constexpr (MASKED) {
             // Apart from the loop above, which it would keep from vectorizing.
             if (shortcut)
@@ -601,24 +611,30 @@ template <class E, class T, int WM, bool WG> int64_t box_forward(const Args& arg
   std::vector<int64_t> invalid(n_chunks, 0);
   ShortcutParts sc(shortcut ? n_chunks : 0);
   at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
+    // The box loop writes only these block buffers, so that it vectorizes (a store through grad
+    // could alias the closure's captures); the conversions to T follow in plain loops.
     alignas(64) A buf[BLOCK];
+    alignas(64) A gb[WG ? 4 * BLOCK : 1];
     for (int64_t ch = cb; ch < ce; ++ch) {
       double acc = 0.0;
       const int64_t end = std::min(n, (ch + 1) * rows_per_chunk);
       for (int64_t i0 = ch * rows_per_chunk; i0 < end; i0 += BLOCK) {
         const int64_t m = std::min(BLOCK, end - i0);
+        const T* const bp = pred + i0 * 4;
+        const T* const bt = target + i0 * 4;
         for (int64_t k = 0; k < m; ++k) {
-          const int64_t i = i0 + k;
           A p[4], t[4], g[4], wk[4];
           for (int q = 0; q < 4; ++q) {
-            p[q] = ld<T, A>(pred, i * 4 + q);
-            t[q] = ld<T, A>(target, i * 4 + q);
+            p[q] = ld<T, A>(bp, k * 4 + q);
+            t[q] = ld<T, A>(bt, k * 4 + q);
           }
-          const A w = box_weight<WM, T, A>(weight, w_sn, i, wk);
+          const A w = box_weight<WM, T, A>(weight, w_sn, i0 + k, wk);
           buf[k] = weighted<true>(e.eval(p, t, g), w);
           if (WG)
-            for (int q = 0; q < 4; ++q) grad[i * 4 + q] = static_cast<T>(weighted<true>(g[q], w) * gscale);
+            for (int q = 0; q < 4; ++q) gb[k * 4 + q] = weighted<true>(g[q], w) * gscale;
         }
+        if (WG)
+          for (int64_t j = 0; j < 4 * m; ++j) grad[i0 * 4 + j] = static_cast<T>(gb[j]);
         if (args.reduction == RED_NONE)
           for (int64_t k = 0; k < m; ++k) out[i0 + k] = static_cast<T>(lw * buf[k]);
         else
@@ -658,20 +674,33 @@ template <class E, class T, int WM> int64_t box_backward(const Args& args) {
   const A scale = A(args.loss_weight) / reduction_divisor<A>(args);
   const bool shortcut = (args.flags & FLAG_SHORTCUT) && *reinterpret_cast<const A*>(args.shortcut) != A(0);
   at::parallel_for(0, args.n, CHUNK_ELEMS / 4, [&](int64_t b, int64_t end) {
-    for (int64_t i = b; i < end; ++i) {
-      A p[4], t[4], g[4], wk[4];
-      for (int q = 0; q < 4; ++q) {
-        p[q] = ld<T, A>(pred, i * 4 + q);
-        t[q] = ld<T, A>(target, i * 4 + q);
-      }
-      const A w = box_weight<WM, T, A>(weight, args.w_sn, i, wk);
-      const A up = ld<T, A>(go, i * args.g_sn);
-      if (shortcut) {
+    if (shortcut) {
+      for (int64_t i = b; i < end; ++i) {
+        A wk[4];
+        box_weight<WM, T, A>(weight, args.w_sn, i, wk);
+        const A up = ld<T, A>(go, i * args.g_sn);
         for (int q = 0; q < 4; ++q) out[i * 4 + q] = static_cast<T>(wk[q] * up);
-        continue;
       }
-      e.eval(p, t, g);
-      for (int q = 0; q < 4; ++q) out[i * 4 + q] = static_cast<T>(weighted<true>(g[q], w) * scale * up);
+      return;
+    }
+    // As in box_forward: the box loop writes a block buffer only, so that it vectorizes.
+    alignas(64) A gb[4 * BLOCK];
+    for (int64_t i0 = b; i0 < end; i0 += BLOCK) {
+      const int64_t m = std::min(BLOCK, end - i0);
+      const T* const bp = pred + i0 * 4;
+      const T* const bt = target + i0 * 4;
+      for (int64_t k = 0; k < m; ++k) {
+        A p[4], t[4], g[4], wk[4];
+        for (int q = 0; q < 4; ++q) {
+          p[q] = ld<T, A>(bp, k * 4 + q);
+          t[q] = ld<T, A>(bt, k * 4 + q);
+        }
+        const A w = box_weight<WM, T, A>(weight, args.w_sn, i0 + k, wk);
+        const A up = ld<T, A>(go, (i0 + k) * args.g_sn);
+        e.eval(p, t, g);
+        for (int q = 0; q < 4; ++q) gb[k * 4 + q] = weighted<true>(g[q], w) * scale * up;
+      }
+      for (int64_t j = 0; j < 4 * m; ++j) out[i0 * 4 + j] = static_cast<T>(gb[j]);
     }
   });
   return 0;
