@@ -19,7 +19,9 @@
 //! ```
 //!
 //! Layout: [`losses`] holds one module per MMDetection loss; [`reduction`] the shared weighting
-//! and reduction; [`registry`] the config-dict builders; [`autograd`] the custom-function bridge.
+//! and reduction; [`registry`] the config-dict builders; [`autograd`] the custom-function bridge;
+//! [`task_modules`] the anchor generator, box coder, assigners and samplers; [`dense_heads`] the
+//! training targets of anchor-based heads.
 #![warn(missing_docs)]
 
 mod abi;
@@ -27,6 +29,7 @@ pub mod autograd;
 mod bodies;
 mod checks;
 pub mod cuda;
+pub mod dense_heads;
 mod emu;
 mod fused;
 #[doc(hidden)]
@@ -38,6 +41,7 @@ pub mod losses;
 mod ptxas;
 pub mod reduction;
 pub mod registry;
+pub mod task_modules;
 
 pub use host::cpu_isa;
 pub use loss::{Loss, LossArgs, Target};

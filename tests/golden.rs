@@ -1,12 +1,23 @@
 //! Every reference case computed by MMDetection 3.3 (tests/data/mmdet_cases.json) of every loss
 //! this crate ships passes through the public config API: loss and gradient within the README's
 //! tolerances, GHM's momentum state after each call of a sequence, and every error case
-//! rejected with MMDetection's message.
+//! rejected with MMDetection's message. The pipeline's reference cases (anchors, coder,
+//! assigners, samplers, head targets) pass too (`golden/pipeline.rs`), and the batched pipeline
+//! agrees with itself image by image (`golden/batching.rs`).
 
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use rstest::rstest;
 use tch_detloss::golden::{run_case, CaseFile, Outcome};
+
+#[path = "golden/batching.rs"]
+mod batching;
+#[path = "golden/pipeline.rs"]
+mod pipeline;
+
+/// Held by the tests that seed and draw from libtorch's global CPU generator.
+static RNG: Mutex<()> = Mutex::new(());
 
 fn data_dir() -> PathBuf {
     // The GPU check runs these binaries away from the source tree and points here.

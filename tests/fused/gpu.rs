@@ -250,3 +250,100 @@ fn fused_steps_never_synchronize() {
     }
     tch::Cuda::synchronize(0);
 }
+
+/// The batched targets (ATSS and MaxIoU assignment, the pseudo and the device-mode random
+/// sampler) and a training step's three ATSS losses over them read nothing back either.
+#[test]
+fn head_targets_and_losses_never_synchronize() {
+    use tch_detloss::cuda::{sync_debug, SyncDebugMode};
+    use tch_detloss::dense_heads::{DenseHeadTargets, ImageMeta};
+    use tch_detloss::task_modules::GtBatch;
+    let d = cuda();
+    let anchor_cfg = serde_json::json!({"type": "AnchorGenerator", "ratios": [1.0], "octave_base_scale": 4,
+        "scales_per_octave": 1, "strides": [8, 16, 32]});
+    let atss = DenseHeadTargets::from_config(&serde_json::json!({"type": "ATSSHead", "num_classes": 3,
+        "anchor_generator": anchor_cfg, "bbox_coder": {"type": "DeltaXYWHBBoxCoder", "target_stds": [0.1, 0.1, 0.2, 0.2]},
+        "train_cfg": {"assigner": {"type": "ATSSAssigner", "topk": 9}, "allowed_border": -1, "pos_weight": -1}}))
+    .unwrap();
+    let rpn = DenseHeadTargets::from_config(&serde_json::json!({"type": "AnchorHead", "num_classes": 1,
+        "anchor_generator": anchor_cfg,
+        "train_cfg": {"assigner": {"type": "MaxIoUAssigner", "pos_iou_thr": 0.7, "neg_iou_thr": 0.3, "min_pos_iou": 0.3},
+            "sampler": {"type": "RandomSampler", "num": 64, "pos_fraction": 0.5, "add_gt_as_proposals": false},
+            "allowed_border": 0, "pos_weight": -1}}))
+    .unwrap();
+    let metas = vec![
+        ImageMeta {
+            img_shape: (120, 100),
+            pad_shape: (128, 128)
+        };
+        2
+    ];
+    let sizes = [(16, 16), (8, 8), (4, 4)];
+    let (anchors, valid, counts) = atss.anchors(&sizes, &metas, d).unwrap();
+    let boxes = [
+        Tensor::from_slice(&[10.0f32, 12.0, 50.0, 60.0, 60.0, 20.0, 100.0, 90.0])
+            .view([2, 4])
+            .to_device(d),
+        Tensor::from_slice(&[30.0f32, 30.0, 90.0, 70.0])
+            .view([1, 4])
+            .to_device(d),
+    ];
+    let labels = [
+        Tensor::from_slice(&[0i64, 2]).to_device(d),
+        Tensor::from_slice(&[1i64]).to_device(d),
+    ];
+    let gts = GtBatch::pad(&boxes, &labels).unwrap();
+    let n = anchors.size()[0];
+    let focal =
+        tch_detloss::registry::build_str(r#"{"type": "FocalLoss", "gamma": 2.0, "alpha": 0.25}"#)
+            .unwrap();
+    let giou =
+        tch_detloss::registry::build_str(r#"{"type": "GIoULoss", "loss_weight": 2.0}"#).unwrap();
+    let ce =
+        tch_detloss::registry::build_str(r#"{"type": "CrossEntropyLoss", "use_sigmoid": true}"#)
+            .unwrap();
+    let cls = Tensor::randn([2 * n, 3], (Kind::Float, d)).set_requires_grad(true);
+    let reg = (Tensor::randn([2 * n, 4], (Kind::Float, d)) * 0.1).set_requires_grad(true);
+    let ctr = Tensor::randn([2 * n], (Kind::Float, d)).set_requires_grad(true);
+    tch::Cuda::synchronize(0);
+    let _guard = sync_debug(SyncDebugMode::Error).unwrap();
+    let t = atss
+        .targets_for(&anchors, &counts, &valid, &metas, &gts, None)
+        .unwrap();
+    let _ = rpn
+        .targets_for(&anchors, &counts, &valid, &metas, &gts, None)
+        .unwrap();
+    let pos = t.sampling.pos_mask.reshape([-1]);
+    let a = t.anchors.reshape([-1, 4]);
+    let bt = t.bbox_targets.reshape([-1, 4]);
+    let ctr_t = t.centerness.reshape([-1]);
+    let decoded = atss.bbox_coder.decode(&a, &reg, None).unwrap();
+    let lw = t.label_weights.reshape([-1]);
+    let l1 = focal
+        .forward(
+            &cls,
+            (&t.labels.reshape([-1])).into(),
+            &LossArgs::new().weight(&lw).avg_factor(&t.avg_factor),
+        )
+        .unwrap();
+    let l2 = giou
+        .forward(
+            &decoded,
+            (&bt).into(),
+            &LossArgs::new().weight(&ctr_t).avg_factor(1.0),
+        )
+        .unwrap()
+        / ctr_t.sum(Kind::Float).clamp_min(1.0);
+    let pw = pos.to_kind(Kind::Float);
+    let l3 = ce
+        .forward(
+            &ctr,
+            (&ctr_t).into(),
+            &LossArgs::new().weight(&pw).avg_factor(&t.avg_factor),
+        )
+        .unwrap();
+    let g = Tensor::f_run_backward(&[&(l1 + l2 + l3)], &[&cls, &reg, &ctr], false, false).unwrap();
+    drop(g);
+    drop(_guard);
+    tch::Cuda::synchronize(0);
+}

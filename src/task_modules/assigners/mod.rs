@@ -1,0 +1,192 @@
+//! MMDetection's assigners (`mmdet/models/task_modules/assigners/`), batched over images.
+//!
+//! Ground truths come padded to one count per batch, `(B, G, 4)` with a `(B, G)` validity mask,
+//! and every result is a tensor over all priors, `(B, N)`, computed with tensor ops only: no
+//! per-image or per-ground-truth loop and no read of a device value, so that an assigner runs
+//! on the device inside a capturable training step. Anchors × ground truths is processed in
+//! chunks of ground truths when it is large.
+
+mod atss;
+mod max_iou;
+
+use anyhow::{ensure, Result};
+use tch::{Kind, Tensor};
+
+pub use atss::ATSSAssigner;
+pub use max_iou::{MaxIoUAssigner, NegIouThr};
+
+/// The default size, in elements, of one `(B, N, chunk of G)` intermediate: above it assigners
+/// work through the ground truths in chunks (each assigner's `chunk_elements`).
+pub const CHUNK_ELEMENTS: i64 = 1 << 24;
+
+/// MMDetection's `AssignResult`, for a batch of images.
+#[derive(Debug)]
+pub struct AssignResult {
+    /// Ground truths per image, `(B,)` int64 (the valid entries of the padded batch).
+    pub num_gts: Tensor,
+    /// `(B, N)` int64: -1 ignore, 0 negative, k > 0 the k-th ground truth of the image.
+    pub gt_inds: Tensor,
+    /// `(B, N)` in the priors' dtype: the IoU the assignment rests on (see each assigner).
+    pub max_overlaps: Tensor,
+    /// `(B, N)` int64: the class of the assigned ground truth, -1 where none.
+    pub labels: Tensor,
+}
+
+impl AssignResult {
+    /// MMDetection's `add_gt_`: the ground truths themselves put in front as proposals, each
+    /// assigned to itself. Every `(B, N)` field becomes `(B, G + N)`; padding ground truths
+    /// (`gt_valid` false) are entered as ignored (-1) so that no sampler takes them.
+    pub fn add_gt(&self, gt_labels: &Tensor, gt_valid: &Tensor) -> Result<AssignResult> {
+        let (b, g) = (gt_valid.size()[0], gt_valid.size()[1]);
+        ensure!(
+            gt_labels.size() == [b, g] && self.gt_inds.size()[0] == b,
+            "add_gt: labels {:?} and validity {:?} for {} images",
+            gt_labels.size(),
+            gt_valid.size(),
+            self.gt_inds.size()[0]
+        );
+        let dev = self.gt_inds.device();
+        let own = Tensor::f_arange_start(1, g + 1, (Kind::Int64, dev))?.f_expand([b, g], false)?;
+        let self_inds = own.f_where_scalarother(gt_valid, -1)?;
+        let ones = Tensor::f_ones([b, g], (self.max_overlaps.kind(), dev))?;
+        let labels = gt_labels.f_where_scalarother(gt_valid, -1)?;
+        Ok(AssignResult {
+            num_gts: self.num_gts.shallow_clone(),
+            gt_inds: Tensor::f_cat(&[&self_inds, &self.gt_inds], 1)?,
+            max_overlaps: Tensor::f_cat(&[&ones, &self.max_overlaps], 1)?,
+            labels: Tensor::f_cat(&[&labels, &self.labels], 1)?,
+        })
+    }
+
+    /// One image's result as MMDetection's per-image `AssignResult` fields: `gt_inds`,
+    /// `max_overlaps` and `labels`, each `(N,)`.
+    pub fn image(&self, i: i64) -> (Tensor, Tensor, Tensor) {
+        (
+            self.gt_inds.get(i),
+            self.max_overlaps.get(i),
+            self.labels.get(i),
+        )
+    }
+}
+
+/// Padded ground truths of a batch: boxes `(B, G, 4)`, labels `(B, G)` int64 and which entries
+/// are real, `(B, G)` bool.
+#[derive(Debug)]
+pub struct GtBatch {
+    /// `(B, G, 4)` xyxy boxes; padding entries may hold anything finite.
+    pub bboxes: Tensor,
+    /// `(B, G)` int64 class indices.
+    pub labels: Tensor,
+    /// `(B, G)` bool: true for a real ground truth.
+    pub valid: Tensor,
+}
+
+impl GtBatch {
+    /// Pads per-image ground truths (`(G_i, 4)` boxes and `(G_i,)` labels) to the largest
+    /// count. Reads only shapes, never values.
+    pub fn pad(bboxes: &[Tensor], labels: &[Tensor]) -> Result<GtBatch> {
+        ensure!(
+            !bboxes.is_empty() && bboxes.len() == labels.len(),
+            "GtBatch::pad: {} box tensors and {} label tensors",
+            bboxes.len(),
+            labels.len()
+        );
+        for (i, (b, l)) in bboxes.iter().zip(labels).enumerate() {
+            ensure!(
+                b.dim() == 2 && b.size()[1] == 4 && l.size() == [b.size()[0]],
+                "GtBatch::pad: image {i}: boxes {:?} and labels {:?}",
+                b.size(),
+                l.size()
+            );
+        }
+        let g = bboxes.iter().map(|b| b.size()[0]).max().unwrap_or(0);
+        let (kind, dev) = (bboxes[0].kind(), bboxes[0].device());
+        let mut bs = Vec::new();
+        let mut ls = Vec::new();
+        let mut vs = Vec::new();
+        for (b, l) in bboxes.iter().zip(labels) {
+            let n = b.size()[0];
+            let pad_b = Tensor::f_zeros([g - n, 4], (kind, dev))?;
+            bs.push(Tensor::f_cat(&[&b.f_to_kind(kind)?, &pad_b], 0)?);
+            let pad_l = Tensor::f_zeros([g - n], (Kind::Int64, dev))?;
+            ls.push(Tensor::f_cat(&[&l.f_to_kind(Kind::Int64)?, &pad_l], 0)?);
+            vs.push(Tensor::f_arange(g, (Kind::Int64, dev))?.f_lt(n)?);
+        }
+        Ok(GtBatch {
+            bboxes: Tensor::f_stack(&bs, 0)?,
+            labels: Tensor::f_stack(&ls, 0)?,
+            valid: Tensor::f_stack(&vs, 0)?,
+        })
+    }
+
+    /// Checks the shapes and returns `(B, G)`.
+    pub(crate) fn dims(&self) -> Result<(i64, i64)> {
+        let s = self.bboxes.size();
+        ensure!(
+            s.len() == 3 && s[2] == 4,
+            "ground truth boxes must be (B, G, 4), got {s:?}"
+        );
+        ensure!(
+            self.labels.size() == s[..2] && self.valid.size() == s[..2],
+            "ground truth labels {:?} and validity {:?} for boxes {s:?}",
+            self.labels.size(),
+            self.valid.size()
+        );
+        ensure!(
+            self.bboxes.is_floating_point(),
+            "ground truth boxes must be floating point, got {:?}",
+            self.bboxes.kind()
+        );
+        Ok((s[0], s[1]))
+    }
+}
+
+/// `bbox_overlaps` of MMDetection (`mmdet/structures/bbox/bbox_overlaps.py`), not aligned:
+/// `(..., R, 4)` against `(..., C, 4)` gives `(..., R, C)`, with the union (or for `iof` the first
+/// box's area) clamped at `eps` = 1e-6.
+pub fn bbox_overlaps(b1: &Tensor, b2: &Tensor, iof: bool) -> Result<Tensor> {
+    let area =
+        |b: &Tensor| (b.select(-1, 2) - b.select(-1, 0)) * (b.select(-1, 3) - b.select(-1, 1));
+    let (a1, a2) = (area(b1), area(b2));
+    let lo1 = b1.narrow(-1, 0, 2).f_unsqueeze(-2)?;
+    let hi1 = b1.narrow(-1, 2, 2).f_unsqueeze(-2)?;
+    let lo2 = b2.narrow(-1, 0, 2).f_unsqueeze(-3)?;
+    let hi2 = b2.narrow(-1, 2, 2).f_unsqueeze(-3)?;
+    let wh = (hi1.f_minimum(&hi2)? - lo1.f_maximum(&lo2)?).f_clamp_min(0.0)?;
+    let overlap = wh.select(-1, 0) * wh.select(-1, 1);
+    let union = if iof {
+        a1.unsqueeze(-1)
+    } else {
+        a1.unsqueeze(-1) + a2.unsqueeze(-2) - &overlap
+    };
+    let eps = Tensor::f_full([1], 1e-6, (union.kind(), union.device()))?;
+    Ok(overlap / union.f_maximum(&eps)?)
+}
+
+/// Box centres `(..., 2)` as MMDetection computes them, `(x1 + x2) / 2`.
+pub(crate) fn centres(b: &Tensor) -> Tensor {
+    Tensor::stack(
+        &[
+            (b.select(-1, 0) + b.select(-1, 2)) / 2.0,
+            (b.select(-1, 1) + b.select(-1, 3)) / 2.0,
+        ],
+        -1,
+    )
+}
+
+/// The ground-truth chunk size for `(B, N, chunk)` intermediates of at most `elements`.
+pub(crate) fn gt_chunk(b: i64, n: i64, g: i64, elements: i64) -> i64 {
+    (elements / (b * n).max(1)).clamp(1, g.max(1))
+}
+
+/// `(B, G, ...)` ground truths of image-major batch as per-gt labels gathered at `inds - 1`
+/// where `inds > 0`, else -1.
+pub(crate) fn gather_labels(gt_inds: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    if labels.size()[1] == 0 {
+        return Ok(gt_inds.f_full_like(-1)?);
+    }
+    let idx = (gt_inds - 1).f_clamp_min(0)?;
+    Ok(labels
+        .f_gather(1, &idx, false)?
+        .f_where_scalarother(&gt_inds.f_gt(0)?, -1)?)
+}
