@@ -1,5 +1,5 @@
 # The two commands of the README. Both set everything up first (idempotent, fast when done).
-.PHONY: setup profile test golden gpu-check lint sanitize
+.PHONY: setup profile test golden train gpu-check lint sanitize
 
 setup:
 	@bash scripts/setup.sh
@@ -9,15 +9,22 @@ profile: setup
 	cargo bench --bench profile
 
 # All tests (no GPU needed), the emulated device's self-test, the README's dependent crate, plus
-# the golden runner's report on every case (cases of losses not shipped yet are listed, not run).
+# the golden runner's report on every case (cases of losses not shipped yet are listed, not run),
+# and a short training run of the ATSS example that must learn (`--check`).
 test: setup
 	cargo test --release
 	bash scripts/emu-sanitize.sh check
 	cargo run --release -p dependent
 	cargo run --release --example golden -- tests/data/mmdet_cases.json
+	cargo run --release --example train_atss -- --check
 
 golden: setup
 	cargo run --release --example golden -- tests/data/mmdet_cases.json
+
+# Trains the ATSS example on generated shapes (fused losses; about 10 minutes on 2 CPU cores):
+# metrics.json and loss.png in target/train_atss.
+train: setup
+	cargo run --release --example train_atss
 
 # Builds the bundle that scripts/gpu-check.sh runs on a GPU machine without Rust.
 gpu-check: setup
