@@ -146,3 +146,20 @@ pub fn sample(seed: u64, index: u64, size: i64) -> Sample {
         labels: Tensor::from_slice(&labels),
     }
 }
+
+/// Images `first .. first + n` of the dataset `seed`, their pixels stacked `(n, 3, S, S)` on
+/// `device`.
+pub fn samples(seed: u64, first: u64, n: i64, size: i64, device: Device) -> (Vec<Sample>, Tensor) {
+    let samples: Vec<Sample> = (0..n as u64)
+        .map(|i| sample(seed, first + i, size))
+        .collect();
+    let images = Tensor::stack(
+        &samples
+            .iter()
+            .map(|s| s.image.shallow_clone())
+            .collect::<Vec<_>>(),
+        0,
+    )
+    .to_device(device);
+    (samples, images)
+}

@@ -237,17 +237,7 @@ impl Pipeline {
 
 /// A batch of training images (`(B, 3, S, S)` on `device`) and their padded ground truths.
 fn batch(seed: u64, first: u64, b: i64, size: i64, device: Device) -> Result<(Tensor, GtBatch)> {
-    let samples: Vec<data::Sample> = (0..b as u64)
-        .map(|i| data::sample(seed, first + i, size))
-        .collect();
-    let images = Tensor::stack(
-        &samples
-            .iter()
-            .map(|s| s.image.shallow_clone())
-            .collect::<Vec<_>>(),
-        0,
-    )
-    .to_device(device);
+    let (samples, images) = data::samples(seed, first, b, size, device);
     let boxes: Vec<Tensor> = samples.iter().map(|s| s.boxes.to_device(device)).collect();
     let labels: Vec<Tensor> = samples.iter().map(|s| s.labels.to_device(device)).collect();
     Ok((images, GtBatch::pad(&boxes, &labels)?))
@@ -437,17 +427,7 @@ fn evaluate(o: &Options, net: &model::Detector, pipe: &Pipeline) -> Result<(f64,
     let mut i = 0;
     while i < o.eval {
         let b = o.batch.min(o.eval - i);
-        let samples: Vec<data::Sample> = (0..b as u64)
-            .map(|k| data::sample(eval_seed, (i as u64) + k, o.size))
-            .collect();
-        let images = Tensor::stack(
-            &samples
-                .iter()
-                .map(|s| s.image.shallow_clone())
-                .collect::<Vec<_>>(),
-            0,
-        )
-        .to_device(o.device);
+        let (samples, images) = data::samples(eval_seed, i as u64, b, o.size, o.device);
         let out = net.forward(&images);
         let cls = model::flatten_levels(&out.cls);
         let reg = model::flatten_levels(&out.reg);

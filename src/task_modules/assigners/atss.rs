@@ -6,7 +6,7 @@ use serde_json::Value;
 use tch::{Kind, Tensor};
 
 use super::{
-    bbox_overlaps, centres, gather_labels, gt_chunk, AssignResult, GtBatch, CHUNK_ELEMENTS,
+    bbox_overlaps, centres, gt_chunk, keep_better, setup, AssignResult, GtBatch, CHUNK_ELEMENTS,
 };
 use crate::registry::parse_config;
 
@@ -81,54 +81,22 @@ impl ATSSAssigner {
         ignore: Option<&GtBatch>,
         inside: Option<&Tensor>,
     ) -> Result<AssignResult> {
-        let (b, g) = gts.dims()?;
-        ensure!(
-            priors.dim() == 2 && priors.size()[1] == 4,
-            "ATSSAssigner: priors must be (N, 4), got {:?}",
-            priors.size()
-        );
-        let n = priors.size()[0];
+        let st = setup("ATSSAssigner", priors, gts, inside)?;
+        let (b, g, n, kind, dev) = (st.b, st.g, st.n, st.kind, st.dev);
         ensure!(
             num_level_priors.iter().all(|&l| l >= 0) && num_level_priors.iter().sum::<i64>() == n,
             "ATSSAssigner: num_level_priors {num_level_priors:?} does not add up to {n} priors"
         );
-        if let Some(m) = inside {
-            ensure!(
-                m.size() == [b, n],
-                "ATSSAssigner: inside is {:?}, need [{b}, {n}]",
-                m.size()
-            );
-        }
-        let (kind, dev) = (priors.kind(), priors.device());
-        let gt_boxes = gts.bboxes.f_to_kind(kind)?;
-        let num_gts = gts.valid.f_sum_dim_intlist(1, false, Kind::Int64)?;
-        let outside = match inside {
-            Some(m) => Some(m.f_to_kind(Kind::Bool)?.f_logical_not()?),
-            None => None,
+        let ignored = st.ignored(priors, ignore, self.ignore_iof_thr, true)?;
+        let base = match &ignored {
+            Some(hit) => Tensor::f_zeros([b, n], (Kind::Int64, dev))?.f_masked_fill(hit, -1)?,
+            None => Tensor::f_zeros([b, n], (Kind::Int64, dev))?,
         };
-        let mut base = Tensor::f_zeros([b, n], (Kind::Int64, dev))?;
-        let mut ignored = None;
-        if let Some(ign) = ignore {
-            let (_, ni) = ign.dims()?;
-            if self.ignore_iof_thr > 0.0 && ni > 0 && n > 0 {
-                let iof = bbox_overlaps(&priors.unsqueeze(0), &ign.bboxes.f_to_kind(kind)?, true)?;
-                let iof = iof.f_masked_fill(
-                    &ign.valid.f_logical_not()?.f_unsqueeze(1)?,
-                    f64::NEG_INFINITY,
-                )?;
-                let hit = iof.f_amax([2], false)?.f_gt(self.ignore_iof_thr)?;
-                base = base.f_masked_fill(&hit, -1)?;
-                ignored = Some(hit);
-            }
-        }
-        let neg_inf = Tensor::f_full([b, n], -INF, (kind, dev))?;
-        let (mut best, mut best_gt) = (
-            neg_inf.shallow_clone(),
-            Tensor::f_zeros([b, n], (Kind::Int64, dev))?,
-        );
+        let mut best = Tensor::f_full([b, n], -INF, (kind, dev))?;
+        let mut best_gt = Tensor::f_zeros([b, n], (Kind::Int64, dev))?;
         if g > 0 && n > 0 {
             let pc = centres(priors);
-            let gc = centres(&gt_boxes);
+            let gc = centres(&st.gt_boxes);
             let chunk = gt_chunk(b, n, g, self.chunk_elements);
             let mut g0 = 0;
             while g0 < g {
@@ -139,36 +107,20 @@ impl ATSSAssigner {
                     priors,
                     pc: &pc,
                     gc: &gc,
-                    gt_boxes: &gt_boxes,
+                    gt_boxes: &st.gt_boxes,
                     gts,
                     ignored: ignored.as_ref(),
-                    outside: outside.as_ref(),
+                    outside: st.outside.as_ref(),
                 };
                 let (vals, idx) = self.chunk(&part, num_level_priors)?;
-                // Strictly greater: on ties the earlier ground truth keeps the prior.
-                let better = vals.f_gt_tensor(&best)?;
-                best = vals.f_where_self(&better, &best)?;
-                best_gt = (idx + g0).f_where_self(&better, &best_gt)?;
+                keep_better(&mut best, &mut best_gt, &vals, &idx, g0)?;
                 g0 += w;
             }
         }
+        // Not positive: MMDetection's -INF stays as max_overlaps.
         let positive = best.f_ne(-INF)?;
-        let mut gt_inds = (best_gt + 1).f_where_self(&positive, &base)?;
-        let mut max_overlaps = best;
-        // An image without ground truths: 0 everywhere (MMDetection returns before ignoring).
-        let has_gt = num_gts.f_gt(0)?.f_unsqueeze(1)?;
-        gt_inds = gt_inds.f_where_scalarother(&has_gt, 0)?;
-        max_overlaps = max_overlaps.f_where_scalarother(&has_gt, 0.0)?;
-        if let Some(out) = &outside {
-            gt_inds = gt_inds.f_masked_fill(out, -1)?;
-        }
-        let labels = gather_labels(&gt_inds, &gts.labels)?;
-        Ok(AssignResult {
-            num_gts,
-            gt_inds,
-            max_overlaps,
-            labels,
-        })
+        let gt_inds = (best_gt + 1).f_where_self(&positive, &base)?;
+        st.finish(gt_inds, best, &gts.labels)
     }
 
     /// One chunk of ground truths: per prior, the best positive IoU among them (-INF if none)

@@ -6,7 +6,7 @@ use serde_json::Value;
 use tch::{Kind, Tensor};
 
 use super::atss::check_iou_calculator;
-use super::{bbox_overlaps, gather_labels, gt_chunk, AssignResult, GtBatch, CHUNK_ELEMENTS};
+use super::{bbox_overlaps, gt_chunk, keep_better, setup, AssignResult, GtBatch, CHUNK_ELEMENTS};
 use crate::registry::parse_config;
 
 /// `neg_iou_thr` as MMDetection reads it.
@@ -120,45 +120,16 @@ impl MaxIoUAssigner {
         ignore: Option<&GtBatch>,
         inside: Option<&Tensor>,
     ) -> Result<AssignResult> {
-        let (b, g) = gts.dims()?;
-        ensure!(
-            priors.dim() == 2 && priors.size()[1] == 4,
-            "MaxIoUAssigner: priors must be (N, 4), got {:?}",
-            priors.size()
-        );
-        let n = priors.size()[0];
-        if let Some(m) = inside {
-            ensure!(
-                m.size() == [b, n],
-                "MaxIoUAssigner: inside is {:?}, need [{b}, {n}]",
-                m.size()
-            );
-        }
-        let (kind, dev) = (priors.kind(), priors.device());
-        let gt_boxes = gts.bboxes.f_to_kind(kind)?;
-        let num_gts = gts.valid.f_sum_dim_intlist(1, false, Kind::Int64)?;
-        let mut ignored = None;
-        if let Some(ign) = ignore {
-            let (_, ni) = ign.dims()?;
-            if self.ignore_iof_thr > 0.0 && ni > 0 && n > 0 {
-                let boxes = ign.bboxes.f_to_kind(kind)?;
-                let invalid = ign.valid.f_logical_not()?;
-                let worst = if self.ignore_wrt_candidates {
-                    let iof = bbox_overlaps(&priors.unsqueeze(0), &boxes, true)?; // (B, N, I)
-                    iof.f_masked_fill(&invalid.f_unsqueeze(1)?, f64::NEG_INFINITY)?
-                        .f_amax([2], false)?
-                } else {
-                    let iof = bbox_overlaps(&boxes, &priors.unsqueeze(0), true)?; // (B, I, N)
-                    iof.f_masked_fill(&invalid.f_unsqueeze(2)?, f64::NEG_INFINITY)?
-                        .f_amax([1], false)?
-                };
-                ignored = Some(worst.f_gt(self.ignore_iof_thr)?);
-            }
-        }
-        let outside = match inside {
-            Some(m) => Some(m.f_to_kind(Kind::Bool)?.f_logical_not()?),
-            None => None,
-        };
+        let st = setup("MaxIoUAssigner", priors, gts, inside)?;
+        let (b, g, n, kind, dev) = (st.b, st.g, st.n, st.kind, st.dev);
+        let ignored = st.ignored(
+            priors,
+            ignore,
+            self.ignore_iof_thr,
+            self.ignore_wrt_candidates,
+        )?;
+        let outside = st.outside.as_ref();
+        let gt_boxes = &st.gt_boxes;
         let mut best = Tensor::f_full([b, n], f64::NEG_INFINITY, (kind, dev))?;
         let mut best_gt = Tensor::f_zeros([b, n], (Kind::Int64, dev))?;
         let mut low_quality = Tensor::f_zeros([b, n], (Kind::Int64, dev))?;
@@ -176,16 +147,14 @@ impl MaxIoUAssigner {
                 }
                 // Priors outside the image are not there for MMDetection's assigner: no ground
                 // truth's best prior is one of them.
-                if let Some(out) = &outside {
+                if let Some(out) = outside {
                     overlaps = overlaps.f_masked_fill(&out.unsqueeze(1), f64::NEG_INFINITY)?;
                 }
                 // Padding ground truths never win a prior.
                 let for_priors = overlaps
                     .f_masked_fill(&valid.f_logical_not()?.f_unsqueeze(2)?, f64::NEG_INFINITY)?;
                 let (vals, idx) = for_priors.f_max_dim(1, false)?;
-                let better = vals.f_gt_tensor(&best)?;
-                best = vals.f_where_self(&better, &best)?;
-                best_gt = (idx + g0).f_where_self(&better, &best_gt)?;
+                keep_better(&mut best, &mut best_gt, &vals, &idx, g0)?;
                 if self.match_low_quality {
                     let (gt_max, gt_arg) = overlaps.f_max_dim(2, true)?; // (B, w, 1)
                     let able = gt_max
@@ -220,18 +189,6 @@ impl MaxIoUAssigner {
         if self.match_low_quality {
             gt_inds = low_quality.f_where_self(&low_quality.f_gt(0)?, &gt_inds)?;
         }
-        let has_gt = num_gts.f_gt(0)?.f_unsqueeze(1)?;
-        gt_inds = gt_inds.f_where_scalarother(&has_gt, 0)?;
-        let max_overlaps = best.f_where_scalarother(&has_gt, 0.0)?;
-        if let Some(out) = &outside {
-            gt_inds = gt_inds.f_masked_fill(out, -1)?;
-        }
-        let labels = gather_labels(&gt_inds, &gts.labels)?;
-        Ok(AssignResult {
-            num_gts,
-            gt_inds,
-            max_overlaps,
-            labels,
-        })
+        st.finish(gt_inds, best, &gts.labels)
     }
 }

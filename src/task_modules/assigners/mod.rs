@@ -181,7 +181,7 @@ pub(crate) fn gt_chunk(b: i64, n: i64, g: i64, elements: i64) -> i64 {
 
 /// `(B, G, ...)` ground truths of image-major batch as per-gt labels gathered at `inds - 1`
 /// where `inds > 0`, else -1.
-pub(crate) fn gather_labels(gt_inds: &Tensor, labels: &Tensor) -> Result<Tensor> {
+fn gather_labels(gt_inds: &Tensor, labels: &Tensor) -> Result<Tensor> {
     if labels.size()[1] == 0 {
         return Ok(gt_inds.f_full_like(-1)?);
     }
@@ -189,4 +189,126 @@ pub(crate) fn gather_labels(gt_inds: &Tensor, labels: &Tensor) -> Result<Tensor>
     Ok(labels
         .f_gather(1, &idx, false)?
         .f_where_scalarother(&gt_inds.f_gt(0)?, -1)?)
+}
+
+/// What both assigners start from: the checked sizes and the batch's derived tensors.
+pub(crate) struct Setup {
+    pub b: i64,
+    pub g: i64,
+    pub n: i64,
+    pub kind: Kind,
+    pub dev: tch::Device,
+    /// The ground truths in the priors' dtype.
+    pub gt_boxes: Tensor,
+    pub num_gts: Tensor,
+    /// `(B, N)` bool: priors outside each image, where an inside mask was given.
+    pub outside: Option<Tensor>,
+}
+
+/// Checks an assigner's inputs: priors `(N, 4)`, the padded ground truths, the inside mask.
+pub(crate) fn setup(
+    name: &str,
+    priors: &Tensor,
+    gts: &GtBatch,
+    inside: Option<&Tensor>,
+) -> Result<Setup> {
+    let (b, g) = gts.dims()?;
+    ensure!(
+        priors.dim() == 2 && priors.size()[1] == 4,
+        "{name}: priors must be (N, 4), got {:?}",
+        priors.size()
+    );
+    let n = priors.size()[0];
+    if let Some(m) = inside {
+        ensure!(
+            m.size() == [b, n],
+            "{name}: inside is {:?}, need [{b}, {n}]",
+            m.size()
+        );
+    }
+    let (kind, dev) = (priors.kind(), priors.device());
+    Ok(Setup {
+        b,
+        g,
+        n,
+        kind,
+        dev,
+        gt_boxes: gts.bboxes.f_to_kind(kind)?,
+        num_gts: gts.valid.f_sum_dim_intlist(1, false, Kind::Int64)?,
+        outside: match inside {
+            Some(m) => Some(m.f_to_kind(Kind::Bool)?.f_logical_not()?),
+            None => None,
+        },
+    })
+}
+
+impl Setup {
+    /// The priors whose largest iof with an ignore box exceeds `thr`, `(B, N)` bool; `None` where
+    /// MMDetection skips the step (`thr <= 0`, no ignore boxes, no priors). The iof is relative
+    /// to the prior's area, or with `wrt_priors` false to the ignore box's.
+    pub fn ignored(
+        &self,
+        priors: &Tensor,
+        ignore: Option<&GtBatch>,
+        thr: f64,
+        wrt_priors: bool,
+    ) -> Result<Option<Tensor>> {
+        let Some(ign) = ignore else { return Ok(None) };
+        let (_, ni) = ign.dims()?;
+        if thr <= 0.0 || ni == 0 || self.n == 0 {
+            return Ok(None);
+        }
+        let boxes = ign.bboxes.f_to_kind(self.kind)?;
+        let invalid = ign.valid.f_logical_not()?;
+        let worst = if wrt_priors {
+            let iof = bbox_overlaps(&priors.unsqueeze(0), &boxes, true)?; // (B, N, I)
+            iof.f_masked_fill(&invalid.f_unsqueeze(1)?, f64::NEG_INFINITY)?
+                .f_amax([2], false)?
+        } else {
+            let iof = bbox_overlaps(&boxes, &priors.unsqueeze(0), true)?; // (B, I, N)
+            iof.f_masked_fill(&invalid.f_unsqueeze(2)?, f64::NEG_INFINITY)?
+                .f_amax([1], false)?
+        };
+        Ok(Some(worst.f_gt(thr)?))
+    }
+
+    /// MMDetection's end of an assignment: an image without ground truths is 0 everywhere with
+    /// `max_overlaps` 0 (it returns before anything else), priors outside the image are -1, and
+    /// the labels are the assigned ground truths'.
+    pub fn finish(
+        &self,
+        gt_inds: Tensor,
+        max_overlaps: Tensor,
+        gt_labels: &Tensor,
+    ) -> Result<AssignResult> {
+        let has_gt = self.num_gts.f_gt(0)?.f_unsqueeze(1)?;
+        let mut gt_inds = gt_inds.f_where_scalarother(&has_gt, 0)?;
+        let max_overlaps = max_overlaps.f_where_scalarother(&has_gt, 0.0)?;
+        if let Some(out) = &self.outside {
+            gt_inds = gt_inds.f_masked_fill(out, -1)?;
+        }
+        let labels = gather_labels(&gt_inds, gt_labels)?;
+        Ok(AssignResult {
+            num_gts: self.num_gts.shallow_clone(),
+            gt_inds,
+            max_overlaps,
+            labels,
+        })
+    }
+}
+
+/// Keeps, per prior, the better of the best so far and a chunk's best (`idx` relative to the
+/// chunk starting at ground truth `g0`): strictly greater, so that on ties the earlier ground
+/// truth keeps the prior, as `max` over all of them would.
+pub(crate) fn keep_better(
+    best: &mut Tensor,
+    best_gt: &mut Tensor,
+    vals: &Tensor,
+    idx: &Tensor,
+    g0: i64,
+) -> Result<()> {
+    let better = vals.f_gt_tensor(&*best)?;
+    *best = vals.f_where_self(&better, &*best)?;
+    *best_gt = (idx + g0).f_where_self(&better, &*best_gt)?;
+    Ok(())
 }
