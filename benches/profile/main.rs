@@ -69,6 +69,8 @@
 //! --json PATH      where to write the JSON rows
 //! ```
 
+#[path = "../../examples/common/chart.rs"]
+mod chart;
 mod options;
 mod report;
 mod timing;
@@ -81,7 +83,10 @@ use tch::{Device, Kind, Tensor};
 use tch_detloss::registry;
 
 use options::{DeviceChoice, Options, USAGE};
-use report::{device_name, dtype_name, max_abs_diff, table_header, table_line, write_json, Row};
+use report::{
+    device_name, dtype_name, markdown, max_abs_diff, read_baseline, regressions, table_header,
+    table_line, write_chart, write_json, Row,
+};
 use timing::{backward_of, copy_gbps, whole, Clock};
 use workloads::{Workload, WORKLOADS};
 
@@ -263,6 +268,8 @@ fn profile_case(plan: &Plan, w: &Workload, (n, c): (i64, i64), kind: Kind) -> Re
                 unfused_ms: unfused.median_ms,
                 fused_min_ms: fused.min_ms,
                 unfused_min_ms: unfused.min_ms,
+                fused_spread: fused.spread,
+                unfused_spread: unfused.spread,
                 speedup: unfused.median_ms / fused.median_ms,
                 max_abs_diff: diff,
                 unfused_max_abs: scale,
@@ -335,6 +342,12 @@ fn main() -> Result<()> {
                 Device::Cpu => opts.shape(w.cpu_shape),
                 _ => opts.shape(w.cuda_shape),
             };
+            eprint!(
+                "\r\x1b[2Kprofiling {} on {} in {} ...",
+                w.name,
+                device_name(plan.device),
+                dtype_name(kind)
+            );
             let case = profile_case(plan, w, dims, kind).with_context(|| {
                 format!(
                     "profiling {} on {} in {}",
@@ -343,6 +356,7 @@ fn main() -> Result<()> {
                     dtype_name(kind)
                 )
             })?;
+            eprint!("\r\x1b[2K");
             for row in case {
                 println!("{}", table_line(&row));
                 rows.push(row);
@@ -358,11 +372,44 @@ fn main() -> Result<()> {
         );
     }
     write_json(&opts.json, &rows)?;
+    let (md, png) = (
+        opts.json.with_extension("md"),
+        opts.json.with_extension("png"),
+    );
+    std::fs::write(&md, markdown(&rows)).with_context(|| format!("writing {}", md.display()))?;
+    write_chart(&png, &rows)?;
     println!(
-        "\n{} rows written to {}; wall time {:.1} s",
+        "\n{} rows written to {} (table: {}, chart: {}); wall time {:.1} s",
         rows.len(),
         opts.json.display(),
+        md.display(),
+        png.display(),
         started.elapsed().as_secs_f64()
     );
+    if let Some(base) = &opts.baseline {
+        let slower = regressions(&rows, &read_baseline(base)?);
+        if slower.is_empty() {
+            println!(
+                "against {}: nothing slower beyond the noise of both runs",
+                base.display()
+            );
+        } else {
+            println!(
+                "against {}: {} figures slower beyond the noise:",
+                base.display(),
+                slower.len()
+            );
+            for r in &slower {
+                println!(
+                    "  {}: {:.3} ms -> {:.3} ms (+{:.0} %, noise tolerance {:.0} %)",
+                    r.what,
+                    r.before_ms,
+                    r.now_ms,
+                    100.0 * (r.now_ms / r.before_ms - 1.0),
+                    100.0 * r.tolerance
+                );
+            }
+        }
+    }
     Ok(())
 }

@@ -19,7 +19,10 @@ options:
   --reps R         timed repetitions; default 25 on the CPU, 50 on CUDA
   --warmup W       untimed repetitions before them; default 3 on the CPU, 10 on CUDA
   --threads T      torch's intra-op threads on the CPU (default: torch's choice)
-  --json PATH      where to write the JSON rows (default: target/profile/report.json)
+  --json PATH      where to write the JSON rows (default: target/profile/report.json); the
+                   Markdown table (.md) and the chart (.png) go beside it
+  --baseline FILE  an earlier report.json: print what got slower than there by more than the
+                   run-to-run noise of both runs
   -h, --help       this text";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +45,8 @@ pub struct Options {
     pub warmup: Option<usize>,
     pub threads: Option<i32>,
     pub json: PathBuf,
+    /// An earlier report.json to compare with.
+    pub baseline: Option<PathBuf>,
 }
 
 impl Options {
@@ -75,6 +80,7 @@ impl Options {
                 env!("CARGO_MANIFEST_DIR"),
                 "/target/profile/report.json"
             )),
+            baseline: None,
         };
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
@@ -113,6 +119,7 @@ impl Options {
                     o.threads = Some(i32::try_from(t).context("--threads: too large")?);
                 }
                 "--json" => o.json = PathBuf::from(value(&key)?),
+                "--baseline" => o.baseline = Some(PathBuf::from(value(&key)?)),
                 _ => bail!("unknown argument {arg:?}\n\n{USAGE}"),
             }
         }

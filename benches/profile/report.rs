@@ -1,10 +1,13 @@
-//! The report: one row per (loss, device, dtype, pass), as a table and as JSON.
+//! The report: one row per (loss, device, dtype, pass), as a table, as JSON, as a Markdown
+//! table and as a PNG chart; and the comparison with an earlier report.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
+
+use crate::chart;
 
 /// One line of the table and one object of the JSON report.
 #[derive(Debug, Serialize)]
@@ -22,6 +25,9 @@ pub struct Row {
     /// The fastest repetitions.
     pub fused_min_ms: f64,
     pub unfused_min_ms: f64,
+    /// Interquartile range over median of the repetitions (see `timing::Timing::spread`).
+    pub fused_spread: f64,
+    pub unfused_spread: f64,
     /// unfused_ms / fused_ms.
     pub speedup: f64,
     /// Largest |fused - unfused| over the loss (forward) or the gradient (backward rows).
@@ -122,4 +128,129 @@ pub fn write_json(path: &PathBuf, rows: &[Row]) -> Result<()> {
     }
     let json = serde_json::to_string_pretty(rows)?;
     std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+/// A row of an earlier `report.json`, as far as a comparison needs it.
+#[derive(Debug, Deserialize)]
+pub struct BaselineRow {
+    pub loss: String,
+    pub device: String,
+    pub dtype: String,
+    pub shape: String,
+    pub pass: String,
+    pub fused_ms: f64,
+    pub unfused_ms: f64,
+    /// Absent in reports written before the spread was recorded.
+    #[serde(default)]
+    pub fused_spread: f64,
+    #[serde(default)]
+    pub unfused_spread: f64,
+}
+
+/// Reads an earlier `report.json`.
+pub fn read_baseline(path: &Path) -> Result<Vec<BaselineRow>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a profile report", path.display()))
+}
+
+/// A figure that got slower than an earlier report's by more than the noise of both runs.
+#[derive(Debug, PartialEq)]
+pub struct Regression {
+    /// `loss device dtype shape pass` and which side, `fused` or `unfused`.
+    pub what: String,
+    pub before_ms: f64,
+    pub now_ms: f64,
+    /// How much slower may still be noise: the larger spread of the two runs, twice, and at
+    /// least 5 %.
+    pub tolerance: f64,
+}
+
+/// The figures of `rows` slower than their match in `before` (same loss, device, dtype, shape
+/// and pass) by more than the tolerance.
+pub fn regressions(rows: &[Row], before: &[BaselineRow]) -> Vec<Regression> {
+    let mut out = Vec::new();
+    for r in rows {
+        let Some(b) = before.iter().find(|b| {
+            b.loss == r.loss
+                && b.device == r.device
+                && b.dtype == r.dtype
+                && b.shape == r.shape
+                && b.pass == r.pass
+        }) else {
+            continue;
+        };
+        for (side, now, then, s_now, s_then) in [
+            (
+                "fused",
+                r.fused_ms,
+                b.fused_ms,
+                r.fused_spread,
+                b.fused_spread,
+            ),
+            (
+                "unfused",
+                r.unfused_ms,
+                b.unfused_ms,
+                r.unfused_spread,
+                b.unfused_spread,
+            ),
+        ] {
+            let tolerance = (2.0 * s_now.max(s_then)).max(0.05);
+            if now > then * (1.0 + tolerance) {
+                out.push(Regression {
+                    what: format!(
+                        "{} {} {} {} {} {side}",
+                        r.loss, r.device, r.dtype, r.shape, r.pass
+                    ),
+                    before_ms: then,
+                    now_ms: now,
+                    tolerance,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The report as a Markdown table, ready to paste.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| loss | device | dtype | shape | pass | fused ms | unfused ms | speedup | %copy |\n\
+         |---|---|---|---|---|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let pct = r
+            .fused_pct_of_copy
+            .map_or_else(|| "-".to_string(), |p| format!("{p:.0} %"));
+        s += &format!(
+            "| {} | {} | {} | {} | {} | {:.3} | {:.3} | **{:.2}x** | {} |\n",
+            r.loss, r.device, r.dtype, r.shape, r.pass, r.fused_ms, r.unfused_ms, r.speedup, pct
+        );
+    }
+    s
+}
+
+/// The report as a PNG: per loss and pass, a bar for the fused and one for the unfused time
+/// (log scale), labelled with the speedup.
+pub fn write_chart(path: &Path, rows: &[Row]) -> Result<()> {
+    let bars = rows
+        .iter()
+        .map(|r| chart::BarGroup {
+            label: format!("{} {} {} {}", r.loss, r.device, r.dtype, r.pass),
+            values: vec![r.fused_ms, r.unfused_ms],
+            note: format!("{:.1}x", r.speedup),
+        })
+        .collect();
+    let c = chart::BarChart {
+        title: "tch-detloss: fused against unfused (ms, log scale; label: speedup)".into(),
+        series: vec![
+            ("fused".into(), chart::PALETTE[0]),
+            ("unfused".into(), chart::PALETTE[1]),
+        ],
+        groups: bars,
+        unit: "ms".into(),
+    };
+    c.save(path)
 }

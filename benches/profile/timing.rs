@@ -126,14 +126,27 @@ pub struct Timing {
     pub median_ms: f64,
     /// The fastest repetition: far below the median means a noisy machine.
     pub min_ms: f64,
+    /// The repetitions' interquartile range over their median: the run-to-run noise that a
+    /// comparison with an earlier report must exceed.
+    pub spread: f64,
 }
 
 impl Timing {
     fn of(ms: &mut [f64]) -> Self {
         let median_ms = median(ms); // sorts
+        let q = |f: f64| {
+            ms.get(((ms.len() - 1) as f64 * f).round() as usize)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
         Self {
             median_ms,
             min_ms: ms.first().copied().unwrap_or(f64::NAN),
+            spread: if ms.is_empty() {
+                f64::NAN
+            } else {
+                (q(0.75) - q(0.25)) / median_ms
+            },
         }
     }
 }

@@ -2,6 +2,9 @@
 //! primitives and bitmap fonts into an RGB buffer and written by the `png` crate: no system
 //! fonts or libraries needed.
 
+// Shared by the training example and the profile command, each of which uses part of it.
+#![allow(dead_code)]
+
 use std::convert::Infallible;
 use std::path::Path;
 
@@ -218,6 +221,132 @@ impl LineChart {
                 .into_styled(PrimitiveStyle::with_stroke(s.color, 3))
                 .draw(&mut c);
             let _ = Text::new(&s.name, Point::new(r - 165, y), font).draw(&mut c);
+        }
+        c.save(path)
+    }
+}
+
+/// One group of horizontal bars: a label on the left, one bar per series, a note on the right.
+pub struct BarGroup {
+    pub label: String,
+    pub values: Vec<f64>,
+    pub note: String,
+}
+
+/// Horizontal grouped bars on a log scale (times that span orders of magnitude).
+pub struct BarChart {
+    pub title: String,
+    /// Name and colour of each series, in the order of a group's values.
+    pub series: Vec<(String, Rgb888)>,
+    pub groups: Vec<BarGroup>,
+    pub unit: String,
+}
+
+impl BarChart {
+    /// Draws the chart into a PNG at `path`, 900 pixels wide and as tall as the groups need.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let black = Rgb888::BLACK;
+        let gray = Rgb888::new(220, 220, 220);
+        let font = MonoTextStyle::new(&FONT_6X10, black);
+        let title = MonoTextStyle::new(&FONT_7X13_BOLD, black);
+        let nbars = self.series.len().max(1) as i32;
+        let (bar_h, gap) = (8i32, 6i32);
+        let group_h = nbars * bar_h + gap;
+        let longest = self.groups.iter().map(|g| g.label.len()).max().unwrap_or(0) as i32;
+        let (w, top) = (900i32, 48i32);
+        let left = (longest * 6 + 12).clamp(80, 420);
+        let right = w - 70;
+        let h = top + group_h * self.groups.len() as i32 + 40;
+        let mut c = Canvas::new(w as u32, h as u32);
+        let positive = self
+            .groups
+            .iter()
+            .flat_map(|g| g.values.iter().copied())
+            .filter(|v| *v > 0.0 && v.is_finite());
+        let (lo, hi) = positive.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
+        let (lo, hi) = if lo > hi {
+            (1.0, 10.0)
+        } else {
+            (
+                10f64.powf(lo.log10().floor()),
+                10f64.powf(hi.log10().ceil().max(lo.log10().floor() + 1.0)),
+            )
+        };
+        let px = |v: f64| {
+            left + ((v.max(lo).log10() - lo.log10()) / (hi.log10() - lo.log10())
+                * f64::from(right - left))
+            .round() as i32
+        };
+        let _ = Text::with_alignment(&self.title, Point::new(w / 2, 18), title, Alignment::Center)
+            .draw(&mut c);
+        // Decades, with 2 and 5 between them.
+        let mut decade = lo;
+        while decade <= hi * 1.0001 {
+            for (m, labelled) in [(1.0, true), (2.0, false), (5.0, false)] {
+                let v = decade * m;
+                if v > hi * 1.0001 {
+                    break;
+                }
+                let x = px(v);
+                let _ = Line::new(Point::new(x, top - 4), Point::new(x, h - 36))
+                    .into_styled(PrimitiveStyle::with_stroke(gray, 1))
+                    .draw(&mut c);
+                if labelled || hi / lo <= 100.0 {
+                    let _ = Text::with_alignment(
+                        &fmt_tick(v),
+                        Point::new(x, h - 24),
+                        font,
+                        Alignment::Center,
+                    )
+                    .draw(&mut c);
+                }
+            }
+            decade *= 10.0;
+        }
+        let _ = Text::with_alignment(
+            &self.unit,
+            Point::new((left + right) / 2, h - 8),
+            font,
+            Alignment::Center,
+        )
+        .draw(&mut c);
+        for (i, g) in self.groups.iter().enumerate() {
+            let y0 = top + group_h * i as i32;
+            let _ = Text::with_alignment(
+                &g.label,
+                Point::new(left - 6, y0 + nbars * bar_h / 2 + 3),
+                font,
+                Alignment::Right,
+            )
+            .draw(&mut c);
+            let mut end = left;
+            for (k, v) in g.values.iter().enumerate() {
+                let color = self.series.get(k).map_or(black, |s| s.1);
+                let x = px(*v).max(left + 1);
+                end = end.max(x);
+                let _ = Rectangle::with_corners(
+                    Point::new(left, y0 + k as i32 * bar_h),
+                    Point::new(x, y0 + (k as i32 + 1) * bar_h - 2),
+                )
+                .into_styled(PrimitiveStyle::with_fill(color))
+                .draw(&mut c);
+            }
+            let _ = Text::new(
+                &g.note,
+                Point::new(end + 4, y0 + nbars * bar_h / 2 + 3),
+                font,
+            )
+            .draw(&mut c);
+        }
+        let _ = Line::new(Point::new(left, top - 4), Point::new(left, h - 36))
+            .into_styled(PrimitiveStyle::with_stroke(black, 1))
+            .draw(&mut c);
+        for (k, (name, color)) in self.series.iter().enumerate() {
+            let x = right - 120 + 70 * k as i32 - 70 * (self.series.len() as i32 - 2).max(0);
+            let _ = Rectangle::with_corners(Point::new(x, 28), Point::new(x + 12, 36))
+                .into_styled(PrimitiveStyle::with_fill(*color))
+                .draw(&mut c);
+            let _ = Text::new(name, Point::new(x + 16, 36), font).draw(&mut c);
         }
         c.save(path)
     }
