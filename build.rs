@@ -1,8 +1,9 @@
 //! Builds the native parts of tch-detloss:
 //! - the CPU executor (kernels/host.cpp) for the baseline ISA and, on x86-64, for x86-64-v3 with
 //!   glibc's vector math;
-//! - the autograd bridge (kernels/autograd.cpp) and, when the CUDA headers are at hand, the shim
-//!   that reaches libtorch's CUDA side: current stream, allocator counters (kernels/torch_cuda.cpp);
+//! - the autograd bridge (kernels/autograd.cpp), the profiler shim (kernels/profiler.cpp) and,
+//!   when the CUDA headers are at hand, the shim that reaches libtorch's CUDA side: current
+//!   stream, allocator counters (kernels/torch_cuda.cpp);
 //! - the CUDA kernels (kernels/kernels.cu), compiled by nvcc into one fatbin (sm_80, sm_90 and
 //!   compute_90 PTX) that the crate embeds. A build without nvcc still works, for the CPU.
 use std::env;
@@ -226,6 +227,11 @@ fn main() {
             let mut b = cxx();
             b.opt_level(2);
             compile_cached(b, "kernels/autograd.cpp", "dl_autograd", out_dir)
+        });
+        s.spawn(move || {
+            let mut b = cxx();
+            b.opt_level(2);
+            compile_cached(b, "kernels/profiler.cpp", "dl_profiler", out_dir)
         });
         // The emulated device: kernels.cu compiled by the host compiler (kernels/emu/).
         if let Some(inc) = &cuda_headers {

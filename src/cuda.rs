@@ -211,7 +211,8 @@ impl Drop for SyncDebugGuard {
 }
 
 /// Sets c10's CUDA sync-debug mode until the guard is dropped (the mode is process-wide, as in
-/// PyTorch's `torch.cuda.set_sync_debug_mode`). An error on a build without libtorch's CUDA side.
+/// PyTorch's `torch.cuda.set_sync_debug_mode`). An error on a build without libtorch's CUDA side
+/// or a machine without a CUDA device.
 ///
 /// ```no_run
 /// use tch_detloss::cuda::{sync_debug, SyncDebugMode};
@@ -222,6 +223,10 @@ impl Drop for SyncDebugGuard {
 pub fn sync_debug(mode: SyncDebugMode) -> anyhow::Result<SyncDebugGuard> {
     #[cfg(dl_torch_cuda)]
     {
+        anyhow::ensure!(
+            tch::Cuda::is_available(),
+            "sync-debug mode {mode:?}: no CUDA device is available (the mode only watches CUDA)"
+        );
         // SAFETY: sets a process-wide flag of c10; no pointers.
         let previous = unsafe { dl_cuda_set_sync_debug_mode(mode as i32) };
         anyhow::ensure!(previous >= 0, "c10 refused the sync-debug mode {mode:?}");

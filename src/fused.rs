@@ -177,6 +177,8 @@ pub(crate) fn run(
     avg_factor: Option<&AvgFactor>,
 ) -> Result<Tensor> {
     let name = spec.name;
+    // The call under its loss's name in a trace; its backward is the node `{name}Backward`.
+    let _range = crate::profiler::range(name);
     let p = prepare(spec, pred, target, weight, avg_factor)?;
     let out_shape: Vec<i64> = match (p.spec.reduction, p.spec.per_row()) {
         (Reduction::None, false) => vec![p.shape.0, p.shape.1],

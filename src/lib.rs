@@ -38,6 +38,7 @@ mod host;
 mod launch;
 mod loss;
 pub mod losses;
+pub mod profiler;
 mod ptxas;
 pub mod reduction;
 pub mod registry;

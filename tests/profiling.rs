@@ -1,6 +1,7 @@
-//! The profile command's report outside a timing run: the Markdown table and the PNG chart are
-//! written and hold every row, and the comparison with an earlier report flags an injected
-//! slowdown and nothing within the noise.
+//! Profiling: a CPU trace of a fused forward and backward holds the loss's range and backward
+//! node and agrees with its summary; the CUDA-only tools say so clearly without CUDA; the profile
+//! command's Markdown table and PNG chart hold every row, and its comparison with an earlier
+//! report flags an injected slowdown and nothing within the noise.
 
 #[path = "../examples/common/chart.rs"]
 mod chart;
@@ -108,4 +109,80 @@ fn baseline_flags_an_injected_slowdown_only() {
         regressions(&before, &base).is_empty(),
         "a report against itself"
     );
+}
+
+#[test]
+fn cpu_trace_of_a_fused_step_names_the_loss_and_its_backward() {
+    use tch::{Device, Kind, Tensor};
+    use tch_detloss::profiler::{Trace, TraceConfig};
+    use tch_detloss::{registry, LossArgs};
+    let loss = registry::build_str(r#"{"type": "GIoULoss", "loss_weight": 2.0}"#).unwrap();
+    let xy = Tensor::rand([64, 2], (Kind::Float, Device::Cpu)) * 50.0;
+    let boxes = Tensor::cat(&[&xy, &(&xy + 10.0)], 1);
+    let pred = (&boxes + 1.0).set_requires_grad(true);
+    let path = scratch("trace").join("giou.json");
+    let trace = Trace::start(TraceConfig::cpu()).unwrap();
+    for _ in 0..3 {
+        let l = loss
+            .forward(&pred, (&boxes).into(), &LossArgs::new())
+            .unwrap();
+        l.backward();
+    }
+    let summary = trace.stop(Some(&path)).unwrap();
+    // The summary: 3 calls of the loss's range and of its backward node, nested time no larger
+    // than the whole.
+    for name in ["GIoULoss", "GIoULossBackward"] {
+        let op = summary
+            .op(name)
+            .unwrap_or_else(|| panic!("{name} missing from\n{}", summary.table(30)));
+        assert_eq!(op.calls, 3, "{name}");
+        assert!(
+            op.self_us <= op.total_us + 1e-9 && op.total_us > 0.0,
+            "{op:?}"
+        );
+    }
+    // Consistent with its events: per op, the calls and the total time are the events'.
+    for op in &summary.ops {
+        let evs: Vec<_> = summary
+            .events
+            .iter()
+            .filter(|e| e.name == op.name && e.device == op.device)
+            .collect();
+        assert_eq!(evs.len() as u64, op.calls, "{}", op.name);
+        let total: i64 = evs.iter().map(|e| e.duration_ns).sum();
+        assert!(
+            (total as f64 / 1e3 - op.total_us).abs() < 1e-6 * op.total_us.max(1.0),
+            "{}",
+            op.name
+        );
+    }
+    // The trace file: Chrome/Perfetto JSON with the same named events.
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let events = json["traceEvents"].as_array().expect("traceEvents");
+    for name in ["GIoULoss", "GIoULossBackward"] {
+        let n = events.iter().filter(|e| e["name"] == name).count();
+        assert_eq!(n, 3, "{name} events in the trace file");
+    }
+}
+
+#[test]
+fn cuda_tools_say_so_without_cuda() {
+    if tch::Cuda::is_available() {
+        return; // the GPU tests cover them there
+    }
+    use tch_detloss::profiler::{Trace, TraceConfig};
+    let err = Trace::start(TraceConfig {
+        cuda: true,
+        shapes: false,
+        memory: false,
+    })
+    .err()
+    .expect("an error");
+    assert!(format!("{err:#}").contains("no CUDA device"), "{err:#}");
+    assert_eq!(tch_detloss::cuda::allocated_bytes(0), None);
+    assert!(!tch_detloss::cuda::reset_peak_allocated(0));
+    let err = tch_detloss::cuda::sync_debug(tch_detloss::cuda::SyncDebugMode::Error)
+        .expect_err("an error");
+    assert!(format!("{err:#}").contains("sync-debug mode"), "{err:#}");
 }
