@@ -80,6 +80,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
+use tch_detloss::profiler;
 use tch_detloss::registry;
 
 use options::{DeviceChoice, Options, USAGE};
@@ -191,7 +192,13 @@ fn plans(o: &Options) -> Result<Vec<Plan>> {
     Ok(out)
 }
 /// Runs the three passes of one (loss, dtype) case on one device.
-fn profile_case(plan: &Plan, w: &Workload, (n, c): (i64, i64), kind: Kind) -> Result<Vec<Row>> {
+fn profile_case(
+    plan: &Plan,
+    w: &Workload,
+    (n, c): (i64, i64),
+    kind: Kind,
+    trace_dir: Option<&std::path::Path>,
+) -> Result<Vec<Row>> {
     let loss = registry::build_str(w.config)?;
     // A second instance for the unfused path, so that a loss with state (GHM's momentum) sees
     // the same sequence of calls on both.
@@ -248,6 +255,27 @@ fn profile_case(plan: &Plan, w: &Workload, (n, c): (i64, i64), kind: Kind) -> Re
     timed.push((Pass::Backward, f, u, grad_diff));
     let (f, u) = clock.time_pair(whole(|| grad(&fused()?)), whole(|| grad(&unfused()?)))?;
     timed.push((Pass::Both, f, u, grad_diff));
+
+    // One traced forward+backward of each, outside the timing.
+    if let Some(dir) = trace_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let config = profiler::TraceConfig {
+            cuda: clock.cuda.is_some(),
+            ..profiler::TraceConfig::cpu()
+        };
+        let stem = format!(
+            "{}_{}_{}",
+            w.name.replace(' ', "_"),
+            device_name(plan.device).replace(':', ""),
+            dtype_name(kind)
+        );
+        let t = profiler::Trace::start(config)?;
+        drop(grad(&fused()?)?);
+        t.stop(Some(&dir.join(format!("{stem}_fused.json"))))?;
+        let t = profiler::Trace::start(config)?;
+        drop(grad(&unfused()?)?);
+        t.stop(Some(&dir.join(format!("{stem}_unfused.json"))))?;
+    }
 
     let on_cuda = clock.cuda.is_some();
     Ok(timed
@@ -348,14 +376,15 @@ fn main() -> Result<()> {
                 device_name(plan.device),
                 dtype_name(kind)
             );
-            let case = profile_case(plan, w, dims, kind).with_context(|| {
-                format!(
-                    "profiling {} on {} in {}",
-                    w.name,
-                    device_name(plan.device),
-                    dtype_name(kind)
-                )
-            })?;
+            let case =
+                profile_case(plan, w, dims, kind, opts.trace.as_deref()).with_context(|| {
+                    format!(
+                        "profiling {} on {} in {}",
+                        w.name,
+                        device_name(plan.device),
+                        dtype_name(kind)
+                    )
+                })?;
             eprint!("\r\x1b[2K");
             for row in case {
                 println!("{}", table_line(&row));

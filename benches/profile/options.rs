@@ -21,6 +21,8 @@ options:
   --threads T      torch's intra-op threads on the CPU (default: torch's choice)
   --json PATH      where to write the JSON rows (default: target/profile/report.json); the
                    Markdown table (.md) and the chart (.png) go beside it
+  --trace DIR      also write a Chrome/Perfetto trace of one fused and one unfused
+                   forward+backward per loss to DIR (open at ui.perfetto.dev)
   --baseline FILE  an earlier report.json: print what got slower than there by more than the
                    run-to-run noise of both runs
   -h, --help       this text";
@@ -47,6 +49,8 @@ pub struct Options {
     pub json: PathBuf,
     /// An earlier report.json to compare with.
     pub baseline: Option<PathBuf>,
+    /// Where to write one traced fused and one unfused forward+backward per loss.
+    pub trace: Option<PathBuf>,
 }
 
 impl Options {
@@ -81,6 +85,7 @@ impl Options {
                 "/target/profile/report.json"
             )),
             baseline: None,
+            trace: None,
         };
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
@@ -120,6 +125,7 @@ impl Options {
                 }
                 "--json" => o.json = PathBuf::from(value(&key)?),
                 "--baseline" => o.baseline = Some(PathBuf::from(value(&key)?)),
+                "--trace" => o.trace = Some(PathBuf::from(value(&key)?)),
                 _ => bail!("unknown argument {arg:?}\n\n{USAGE}"),
             }
         }
