@@ -34,6 +34,10 @@ pub(crate) use imp::run_kernel;
 
 #[cfg(dl_torch_cuda)]
 extern "C" {
+    fn dl_cuda_memory_stats(device: i32, out: *mut i64) -> i32;
+    fn dl_cuda_empty_cache() -> i32;
+    fn dl_cuda_record_memory_history(enabled: i32) -> i32;
+    fn dl_cuda_memory_snapshot(path: *const std::ffi::c_char) -> i32;
     fn dl_cuda_allocated_bytes(device: i32, current: *mut i64, peak: *mut i64) -> i32;
     fn dl_cuda_reset_peak_bytes(device: i32) -> i32;
     fn dl_cuda_set_sync_debug_mode(mode: i32) -> i32;
@@ -52,6 +56,103 @@ pub fn allocated_bytes(ordinal: usize) -> Option<(u64, u64)> {
     }
     let _ = ordinal;
     None
+}
+
+/// The CUDA caching allocator's counters of one device (all pools), in bytes where a size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Bytes in tensors now.
+    pub allocated: u64,
+    /// The most since the last [`reset_peak_allocated`].
+    pub allocated_peak: u64,
+    /// Bytes the allocator holds from the driver now.
+    pub reserved: u64,
+    /// The most reserved since the last reset.
+    pub reserved_peak: u64,
+    /// Bytes in blocks in use (allocated, or freed but awaiting their stream).
+    pub active: u64,
+    /// The most active since the last reset.
+    pub active_peak: u64,
+    /// Allocations that had to free the cache and retry.
+    pub alloc_retries: u64,
+    /// Out-of-memory errors raised.
+    pub ooms: u64,
+}
+
+fn need_cuda(what: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        cfg!(dl_torch_cuda),
+        "{what}: this build has no libtorch CUDA side (the CUDA headers were not found at build time)"
+    );
+    anyhow::ensure!(
+        tch::Cuda::is_available(),
+        "{what}: no CUDA device is available"
+    );
+    Ok(())
+}
+
+/// The allocator's counters of device `ordinal`. An error without CUDA.
+pub fn memory_stats(ordinal: usize) -> anyhow::Result<MemoryStats> {
+    need_cuda("memory_stats")?;
+    let mut v = [0i64; 8];
+    #[cfg(dl_torch_cuda)]
+    // SAFETY: fills 8 counters; errors come back as -1.
+    let rc = unsafe { dl_cuda_memory_stats(ordinal as i32, v.as_mut_ptr()) };
+    #[cfg(not(dl_torch_cuda))]
+    let rc = -1;
+    anyhow::ensure!(
+        rc == 0,
+        "memory_stats: cannot read the allocator of cuda:{ordinal}"
+    );
+    let u = |i: usize| v[i].max(0) as u64;
+    Ok(MemoryStats {
+        allocated: u(0),
+        allocated_peak: u(1),
+        reserved: u(2),
+        reserved_peak: u(3),
+        active: u(4),
+        active_peak: u(5),
+        alloc_retries: u(6),
+        ooms: u(7),
+    })
+}
+
+/// Returns the allocator's cached, unused memory to the driver (`torch.cuda.empty_cache()`).
+pub fn empty_cache() -> anyhow::Result<()> {
+    need_cuda("empty_cache")?;
+    #[cfg(dl_torch_cuda)]
+    // SAFETY: no arguments; errors come back as -1.
+    anyhow::ensure!(unsafe { dl_cuda_empty_cache() } == 0, "empty_cache failed");
+    Ok(())
+}
+
+/// Starts or stops recording the allocator's history (every allocation and free, with C++
+/// stacks), for [`memory_snapshot`].
+pub fn record_memory_history(enabled: bool) -> anyhow::Result<()> {
+    need_cuda("record_memory_history")?;
+    #[cfg(dl_torch_cuda)]
+    // SAFETY: sets the allocator's recording; errors come back as -1.
+    anyhow::ensure!(
+        unsafe { dl_cuda_record_memory_history(i32::from(enabled)) } == 0,
+        "record_memory_history failed"
+    );
+    Ok(())
+}
+
+/// Writes the allocator's snapshot, with the recorded history, to `path`: the pickle that
+/// PyTorch's memory viewer (pytorch.org/memory_viz) opens.
+pub fn memory_snapshot(path: &std::path::Path) -> anyhow::Result<()> {
+    need_cuda("memory_snapshot")?;
+    let c = std::ffi::CString::new(path.to_string_lossy().as_bytes())?;
+    #[cfg(dl_torch_cuda)]
+    // SAFETY: the path outlives the call; errors come back as -1.
+    anyhow::ensure!(
+        unsafe { dl_cuda_memory_snapshot(c.as_ptr()) } == 0,
+        "memory_snapshot: cannot write {}",
+        path.display()
+    );
+    let _ = c;
+    Ok(())
 }
 
 /// Restarts the peak of [`allocated_bytes`] at the current value; false where unavailable.

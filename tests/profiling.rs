@@ -182,6 +182,21 @@ fn cuda_tools_say_so_without_cuda() {
     assert!(format!("{err:#}").contains("no CUDA device"), "{err:#}");
     assert_eq!(tch_detloss::cuda::allocated_bytes(0), None);
     assert!(!tch_detloss::cuda::reset_peak_allocated(0));
+    for err in [
+        tch_detloss::cuda::memory_stats(0)
+            .map(|_| ())
+            .expect_err("an error"),
+        tch_detloss::cuda::empty_cache().expect_err("an error"),
+        tch_detloss::cuda::record_memory_history(true).expect_err("an error"),
+        tch_detloss::cuda::memory_snapshot(&scratch("snapshot").join("s.pickle"))
+            .expect_err("an error"),
+    ] {
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("no CUDA device") || msg.contains("no libtorch CUDA side"),
+            "{msg}"
+        );
+    }
     let err = tch_detloss::cuda::sync_debug(tch_detloss::cuda::SyncDebugMode::Error)
         .expect_err("an error");
     assert!(format!("{err:#}").contains("sync-debug mode"), "{err:#}");

@@ -347,3 +347,76 @@ fn head_targets_and_losses_never_synchronize() {
     drop(_guard);
     tch::Cuda::synchronize(0);
 }
+
+/// A CUDA trace of a fused forward and backward holds our kernels by name, next to the loss's
+/// range and backward node.
+#[test]
+fn cuda_trace_names_our_kernels() {
+    use tch_detloss::profiler::{Trace, TraceConfig};
+    let d = cuda();
+    let loss = FocalLoss::default();
+    let pred = Tensor::randn([4096, 80], (Kind::Float, d)).set_requires_grad(true);
+    let labels = Tensor::randint(81, [4096], (Kind::Int64, d));
+    let _ = loss
+        .forward(&pred, (&labels).into(), &LossArgs::new())
+        .unwrap();
+    tch::Cuda::synchronize(0);
+    let trace = Trace::start(TraceConfig::auto()).unwrap();
+    loss.forward(&pred, (&labels).into(), &LossArgs::new())
+        .unwrap()
+        .backward();
+    let summary = trace.stop(None).unwrap();
+    let ours: Vec<_> = tch_detloss::testing::planned_kernel_names();
+    let kernels: Vec<_> = summary
+        .ops
+        .iter()
+        .filter(|o| o.device == "cuda" && ours.iter().any(|k| o.name.contains(k.as_str())))
+        .map(|o| o.name.clone())
+        .collect();
+    assert!(
+        kernels.len() >= 2,
+        "forward and backward kernels in:\n{}",
+        summary.table(40)
+    );
+    assert!(summary.op("FocalLoss").is_some() && summary.op("FocalLossBackward").is_some());
+}
+
+/// A fused FocalLoss forward+backward at the anchor head's shape (16 × 100,000 anchors × 80
+/// classes) allocates at most one logits-sized buffer (the gradient) beyond its inputs.
+#[test]
+fn fused_focal_peak_memory_is_one_logits_buffer() {
+    let d = cuda();
+    let (n, c) = (16 * 100_000, 80);
+    let loss = FocalLoss::default();
+    let pred = Tensor::randn([n, c], (Kind::Float, d)).set_requires_grad(true);
+    let labels = Tensor::randint(c + 1, [n], (Kind::Int64, d));
+    let weights = Tensor::ones([n], (Kind::Float, d));
+    let af = Tensor::from(1000.0f32).to_device(d);
+    let step = || {
+        let l = loss
+            .forward(
+                &pred,
+                (&labels).into(),
+                &LossArgs::new().weight(&weights).avg_factor(&af),
+            )
+            .unwrap();
+        Tensor::f_run_backward(&[&l], &[&pred], false, false).unwrap()
+    };
+    drop(step()); // the kernels' module and the allocator's first blocks
+    tch::Cuda::synchronize(0);
+    let before = tch_detloss::cuda::memory_stats(0).unwrap().allocated;
+    assert!(tch_detloss::cuda::reset_peak_allocated(0));
+    let g = step();
+    tch::Cuda::synchronize(0);
+    let peak = tch_detloss::cuda::memory_stats(0).unwrap().allocated_peak;
+    let logits = (n * c * 4) as u64;
+    // The gradient, plus the reduction's partials and the scalar loss (well under 1 MiB).
+    assert!(
+        peak - before <= logits + (1 << 20),
+        "peak {} above {} with logits of {}",
+        peak,
+        before,
+        logits
+    );
+    drop(g);
+}
