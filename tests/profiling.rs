@@ -27,6 +27,8 @@ fn row(loss: &str, pass: &'static str, fused_ms: f64, unfused_ms: f64, spread: f
         unfused_min_ms: unfused_ms * 0.9,
         fused_spread: spread,
         unfused_spread: spread,
+        pytorch_eager_ms: None,
+        pytorch_compiled_ms: None,
         speedup: unfused_ms / fused_ms,
         max_abs_diff: 1e-7,
         unfused_max_abs: 1.0,

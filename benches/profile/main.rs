@@ -72,6 +72,7 @@
 #[path = "../../examples/common/chart.rs"]
 mod chart;
 mod options;
+mod pytorch;
 mod report;
 mod timing;
 mod workloads;
@@ -198,6 +199,7 @@ fn profile_case(
     (n, c): (i64, i64),
     kind: Kind,
     trace_dir: Option<&std::path::Path>,
+    python: Option<&mut pytorch::Batch>,
 ) -> Result<Vec<Row>> {
     let loss = registry::build_str(w.config)?;
     // A second instance for the unfused path, so that a loss with state (GHM's momentum) sees
@@ -256,6 +258,10 @@ fn profile_case(
     let (f, u) = clock.time_pair(whole(|| grad(&fused()?)), whole(|| grad(&unfused()?)))?;
     timed.push((Pass::Both, f, u, grad_diff));
 
+    if let (Some(py), Device::Cpu) = (python, plan.device) {
+        py.add(w, &x)?;
+    }
+
     // One traced forward+backward of each, outside the timing.
     if let Some(dir) = trace_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -298,6 +304,8 @@ fn profile_case(
                 unfused_min_ms: unfused.min_ms,
                 fused_spread: fused.spread,
                 unfused_spread: unfused.spread,
+                pytorch_eager_ms: None,
+                pytorch_compiled_ms: None,
                 speedup: unfused.median_ms / fused.median_ms,
                 max_abs_diff: diff,
                 unfused_max_abs: scale,
@@ -363,6 +371,11 @@ fn main() -> Result<()> {
     println!();
     println!("{}", table_header());
 
+    let mut python = if opts.pytorch {
+        Some(pytorch::Batch::new(&opts.json.with_extension("pytorch"))?)
+    } else {
+        None
+    };
     let mut rows = Vec::new();
     for plan in &plans {
         for &(w, kind) in &plan.cases {
@@ -376,8 +389,9 @@ fn main() -> Result<()> {
                 device_name(plan.device),
                 dtype_name(kind)
             );
+            let traces = opts.trace.as_deref();
             let case =
-                profile_case(plan, w, dims, kind, opts.trace.as_deref()).with_context(|| {
+                profile_case(plan, w, dims, kind, traces, python.as_mut()).with_context(|| {
                     format!(
                         "profiling {} on {} in {}",
                         w.name,
@@ -391,6 +405,10 @@ fn main() -> Result<()> {
                 rows.push(row);
             }
         }
+    }
+
+    if let Some(py) = python {
+        py.run(&mut rows, opts.reps.unwrap_or(15), !opts.no_compile)?;
     }
 
     println!("\nforward+backward, fused against unfused:");

@@ -23,6 +23,10 @@ options:
                    Markdown table (.md) and the chart (.png) go beside it
   --trace DIR      also write a Chrome/Perfetto trace of one fused and one unfused
                    forward+backward per loss to DIR (open at ui.perfetto.dev)
+  --pytorch        also time MMDetection's loss code (benches/profile/pytorch_losses.py) in the
+                   set-up's PyTorch, eager and under torch.compile, on the same inputs (CPU rows;
+                   FocalLoss, GIoULoss, SmoothL1Loss, L1Loss); adds columns and bars
+  --no-compile     with --pytorch: eager only
   --baseline FILE  an earlier report.json: print what got slower than there by more than the
                    run-to-run noise of both runs
   -h, --help       this text";
@@ -51,6 +55,10 @@ pub struct Options {
     pub baseline: Option<PathBuf>,
     /// Where to write one traced fused and one unfused forward+backward per loss.
     pub trace: Option<PathBuf>,
+    /// Also time MMDetection's loss code in PyTorch eager and under torch.compile.
+    pub pytorch: bool,
+    /// With --pytorch: skip torch.compile (it compiles for minutes on a small machine).
+    pub no_compile: bool,
 }
 
 impl Options {
@@ -86,6 +94,8 @@ impl Options {
             )),
             baseline: None,
             trace: None,
+            pytorch: false,
+            no_compile: false,
         };
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
@@ -126,6 +136,8 @@ impl Options {
                 "--json" => o.json = PathBuf::from(value(&key)?),
                 "--baseline" => o.baseline = Some(PathBuf::from(value(&key)?)),
                 "--trace" => o.trace = Some(PathBuf::from(value(&key)?)),
+                "--pytorch" => o.pytorch = true,
+                "--no-compile" => o.no_compile = true,
                 _ => bail!("unknown argument {arg:?}\n\n{USAGE}"),
             }
         }

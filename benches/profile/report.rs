@@ -28,6 +28,10 @@ pub struct Row {
     /// Interquartile range over median of the repetitions (see `timing::Timing::spread`).
     pub fused_spread: f64,
     pub unfused_spread: f64,
+    /// MMDetection's Python loss in PyTorch eager and under torch.compile (`--pytorch`,
+    /// forward+backward rows on the CPU).
+    pub pytorch_eager_ms: Option<f64>,
+    pub pytorch_compiled_ms: Option<f64>,
     /// unfused_ms / fused_ms.
     pub speedup: f64,
     /// Largest |fused - unfused| over the loss (forward) or the gradient (backward rows).
@@ -216,18 +220,34 @@ pub fn regressions(rows: &[Row], before: &[BaselineRow]) -> Vec<Regression> {
 
 /// The report as a Markdown table, ready to paste.
 pub fn markdown(rows: &[Row]) -> String {
+    let python = rows.iter().any(|r| r.pytorch_eager_ms.is_some());
     let mut s = String::from(
-        "| loss | device | dtype | shape | pass | fused ms | unfused ms | speedup | %copy |\n\
-         |---|---|---|---|---|---:|---:|---:|---:|\n",
+        "| loss | device | dtype | shape | pass | fused ms | unfused ms | speedup | %copy |",
     );
+    s += if python {
+        " PyTorch eager ms | torch.compile ms |\n"
+    } else {
+        "\n"
+    };
+    s += "|---|---|---|---|---|---:|---:|---:|---:|";
+    s += if python { "---:|---:|\n" } else { "\n" };
+    let opt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"));
     for r in rows {
         let pct = r
             .fused_pct_of_copy
             .map_or_else(|| "-".to_string(), |p| format!("{p:.0} %"));
         s += &format!(
-            "| {} | {} | {} | {} | {} | {:.3} | {:.3} | **{:.2}x** | {} |\n",
+            "| {} | {} | {} | {} | {} | {:.3} | {:.3} | **{:.2}x** | {} |",
             r.loss, r.device, r.dtype, r.shape, r.pass, r.fused_ms, r.unfused_ms, r.speedup, pct
         );
+        if python {
+            s += &format!(
+                " {} | {} |",
+                opt(r.pytorch_eager_ms),
+                opt(r.pytorch_compiled_ms)
+            );
+        }
+        s += "\n";
     }
     s
 }
@@ -235,20 +255,33 @@ pub fn markdown(rows: &[Row]) -> String {
 /// The report as a PNG: per loss and pass, a bar for the fused and one for the unfused time
 /// (log scale), labelled with the speedup.
 pub fn write_chart(path: &Path, rows: &[Row]) -> Result<()> {
+    let python = rows.iter().any(|r| r.pytorch_eager_ms.is_some());
     let bars = rows
         .iter()
-        .map(|r| chart::BarGroup {
-            label: format!("{} {} {} {}", r.loss, r.device, r.dtype, r.pass),
-            values: vec![r.fused_ms, r.unfused_ms],
-            note: format!("{:.1}x", r.speedup),
+        .map(|r| {
+            let mut values = vec![r.fused_ms, r.unfused_ms];
+            if python {
+                values.push(r.pytorch_eager_ms.unwrap_or(f64::NAN));
+                values.push(r.pytorch_compiled_ms.unwrap_or(f64::NAN));
+            }
+            chart::BarGroup {
+                label: format!("{} {} {} {}", r.loss, r.device, r.dtype, r.pass),
+                values,
+                note: format!("{:.1}x", r.speedup),
+            }
         })
         .collect();
+    let mut series = vec![
+        ("fused".into(), chart::PALETTE[0]),
+        ("unfused".into(), chart::PALETTE[1]),
+    ];
+    if python {
+        series.push(("PyTorch eager".into(), chart::PALETTE[2]));
+        series.push(("torch.compile".into(), chart::PALETTE[4]));
+    }
     let c = chart::BarChart {
         title: "tch-detloss: fused against unfused (ms, log scale; label: speedup)".into(),
-        series: vec![
-            ("fused".into(), chart::PALETTE[0]),
-            ("unfused".into(), chart::PALETTE[1]),
-        ],
+        series,
         groups: bars,
         unit: "ms".into(),
     };

@@ -322,6 +322,9 @@ impl BarChart {
             let mut end = left;
             for (k, v) in g.values.iter().enumerate() {
                 let color = self.series.get(k).map_or(black, |s| s.1);
+                if !v.is_finite() {
+                    continue; // no figure for this series
+                }
                 let x = px(*v).max(left + 1);
                 end = end.max(x);
                 let _ = Rectangle::with_corners(
