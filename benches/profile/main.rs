@@ -251,10 +251,23 @@ fn profile_case(
     let unfused_peak = peak(&|| grad(&unfused()?))?;
 
     let mut timed = Vec::with_capacity(3);
+    // Which pass, after the "profiling <loss> on <device> in <dtype>" that main printed.
+    let pass_note = |p: Pass| {
+        eprint!(
+            "\r\x1b[2Kprofiling {} on {} in {}: {}",
+            w.name,
+            device_name(plan.device),
+            dtype_name(kind),
+            p.name()
+        );
+    };
+    pass_note(Pass::Forward);
     let (f, u) = clock.time_pair(whole(fused), whole(unfused))?;
     timed.push((Pass::Forward, f, u, forward_diff));
+    pass_note(Pass::Backward);
     let (f, u) = clock.time_pair(backward_of(fused, grad), backward_of(unfused, grad))?;
     timed.push((Pass::Backward, f, u, grad_diff));
+    pass_note(Pass::Both);
     let (f, u) = clock.time_pair(whole(|| grad(&fused()?)), whole(|| grad(&unfused()?)))?;
     timed.push((Pass::Both, f, u, grad_diff));
 
