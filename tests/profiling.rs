@@ -169,11 +169,24 @@ fn cpu_trace_of_a_fused_step_names_the_loss_and_its_backward() {
 }
 
 #[test]
-fn cuda_tools_say_so_without_cuda() {
-    if tch::Cuda::is_available() {
-        return; // the GPU tests cover them there
-    }
+fn cuda_tools_work_with_cuda_and_say_so_without() {
     use tch_detloss::profiler::{Trace, TraceConfig};
+    if tch::Cuda::is_available() {
+        // With a device the same calls succeed (the GPU tests check what they report).
+        let stats = tch_detloss::cuda::memory_stats(0).unwrap();
+        assert!(stats.allocated_peak >= stats.allocated, "{stats:?}");
+        tch_detloss::cuda::empty_cache().unwrap();
+        let guard = tch_detloss::cuda::sync_debug(tch_detloss::cuda::SyncDebugMode::Warn).unwrap();
+        drop(guard);
+        let t = Trace::start(TraceConfig {
+            cuda: true,
+            shapes: false,
+            memory: false,
+        })
+        .unwrap();
+        t.stop(None).unwrap();
+        return;
+    }
     let err = Trace::start(TraceConfig {
         cuda: true,
         shapes: false,

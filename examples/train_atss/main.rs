@@ -355,6 +355,26 @@ struct Run {
     timed_steps: usize,
 }
 
+impl Run {
+    /// Each step's loss terms and time, as metrics.json lists them.
+    fn curve(&self) -> Value {
+        let steps = self.losses.iter().zip(&self.step_ms).enumerate().map(|(s, (l, ms))| {
+            json!({"step": s, "loss_cls": l[0], "loss_bbox": l[1], "loss_centerness": l[2], "step_ms": ms})
+        });
+        Value::Array(steps.collect())
+    }
+
+    /// The total loss of each step, smoothed for the plot.
+    fn smoothed_total(&self) -> Vec<(f64, f64)> {
+        let totals: Vec<f64> = self.losses.iter().map(|l| l.iter().sum()).collect();
+        ema(&totals, 0.9)
+            .into_iter()
+            .enumerate()
+            .map(|(s, v)| (s as f64, v))
+            .collect()
+    }
+}
+
 /// Trains `steps` steps from the model in `vs` (a fresh optimizer), fused or not.
 fn train(
     o: &Options,
@@ -537,9 +557,7 @@ fn main() -> Result<()> {
         "losses": main_name, "seed": o.seed, "train_seconds": train_s,
         "eval": {"images": o.eval, "recall_iou50": recall, "map_iou50": map},
         "profile": {main_name: run.phases.json()},
-        "curve": {main_name: run.losses.iter().zip(&run.step_ms).enumerate()
-            .map(|(s, (l, ms))| json!({"step": s, "loss_cls": l[0], "loss_bbox": l[1], "loss_centerness": l[2], "step_ms": ms}))
-            .collect::<Vec<_>>()},
+        "curve": {main_name: run.curve()},
     });
     println!(
         "step profile ({main_name}, mean of {} steps): {:.1} ms = forward {:.1} + targets {:.1} + losses {:.1} + backward {:.1} + optimizer {:.1}; targets and losses {:.0} %",
@@ -547,9 +565,7 @@ fn main() -> Result<()> {
     );
     if let Some(r) = &other {
         metrics["profile"][other_name] = r.phases.json();
-        metrics["curve"][other_name] = json!(r.losses.iter().zip(&r.step_ms).enumerate()
-            .map(|(s, (l, ms))| json!({"step": s, "loss_cls": l[0], "loss_bbox": l[1], "loss_centerness": l[2], "step_ms": ms}))
-            .collect::<Vec<_>>());
+        metrics["curve"][other_name] = r.curve();
         let first = |x: &Run| x.losses[0].iter().sum::<f64>();
         metrics["step0_loss"] = json!({main_name: first(&run), other_name: first(r)});
         if r.timed_steps > 0 {
@@ -574,30 +590,13 @@ fn main() -> Result<()> {
     let mut series = vec![chart::Series {
         name: format!("{main_name} (total)"),
         color: chart::PALETTE[0],
-        points: ema(
-            &run.losses
-                .iter()
-                .map(|l| l.iter().sum())
-                .collect::<Vec<_>>(),
-            0.9,
-        )
-        .into_iter()
-        .enumerate()
-        .map(|(s, v)| (s as f64, v))
-        .collect(),
+        points: run.smoothed_total(),
     }];
     if let Some(r) = &other {
         series.push(chart::Series {
             name: format!("{other_name} (total)"),
             color: chart::PALETTE[1],
-            points: ema(
-                &r.losses.iter().map(|l| l.iter().sum()).collect::<Vec<_>>(),
-                0.9,
-            )
-            .into_iter()
-            .enumerate()
-            .map(|(s, v)| (s as f64, v))
-            .collect(),
+            points: r.smoothed_total(),
         });
     }
     let chart = chart::LineChart {
