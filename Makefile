@@ -8,11 +8,13 @@ setup:
 profile: setup
 	cargo bench --bench profile
 
-# All tests (no GPU needed), the emulated device's self-test, the README's dependent crate, plus
+# All tests (no GPU needed; tests/dist.rs runs its ranks on 127.0.0.1), the check that the c10d
+# shim defines no gloo symbol, the emulated device's self-test, the README's dependent crate, plus
 # the golden runner's report on every case (cases of losses not shipped yet are listed, not run),
 # and a short training run of the ATSS example that must learn (`--check`).
 test: setup
 	cargo test --release
+	sh scripts/check-gloo-syms.sh
 	bash scripts/emu-sanitize.sh check
 	cargo run --release -p dependent
 	cargo run --release --example golden -- tests/data/mmdet_cases.json

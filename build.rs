@@ -4,6 +4,8 @@
 //! - the autograd bridge (kernels/autograd.cpp), the profiler shim (kernels/profiler.cpp) and,
 //!   when the CUDA headers are at hand, the shim that reaches libtorch's CUDA side: current
 //!   stream, allocator counters (kernels/torch_cuda.cpp);
+//! - the c10d shim of `tch_detloss::dist` (kernels/c10d/): libtorch's TCPStore, ProcessGroup with
+//!   Gloo and, when nccl.h and the CUDA headers are at hand, NCCL, and DDP's Reducer;
 //! - the CUDA kernels (kernels/kernels.cu), compiled by nvcc into one fatbin (sm_80, sm_90 and
 //!   compute_90 PTX) that the crate embeds. A build without nvcc still works, for the CPU.
 use std::env;
@@ -125,6 +127,7 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(dl_host_v3)");
     println!("cargo:rustc-check-cfg=cfg(dl_torch_cuda)");
     println!("cargo:rustc-check-cfg=cfg(dl_emu)");
+    println!("cargo:rustc-check-cfg=cfg(dl_nccl)");
     // Any file under kernels/ (cargo watches the folder recursively); the per-unit stamps below
     // keep an edit from recompiling the translation units that do not include the file.
     println!("cargo:rerun-if-changed=kernels");
@@ -134,6 +137,8 @@ fn main() {
         "NVCC",
         "CUDA_HOME",
         "TCH_DETLOSS_NO_CUDA",
+        "TCH_DETLOSS_NO_NCCL",
+        "NCCL_HOME",
     ] {
         println!("cargo:rerun-if-env-changed={v}");
     }
@@ -211,6 +216,26 @@ fn main() {
         inc.join("cuda_runtime_api.h").exists() && lib_dir.join("libc10_cuda.so").exists()
     });
 
+    // NCCL: the nvidia-nccl wheel's header (or NCCL_HOME's) with the CUDA runtime headers.
+    let nccl_include = if env::var_os("TCH_DETLOSS_NO_NCCL").is_some() {
+        None
+    } else {
+        let mut dirs: Vec<PathBuf> = env::var_os("NCCL_HOME")
+            .map(|h| PathBuf::from(h).join("include"))
+            .into_iter()
+            .collect();
+        if let Some(site) = torch_root.parent() {
+            dirs.push(site.join("nvidia/nccl/include"));
+        }
+        dirs.into_iter()
+            .find(|d| d.join("nccl.h").is_file())
+            .filter(|_| cuda_include.is_some() && lib_dir.join("libtorch_cuda.so").exists())
+    };
+    let c10d_archives = [
+        out_dir.join("dl_c10d/libdl_c10d.a"),
+        out_dir.join("dl_c10d_gloo/libdl_c10d_gloo.a"),
+    ];
+
     // The compilations are independent: run them side by side, the longest first.
     std::thread::scope(|s| {
         if let Some(nvcc) = &nvcc {
@@ -223,6 +248,42 @@ fn main() {
             }
         }
         let out_dir = &out_dir;
+        // c10d: the main unit sees no gloo, NCCL or CUDA header; gloo.cpp parses
+        // ProcessGroupGloo.hpp against the declaration-only stand-ins of kernels/c10d/gloo_stub.
+        let nccl = nccl_include.is_some();
+        s.spawn(move || {
+            let mut b = cxx();
+            b.opt_level(2);
+            if nccl {
+                b.define("DL_C10D_NCCL", None);
+            }
+            compile_cached(b, "kernels/c10d/c10d.cpp", "dl_c10d", out_dir)
+        });
+        s.spawn(move || {
+            let mut b = cxx();
+            b.opt_level(2)
+                .define("USE_C10D_GLOO", None)
+                .include("kernels/c10d/gloo_stub");
+            let stub = files_under(Path::new("kernels/c10d/gloo_stub"));
+            compile_cached_with(b, "kernels/c10d/gloo.cpp", "dl_c10d_gloo", out_dir, &stub)
+        });
+        if let (Some(nccl_inc), Some(cuda_inc)) = (&nccl_include, &cuda_include) {
+            s.spawn(move || {
+                let mut b = cxx();
+                b.opt_level(2)
+                    .define("USE_C10D_NCCL", None)
+                    .include(nccl_inc)
+                    .include(cuda_inc)
+                    .flag_if_supported("-Wno-interference-size");
+                compile_cached_with(
+                    b,
+                    "kernels/c10d/nccl.cpp",
+                    "dl_c10d_nccl",
+                    out_dir,
+                    &[nccl_inc.join("nccl.h")],
+                )
+            });
+        }
         s.spawn(move || {
             let mut b = cxx();
             b.opt_level(2);
@@ -254,6 +315,10 @@ fn main() {
             });
         }
     });
+    check_gloo_symbols(&c10d_archives);
+    if nccl_include.is_some() {
+        println!("cargo:rustc-cfg=dl_nccl");
+    }
     if target_arch == "x86_64" {
         println!("cargo:rustc-cfg=dl_host_v3");
         println!("cargo:rustc-link-lib=mvec");
@@ -334,10 +399,19 @@ fn stamp(src: &Path, what: &str) -> String {
 /// Builds `src` into the static library `lib` in its own folder under `out`, unless the same
 /// command already built it from the same sources: the build script reruns whenever any kernel
 /// file changes, and recompiling every translation unit each time would cost minutes.
-fn compile_cached(mut b: cc::Build, src: &str, lib: &str, out: &Path) {
+fn compile_cached(b: cc::Build, src: &str, lib: &str, out: &Path) {
+    compile_cached_with(b, src, lib, out, &[]);
+}
+
+/// [`compile_cached`] with `extra` files in the stamp: headers the unit reaches through `<...>`.
+fn compile_cached_with(mut b: cc::Build, src: &str, lib: &str, out: &Path, extra: &[PathBuf]) {
     let dir = out.join(lib);
     let stamp_file = dir.join("stamp");
-    let key = stamp(Path::new(src), &format!("{b:?}"));
+    let mut what = format!("{b:?}");
+    for f in extra {
+        what += &format!("{}:{:?}", f.display(), fs::read(f).unwrap_or_default());
+    }
+    let key = stamp(Path::new(src), &what);
     let archive = dir.join(format!("lib{lib}.a"));
     if archive.exists() && fs::read_to_string(&stamp_file).ok().as_deref() == Some(&key) {
         println!("cargo:rustc-link-search=native={}", dir.display());
@@ -347,6 +421,42 @@ fn compile_cached(mut b: cc::Build, src: &str, lib: &str, out: &Path) {
     let _ = fs::remove_file(&stamp_file);
     b.file(src).out_dir(&dir).compile(lib);
     fs::write(&stamp_file, key).expect("write a build stamp");
+}
+
+/// Every file under `dir`, sorted.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// The c10d objects must define nothing of gloo's own (code, vtables or typeinfo of gloo:: classes,
+/// ProcessGroupGloo::GlooStore): those would come from the stand-in headers and could differ from
+/// the gloo inside libtorch_cpu. scripts/check-gloo-syms.sh is the check; `make test` runs it too.
+fn check_gloo_symbols(archives: &[PathBuf]) {
+    let out = Command::new("sh")
+        .arg("scripts/check-gloo-syms.sh")
+        .args(archives)
+        .output()
+        .unwrap_or_else(|e| panic!("running scripts/check-gloo-syms.sh: {e}"));
+    if !out.status.success() {
+        panic!(
+            "scripts/check-gloo-syms.sh failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// nvcc from TCH_DETLOSS_NVCC, NVCC, CUDA_HOME, the torch environment's nvidia/cu13 wheels, or PATH.

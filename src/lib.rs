@@ -21,7 +21,8 @@
 //! Layout: [`losses`] holds one module per MMDetection loss; [`reduction`] the shared weighting
 //! and reduction; [`registry`] the config-dict builders; [`autograd`] the custom-function bridge;
 //! [`task_modules`] the anchor generator, box coder, assigners and samplers; [`dense_heads`] the
-//! training targets of anchor-based heads.
+//! training targets of anchor-based heads; [`dist`] data-parallel training on libtorch's c10d
+//! (process groups, `reduce_mean`, DistributedDataParallel).
 #![warn(missing_docs)]
 
 mod abi;
@@ -30,6 +31,7 @@ mod bodies;
 mod checks;
 pub mod cuda;
 pub mod dense_heads;
+pub mod dist;
 mod emu;
 mod fused;
 #[doc(hidden)]
