@@ -1,5 +1,5 @@
 # The two commands of the README. Both set everything up first (idempotent, fast when done).
-.PHONY: setup profile test golden train gpu-check lint sanitize
+.PHONY: setup profile bench-dist test golden train train-dist gpu-check lint sanitize
 
 setup:
 	@bash scripts/setup.sh
@@ -7,6 +7,11 @@ setup:
 # The main job: fused against unfused, side by side, on every device present.
 profile: setup
 	cargo bench --bench profile
+
+# All-reduce latency and throughput of tch_detloss::dist against torch.distributed (Python), on
+# Gloo with 2 local ranks, in one run: a Markdown table and target/dist-bench/report.json.
+bench-dist: setup
+	cargo bench --bench dist
 
 # All tests (no GPU needed; tests/dist.rs runs its ranks on 127.0.0.1), the check that the c10d
 # shim defines no gloo symbol, the emulated device's self-test, the README's dependent crate, plus
@@ -19,6 +24,7 @@ test: setup
 	cargo run --release -p dependent
 	cargo run --release --example golden -- tests/data/mmdet_cases.json
 	cargo run --release --example train_atss -- --check
+	.venv/bin/torchrun --standalone --nproc-per-node 2 --no-python target/release/examples/train_atss --check
 
 golden: setup
 	cargo run --release --example golden -- tests/data/mmdet_cases.json
@@ -27,6 +33,12 @@ golden: setup
 # metrics.json and loss.png in target/train_atss.
 train: setup
 	cargo run --release --example train_atss
+
+# The same, data-parallel on 2 local ranks under torchrun (Gloo; add ARGS="--device cuda" for
+# NCCL on 2 GPUs): each rank trains on its half of every batch, rank 0 writes.
+train-dist: setup
+	cargo build --release --example train_atss
+	.venv/bin/torchrun --standalone --nproc-per-node 2 --no-python target/release/examples/train_atss $(ARGS)
 
 # Builds the bundle that scripts/gpu-check.sh runs on a GPU machine without Rust.
 gpu-check: setup

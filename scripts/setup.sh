@@ -47,3 +47,9 @@ if [ ! -f "$CONFIG" ] || [ "$(cat "$CONFIG")" != "$NEW" ]; then
   printf '%s\n' "$NEW" >"$CONFIG"
   echo "setup: wrote $CONFIG" >&2
 fi
+
+# The Python environment at a fixed place, for torchrun (`make train-dist`, the README).
+if [ "$(readlink "$ROOT/.venv" 2>/dev/null)" != "$VENV" ]; then
+  ln -sfn "$VENV" "$ROOT/.venv"
+  echo "setup: linked $ROOT/.venv -> $VENV" >&2
+fi

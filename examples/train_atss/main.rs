@@ -8,6 +8,17 @@
 //! cargo run --release --example train_atss -- --help
 //! ```
 //!
+//! Data-parallel, under torchrun from the set-up's Python environment (`make train-dist`):
+//!
+//! ```sh
+//! .venv/bin/torchrun --standalone --nproc-per-node 2 --no-python target/release/examples/train_atss
+//! ```
+//!
+//! Each rank then takes its share of every batch (the same images in the same order on every
+//! rank, rank r its r-th slice), the `avg_factor`s go through `reduce_mean` and the gradients
+//! through `DistributedDataParallel`, as MMDetection trains; Gloo on the CPU, NCCL with
+//! `--device cuda` (one GPU per rank, the local rank's). Rank 0 alone logs, evaluates and writes.
+//!
 //! It writes `metrics.json` (every step's losses and time, the step profile, the evaluation) and
 //! `loss.png` (the loss curves of the fused run and of the stock-op composition from the same
 //! start) to `--out`, and ends with recall and mAP at IoU 0.5 on held-out images.
@@ -27,12 +38,13 @@ use serde_json::{json, Value};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 use tch_detloss::dense_heads::{DenseHeadTargets, HeadTargets, ImageMeta};
+use tch_detloss::dist::{self, Backend, DdpOptions, DistributedDataParallel, GroupOptions};
 use tch_detloss::task_modules::GtBatch;
 use tch_detloss::{registry, Loss, LossArgs};
 
 const USAGE: &str = "usage: cargo run --release --example train_atss -- [OPTIONS]
   --steps N          training steps (default 1500)
-  --batch B          images per step (default 8)
+  --batch B          images per step, over all ranks (default 8)
   --size S           image side in pixels (default 128)
   --lr LR            base learning rate of SGD (default 0.02; momentum 0.9, weight decay 1e-4)
   --warmup N         linear warm-up steps (default 100)
@@ -45,7 +57,8 @@ const USAGE: &str = "usage: cargo run --release --example train_atss -- [OPTIONS
   --out DIR          where metrics.json and loss.png go (default target/train_atss)
   --quiet            no progress bar
   --check            a short run that must learn (make test): 120 steps of 8 images, no plot;
-                     fails unless the loss falls by 30 % and fused and unfused agree at step 0";
+                     fails unless the loss falls by 30 % and fused and unfused agree at step 0
+Under torchrun (WORLD_SIZE set), it trains data-parallel: Gloo on the CPU, NCCL with --device cuda.";
 
 struct Options {
     steps: i64,
@@ -208,16 +221,19 @@ impl Pipeline {
                 l.forward_unfused(pred, target.into(), args)
             }
         };
+        // As ATSSHead: every rank divides by the mean over the ranks (the same number on all),
+        // so that DDP's average of the gradients is the gradient of the whole batch's loss.
+        let avg_factor = dist::reduce_mean(&t.avg_factor)?.clamp_min(1.0);
         let loss_cls = call(
             &*self.loss_cls,
             &cls,
             &labels,
             &LossArgs::new()
                 .weight(&label_weights)
-                .avg_factor(&t.avg_factor),
+                .avg_factor(&avg_factor),
         )?;
         // MMDetection divides the box loss by the centerness targets' sum, clamped at 1.
-        let bbox_avg = ctr_t.sum(Kind::Float).clamp_min(1.0);
+        let bbox_avg = dist::reduce_mean(&ctr_t.sum(Kind::Float))?.clamp_min(1.0);
         let loss_bbox = call(
             &*self.loss_bbox,
             &decoded,
@@ -229,7 +245,7 @@ impl Pipeline {
             &*self.loss_ctr,
             &ctr,
             &ctr_t,
-            &LossArgs::new().weight(&pos_w).avg_factor(&t.avg_factor),
+            &LossArgs::new().weight(&pos_w).avg_factor(&avg_factor),
         )?;
         Ok([loss_cls, loss_bbox, loss_ctr])
     }
@@ -281,8 +297,10 @@ impl Phases {
 
 /// One training step; returns the loss terms and the phase times (synchronising the device
 /// between phases only when `timed`).
+#[allow(clippy::too_many_arguments)]
 fn step(
     net: &model::Detector,
+    mut ddp: Option<&mut DistributedDataParallel>,
     opt: &mut nn::Optimizer,
     pipe: &Pipeline,
     images: &Tensor,
@@ -300,6 +318,9 @@ fn step(
     };
     let mut p = Phases::default();
     let t0 = Instant::now();
+    if let Some(d) = ddp.as_deref_mut() {
+        d.prepare_forward()?;
+    }
     let out = net.forward(images);
     sync();
     let t1 = Instant::now();
@@ -311,7 +332,11 @@ fn step(
     sync();
     let t3 = Instant::now();
     opt.zero_grad();
-    total.backward();
+    match ddp {
+        // The gradients are averaged over the ranks while backward runs.
+        Some(d) => d.backward(&total)?,
+        None => total.backward(),
+    }
     sync();
     let t4 = Instant::now();
     opt.step();
@@ -320,15 +345,11 @@ fn step(
     let ms = |x: Instant, y: Instant| (y - x).as_secs_f64() * 1e3;
     (p.forward, p.targets, p.losses, p.backward, p.optimizer) =
         (ms(t0, t1), ms(t1, t2), ms(t2, t3), ms(t3, t4), ms(t4, t5));
-    // The values are read after the step, for the log.
-    Ok((
-        [
-            a.double_value(&[]),
-            b.double_value(&[]),
-            c.double_value(&[]),
-        ],
-        p,
-    ))
+    // The values are read after the step, for the log: averaged over the ranks, the loss of the
+    // whole batch.
+    let terms = dist::reduce_mean(&Tensor::stack(&[a, b, c], 0).detach())?;
+    let v = Vec::<f64>::try_from(terms.to_kind(Kind::Double))?;
+    Ok(([v[0], v[1], v[2]], p))
 }
 
 fn lr_at(o: &Options, s: i64) -> f64 {
@@ -392,6 +413,16 @@ fn train(
         nesterov: false,
     }
     .build(vs, o.lr)?;
+    // DDP checks the parameters on every rank and hands out rank 0's.
+    let mut ddp = match dist::default_group() {
+        Some(g) => Some(DistributedDataParallel::new(
+            vs,
+            &g,
+            &DdpOptions::default(),
+        )?),
+        None => None,
+    };
+    let (rank, per) = (dist::rank() as i64, o.batch / dist::world_size() as i64);
     let bar = if o.quiet {
         ProgressBar::hidden()
     } else {
@@ -410,11 +441,22 @@ fn train(
     };
     for s in 0..steps {
         opt.set_lr(lr_at(o, s));
-        let (images, gts) = batch(o.seed, (s * o.batch) as u64, o.batch, o.size, o.device)?;
+        // This rank's slice of the batch: every rank walks the same images in the same order.
+        let first = (s * o.batch + rank * per) as u64;
+        let (images, gts) = batch(o.seed, first, per, o.size, o.device)?;
         // The step profile skips the first steps (allocator and thread-pool warm-up).
         let timed = s >= 5;
         let start = Instant::now();
-        let (l, p) = step(net, &mut opt, pipe, &images, &gts, fused, timed)?;
+        let (l, p) = step(
+            net,
+            ddp.as_mut(),
+            &mut opt,
+            pipe,
+            &images,
+            &gts,
+            fused,
+            timed,
+        )?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
         if timed {
             run.phases.add(&p);
@@ -507,14 +549,64 @@ fn check(run: &Run, other: Option<&Run>) -> Result<()> {
     Ok(())
 }
 
+/// Under torchrun: the default process group (Gloo on the CPU, Gloo and NCCL with CUDA, each
+/// rank on its local rank's GPU).
+fn init_distributed(o: &mut Options) -> Result<()> {
+    if std::env::var_os("WORLD_SIZE").is_none() {
+        return Ok(());
+    }
+    let backend = if o.device.is_cuda() {
+        Backend::GlooNccl
+    } else {
+        Backend::Gloo
+    };
+    let g = dist::init_process_group(&GroupOptions {
+        backend,
+        ..Default::default()
+    })?;
+    if o.device.is_cuda() {
+        o.device = Device::Cuda(g.local_rank());
+    }
+    if o.batch % g.world_size() as i64 != 0 {
+        bail!(
+            "--batch {} does not split over {} ranks",
+            o.batch,
+            g.world_size()
+        );
+    }
+    Ok(())
+}
+
+/// A checksum of the parameters, to show that every rank holds the same model.
+fn checksum(vs: &nn::VarStore) -> f64 {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars.iter()
+        .enumerate()
+        .map(|(i, (_, t))| {
+            (i as f64 + 1.0) * t.to_kind(Kind::Double).sum(Kind::Double).double_value(&[])
+        })
+        .sum()
+}
+
 fn main() -> Result<()> {
-    let Some(o) = Options::parse()? else {
+    let Some(mut o) = Options::parse()? else {
         println!("{USAGE}");
         return Ok(());
     };
+    init_distributed(&mut o)?;
+    let (rank, world) = (dist::rank(), dist::world_size());
+    let leader = rank == 0;
+    // The other ranks train in silence; rank 0 logs, evaluates and writes.
+    o.quiet |= !leader;
+    let say = |m: String| {
+        if leader {
+            println!("{m}");
+        }
+    };
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     tch::manual_seed(o.seed as i64);
-    let pipe = Pipeline::new(o.batch, o.size, o.device)?;
+    let pipe = Pipeline::new(o.batch / world as i64, o.size, o.device)?;
     let mut vs = nn::VarStore::new(o.device);
     let net = model::Detector::new(&vs.root(), data::CLASSES.len() as i64, 64);
     // The comparison run starts from the same weights.
@@ -527,15 +619,44 @@ fn main() -> Result<()> {
     } else {
         ("unfused", "fused")
     };
-    println!(
-        "train_atss: {} steps of {} images ({}x{} px, {} anchors each) on {:?}, {} losses; {} threads",
+    let ranks = if world > 1 {
+        format!(
+            " over {world} ranks ({} images each, {})",
+            o.batch / world as i64,
+            dist::default_group().map_or(String::new(), |g| g.backend().to_string())
+        )
+    } else {
+        String::new()
+    };
+    say(format!(
+        "train_atss: {} steps of {} images ({}x{} px, {} anchors each) on {:?}{ranks}, {} losses; {} threads",
         o.steps, o.batch, o.size, o.size, pipe.anchors.size()[0], o.device, main_name, tch::get_num_threads()
-    );
+    ));
     let t0 = Instant::now();
     let run = train(&o, &vs, &net, &pipe, o.steps, fused, main_name)?;
     let train_s = t0.elapsed().as_secs_f64();
-    let (recall, map) = evaluate(&o, &net, &pipe)?;
-    println!("held-out: recall@0.5 {recall:.3}, mAP@0.5 {map:.3} over {} images; training took {train_s:.0} s", o.eval);
+    if let Some(g) = dist::default_group() {
+        // Every rank says it, and rank 0 checks that all of them hold one model.
+        let sum = checksum(&vs);
+        println!(
+            "rank {rank} of {world}: parameter checksum {sum:.9e} after {} steps",
+            o.steps
+        );
+        let all = g.all_gather(&Tensor::from(sum))?;
+        all.wait(None)?;
+        for (r, t) in all.outputs().iter().enumerate() {
+            if t.double_value(&[]) != sum {
+                bail!("rank {r} holds other parameters than rank {rank}");
+            }
+        }
+        say(format!("all {world} ranks hold the same parameters"));
+    }
+    let (recall, map) = if leader {
+        evaluate(&o, &net, &pipe)?
+    } else {
+        (f64::NAN, f64::NAN)
+    };
+    say(format!("held-out: recall@0.5 {recall:.3}, mAP@0.5 {map:.3} over {} images; training took {train_s:.0} s", o.eval));
     // The same start, the other kind of losses, for the plot and the step profile.
     let mut other = None;
     if o.compare > 0 {
@@ -554,36 +675,41 @@ fn main() -> Result<()> {
     let share = |p: &Phases| (p.targets + p.losses) / p.total();
     let mut metrics = json!({
         "steps": o.steps, "batch": o.batch, "size": o.size, "device": format!("{:?}", o.device),
+        "world_size": world,
         "losses": main_name, "seed": o.seed, "train_seconds": train_s,
         "eval": {"images": o.eval, "recall_iou50": recall, "map_iou50": map},
         "profile": {main_name: run.phases.json()},
         "curve": {main_name: run.curve()},
     });
-    println!(
+    say(format!(
         "step profile ({main_name}, mean of {} steps): {:.1} ms = forward {:.1} + targets {:.1} + losses {:.1} + backward {:.1} + optimizer {:.1}; targets and losses {:.0} %",
         run.timed_steps, run.phases.total(), run.phases.forward, run.phases.targets, run.phases.losses, run.phases.backward, run.phases.optimizer, 100.0 * share(&run.phases)
-    );
+    ));
     if let Some(r) = &other {
         metrics["profile"][other_name] = r.phases.json();
         metrics["curve"][other_name] = r.curve();
         let first = |x: &Run| x.losses[0].iter().sum::<f64>();
         metrics["step0_loss"] = json!({main_name: first(&run), other_name: first(r)});
         if r.timed_steps > 0 {
-            println!(
+            say(format!(
                 "step profile ({other_name}, mean of {} steps): {:.1} ms; targets and losses {:.0} %",
                 r.timed_steps,
                 r.phases.total(),
                 100.0 * share(&r.phases)
-            );
+            ));
         }
-        println!(
+        say(format!(
             "step 0 loss {:.7} ({main_name}) vs {:.7} ({other_name})",
             first(&run),
             first(r)
-        );
+        ));
     }
     if o.check {
+        // The logged losses are the ranks' mean: every rank checks the same numbers.
         return check(&run, other.as_ref());
+    }
+    if !leader {
+        return Ok(());
     }
     let path = o.out.join("metrics.json");
     std::fs::write(&path, serde_json::to_string_pretty(&metrics)?)?;

@@ -53,7 +53,8 @@ std::vector<at::Tensor> tensors(void* const* ts, size_t n) {
 std::chrono::milliseconds millis(int64_t ms) { return std::chrono::milliseconds(ms); }
 
 c10d::ReduceOp reduce_op(int op) {
-  TORCH_CHECK(op >= 0 && op <= 4, "unknown reduce op ", op);
+  // SUM, AVG, PRODUCT, MIN, MAX, and BAND for the cross-rank check of dist.rs.
+  TORCH_CHECK(op >= 0 && op <= 5, "unknown reduce op ", op);
   return c10d::ReduceOp(static_cast<c10d::ReduceOp::RedOpType>(op));
 }
 
