@@ -35,6 +35,10 @@
 #                              half-precision variant of the CUDA matrix and the bad-label test)
 #   GPU_CHECK_SANITIZER_TIMEOUT seconds per sanitizer tool (default 75)
 #
+# test-dist (tests/dist.rs) starts its ranks as child processes of its own binary, on 127.0.0.1;
+# its GPU tests (module gpu) run NCCL with world size 1, reduce_mean of a device avg_factor under
+# the sync-debug error mode, and Gloo with CUDA tensors.
+#
 # The test binaries read their case files from $TCH_DETLOSS_DATA (the bundle's data/ folder, a
 # copy of tests/data), since the path compiled into them does not exist on the GPU machine.
 set -euo pipefail
