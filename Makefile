@@ -24,7 +24,7 @@ test: setup
 	cargo run --release -p dependent
 	cargo run --release --example golden -- tests/data/mmdet_cases.json
 	cargo run --release --example train_atss -- --check
-	.venv/bin/torchrun --standalone --nproc-per-node 2 --no-python target/release/examples/train_atss --check
+	GLOO_SOCKET_IFNAME=lo .venv/bin/torchrun --standalone --nproc-per-node 2 --no-python target/release/examples/train_atss --check
 
 golden: setup
 	cargo run --release --example golden -- tests/data/mmdet_cases.json
@@ -35,10 +35,11 @@ train: setup
 	cargo run --release --example train_atss
 
 # The same, data-parallel on 2 local ranks under torchrun (Gloo; add ARGS="--device cuda" for
-# NCCL on 2 GPUs): each rank trains on its half of every batch, rank 0 writes.
+# NCCL on 2 GPUs): each rank trains on its half of every batch, rank 0 writes. Gloo talks over
+# the loopback interface (one machine).
 train-dist: setup
 	cargo build --release --example train_atss
-	.venv/bin/torchrun --standalone --nproc-per-node 2 --no-python target/release/examples/train_atss $(ARGS)
+	GLOO_SOCKET_IFNAME=lo .venv/bin/torchrun --standalone --nproc-per-node 2 --no-python target/release/examples/train_atss $(ARGS)
 
 # Builds the bundle that scripts/gpu-check.sh runs on a GPU machine without Rust.
 gpu-check: setup

@@ -343,12 +343,9 @@ fn main() {
     // and dependents read the folder as DEP_TCH_DETLOSS_LIBTORCH_LIB (links = "tch_detloss")
     // for theirs (README).
     println!("cargo:libtorch_lib={}", lib_dir.display());
-    for kind in ["tests", "examples", "benches"] {
-        println!(
-            "cargo:rustc-link-arg-{kind}=-Wl,-rpath,{}",
-            lib_dir.display()
-        );
-    }
+    // Every binary of this package: the integration tests, examples and benches, and the
+    // library's own unit tests (which only the plain form reaches).
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
 }
 
 /// The source files `src` includes with `#include "..."`, itself first, recursively.

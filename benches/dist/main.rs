@@ -62,6 +62,10 @@ fn launch(torchrun: &str, nproc: usize, args: &[String], unchecked: bool) -> Res
     let mut cmd = Command::new(torchrun);
     cmd.args(["--standalone", "--nproc-per-node", &nproc.to_string()])
         .args(args);
+    // Loopback, for both sides alike, unless told otherwise.
+    if std::env::var_os("GLOO_SOCKET_IFNAME").is_none() {
+        cmd.env("GLOO_SOCKET_IFNAME", "lo");
+    }
     if unchecked {
         cmd.env("DIST_BENCH_UNCHECKED", "1");
     } else {

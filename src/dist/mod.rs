@@ -652,7 +652,9 @@ fn describe_print(p: &[i64]) -> String {
 impl ProcessGroup {
     /// A group of `world_size` processes through `store`, this one being `rank`. Every process
     /// must call it with the same store address, world size and backend; it returns when all
-    /// have joined, or fails after `options.timeout`.
+    /// have joined, or fails after `options.timeout`. The group's keys go under the store's
+    /// `default_pg/0/` as torch's default group's: a second group on the same store needs a
+    /// store of its own, `store.prefixed("name")`.
     pub fn new(
         store: &Store,
         rank: usize,
