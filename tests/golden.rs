@@ -3,7 +3,8 @@
 //! tolerances, GHM's momentum state after each call of a sequence, and every error case
 //! rejected with MMDetection's message. The pipeline's reference cases (anchors, coder,
 //! assigners, samplers, head targets) pass too (`golden/pipeline.rs`), and the batched pipeline
-//! agrees with itself image by image (`golden/batching.rs`).
+//! agrees with itself image by image (`golden/batching.rs`); so do the point priors and the
+//! distance coder of the point-based heads (`golden/points.rs`).
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -15,6 +16,8 @@ use tch_detloss::golden::{run_case, CaseFile, Outcome};
 mod batching;
 #[path = "golden/pipeline.rs"]
 mod pipeline;
+#[path = "golden/points.rs"]
+mod points;
 
 /// Held by the tests that seed and draw from libtorch's global CPU generator.
 static RNG: Mutex<()> = Mutex::new(());

@@ -1,6 +1,7 @@
-//! MMDetection's `DeltaXYWHBBoxCoder` (`mmdet/models/task_modules/coders/delta_xywh_bbox_coder.py`):
-//! boxes as deltas of centre and log size relative to a prior, normalised by `target_means` and
-//! `target_stds`.
+//! MMDetection's box coders (`mmdet/models/task_modules/coders/`): `DeltaXYWHBBoxCoder`, boxes
+//! as deltas of centre and log size relative to a prior, normalised by `target_means` and
+//! `target_stds`; and `DistancePointBBoxCoder`, boxes as distances from a point to their sides
+//! (with `bbox2distance` and `distance2bbox` of `mmdet/structures/bbox/transforms.py`).
 //!
 //! ```
 //! use tch::Tensor;
@@ -245,4 +246,146 @@ fn clip(boxes: Tensor, shape: MaxShape<'_>, bs: &[i64], k: i64) -> Result<Tensor
         .f_view([hw.len() as i64, rows_per_image, 4])
         .context("decode: clip")?;
     Ok(b.f_clamp_min(0.0)?.f_minimum(&hi)?.f_view([-1, 4])?)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DistanceConfig {
+    #[serde(default = "yes")]
+    clip_border: bool,
+    #[serde(default)]
+    use_box_type: bool,
+}
+
+/// MMDetection's `DistancePointBBoxCoder` (`coders/distance_point_bbox_coder.py`): a box as the
+/// distances `(left, top, right, bottom)` from a point to its sides, as FCOS, GFL, RTMDet and
+/// TOOD regress it.
+///
+/// ```
+/// use tch::Tensor;
+/// use tch_detloss::task_modules::DistancePointBBoxCoder;
+///
+/// let coder = DistancePointBBoxCoder::from_config(&serde_json::json!({"type": "DistancePointBBoxCoder"}))?;
+/// let points = Tensor::from_slice(&[5.0f32, 6.0]).view([1, 2]);
+/// let gts = Tensor::from_slice(&[1.0f32, 2.0, 11.0, 12.0]).view([1, 4]);
+/// let d = coder.encode(&points, &gts, None, 0.1)?;
+/// assert_eq!(Vec::<f32>::try_from(d.view([-1]))?, [4.0, 4.0, 6.0, 6.0]);
+/// assert!(coder.decode(&points, &d, None)?.equal(&gts));
+/// # anyhow::Ok(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct DistancePointBBoxCoder {
+    /// Clip decoded boxes to `max_shape` when one is given.
+    pub clip_border: bool,
+}
+
+impl DistancePointBBoxCoder {
+    /// Builds it from its config dict (`clip_border`, default true).
+    pub fn from_config(config: &Value) -> Result<Self> {
+        let c: DistanceConfig = parse_config(config)?;
+        ensure!(
+            !c.use_box_type,
+            "DistancePointBBoxCoder: use_box_type is not supported (boxes are plain tensors)"
+        );
+        Ok(Self {
+            clip_border: c.clip_border,
+        })
+    }
+
+    /// [`bbox2distance`]: `points` `(..., 2)` and `gt_bboxes` `(..., 4)` with the same leading
+    /// shape.
+    pub fn encode(
+        &self,
+        points: &Tensor,
+        gt_bboxes: &Tensor,
+        max_dis: Option<f64>,
+        eps: f64,
+    ) -> Result<Tensor> {
+        bbox2distance(points, gt_bboxes, max_dis, eps)
+    }
+
+    /// [`distance2bbox`], clipped to `max_shape` only when `clip_border`.
+    pub fn decode(
+        &self,
+        points: &Tensor,
+        distances: &Tensor,
+        max_shape: Option<MaxShape<'_>>,
+    ) -> Result<Tensor> {
+        distance2bbox(points, distances, max_shape.filter(|_| self.clip_border))
+    }
+}
+
+/// The leading shapes of points `(..., 2)` and boxes or distances `(..., 4)` agree.
+fn check_points(what: &str, points: &Tensor, other: &Tensor, name: &str) -> Result<()> {
+    let (p, o) = (points.size(), other.size());
+    ensure!(
+        !p.is_empty()
+            && p.len() == o.len()
+            && p[p.len() - 1] == 2
+            && o[o.len() - 1] == 4
+            && p[..p.len() - 1] == o[..o.len() - 1],
+        "{what}: points {p:?} and {name} {o:?}: need (N, 2) with (N, 4), or (B, N, 2) with (B, N, 4)"
+    );
+    ensure!(
+        points.is_floating_point() && other.is_floating_point(),
+        "{what}: points and {name} must be floating point, got {:?} and {:?}",
+        points.kind(),
+        other.kind()
+    );
+    Ok(())
+}
+
+/// MMDetection's `bbox2distance`: the distances `(left, top, right, bottom)` from `points` to
+/// the sides of `bboxes` (`x1, y1, x2, y2`), each clamped to `[0, max_dis - eps]` when `max_dis`
+/// is given (GFL's DFL targets: `max_dis = reg_max`, `eps = 0.01`).
+pub fn bbox2distance(
+    points: &Tensor,
+    bboxes: &Tensor,
+    max_dis: Option<f64>,
+    eps: f64,
+) -> Result<Tensor> {
+    check_points("bbox2distance", points, bboxes, "boxes")?;
+    let (px, py) = (points.select(-1, 0), points.select(-1, 1));
+    let mut sides = [
+        &px - bboxes.select(-1, 0),
+        &py - bboxes.select(-1, 1),
+        bboxes.select(-1, 2) - &px,
+        bboxes.select(-1, 3) - &py,
+    ];
+    if let Some(m) = max_dis {
+        for s in &mut sides {
+            *s = s.f_clamp(0.0, m - eps)?;
+        }
+    }
+    Ok(Tensor::f_stack(&sides, -1)?)
+}
+
+/// MMDetection's `distance2bbox`: the boxes `(x1, y1, x2, y2)` at `distances` `(left, top,
+/// right, bottom)` from `points`, clipped to `[0, w] × [0, h]` of `max_shape` when one is given
+/// (one image, or one per image of a `(B, N, 4)` batch).
+pub fn distance2bbox(
+    points: &Tensor,
+    distances: &Tensor,
+    max_shape: Option<MaxShape<'_>>,
+) -> Result<Tensor> {
+    check_points("distance2bbox", points, distances, "distances")?;
+    let (px, py) = (points.select(-1, 0), points.select(-1, 1));
+    let boxes = Tensor::f_stack(
+        &[
+            &px - distances.select(-1, 0),
+            &py - distances.select(-1, 1),
+            &px + distances.select(-1, 2),
+            &py + distances.select(-1, 3),
+        ],
+        -1,
+    )?;
+    let Some(shape) = max_shape else {
+        return Ok(boxes);
+    };
+    let s = boxes.size();
+    if s[0] == 0 {
+        return Ok(boxes);
+    }
+    let out = clip(boxes.f_reshape([-1, 4])?, shape, &s, 1)?;
+    Ok(out.f_reshape(s.as_slice())?)
 }

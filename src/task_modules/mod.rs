@@ -1,5 +1,5 @@
-//! MMDetection's task modules (`mmdet/models/task_modules/`): the anchor generator, the box
-//! coder, assigners and samplers, each built from the config dict an MMDetection user writes,
+//! MMDetection's task modules (`mmdet/models/task_modules/`): the anchor and point generators,
+//! the box coders, assigners and samplers, each built from the config dict an MMDetection user writes,
 //! batched over images and free of host reads where MMDetection's semantics allow.
 //!
 //! [`build`] is the registry: it maps a config's `type` to the module.
@@ -23,8 +23,11 @@ use tch::{Device, Kind, Tensor};
 pub use assigners::{
     bbox_overlaps, ATSSAssigner, AssignResult, GtBatch, MaxIoUAssigner, NegIouThr, CHUNK_ELEMENTS,
 };
-pub use coders::{DeltaXYWHBBoxCoder, MaxShape, WH_RATIO_CLIP};
-pub use prior_generators::{anchor_inside_flags, AnchorGenerator};
+pub use coders::{
+    bbox2distance, distance2bbox, DeltaXYWHBBoxCoder, DistancePointBBoxCoder, MaxShape,
+    WH_RATIO_CLIP,
+};
+pub use prior_generators::{anchor_inside_flags, AnchorGenerator, MlvlPointGenerator};
 pub use samplers::{
     build_sampler, PseudoSampler, RandomSampler, SampleMode, Sampler, SamplingResult,
 };
@@ -34,8 +37,12 @@ pub use samplers::{
 pub enum TaskModule {
     /// `AnchorGenerator`.
     AnchorGenerator(AnchorGenerator),
+    /// `MlvlPointGenerator`.
+    MlvlPointGenerator(MlvlPointGenerator),
     /// `DeltaXYWHBBoxCoder`.
     DeltaXYWHBBoxCoder(DeltaXYWHBBoxCoder),
+    /// `DistancePointBBoxCoder`.
+    DistancePointBBoxCoder(DistancePointBBoxCoder),
     /// `ATSSAssigner`.
     ATSSAssigner(ATSSAssigner),
     /// `MaxIoUAssigner`.
@@ -50,14 +57,19 @@ pub enum TaskModule {
 pub fn build(config: &Value) -> Result<TaskModule> {
     Ok(match config.get("type").and_then(Value::as_str) {
         Some("AnchorGenerator") => TaskModule::AnchorGenerator(AnchorGenerator::from_config(config)?),
+        Some("MlvlPointGenerator") => TaskModule::MlvlPointGenerator(MlvlPointGenerator::from_config(config)?),
         Some("DeltaXYWHBBoxCoder") => TaskModule::DeltaXYWHBBoxCoder(DeltaXYWHBBoxCoder::from_config(config)?),
+        Some("DistancePointBBoxCoder") => {
+            TaskModule::DistancePointBBoxCoder(DistancePointBBoxCoder::from_config(config)?)
+        }
         Some("ATSSAssigner") => TaskModule::ATSSAssigner(ATSSAssigner::from_config(config)?),
         Some("MaxIoUAssigner") => TaskModule::MaxIoUAssigner(MaxIoUAssigner::from_config(config)?),
         Some("PseudoSampler") => TaskModule::PseudoSampler(PseudoSampler::from_config(config)?),
         Some("RandomSampler") => TaskModule::RandomSampler(RandomSampler::from_config(config)?),
         other => bail!(
-            "unknown task module type {other:?} (known: AnchorGenerator, DeltaXYWHBBoxCoder, ATSSAssigner, \
-             MaxIoUAssigner, PseudoSampler, RandomSampler)"
+            "unknown task module type {other:?} (known: AnchorGenerator, MlvlPointGenerator, \
+             DeltaXYWHBBoxCoder, DistancePointBBoxCoder, ATSSAssigner, MaxIoUAssigner, PseudoSampler, \
+             RandomSampler)"
         ),
     })
 }

@@ -332,3 +332,220 @@ pub fn anchor_inside_flags(
         .f_logical_and(&col(2).f_lt(w + allowed_border)?)?
         .f_logical_and(&col(3).f_lt(h + allowed_border)?)?)
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PointConfig {
+    strides: Vec<Stride>,
+    #[serde(default = "half")]
+    offset: f64,
+}
+
+fn half() -> f64 {
+    0.5
+}
+
+/// MMDetection's `MlvlPointGenerator` (`prior_generators/point_generator.py`): one point per
+/// feature-map location, `(j + offset) * stride_w, (i + offset) * stride_h`, for FCOS, GFL's
+/// point variants, RTMDet and TOOD.
+///
+/// As MMDetection's, the coordinates are computed in float32 (an int64 grid plus a float offset)
+/// and then cast to the asked-for kind, so float64 points are widened float32 values.
+///
+/// ```
+/// use tch::{Device, Kind};
+/// use tch_detloss::task_modules::MlvlPointGenerator;
+///
+/// let gen = MlvlPointGenerator::from_config(&serde_json::json!({
+///     "type": "MlvlPointGenerator", "strides": [8, 16], "offset": 0.0}))?;
+/// let points = gen.grid_priors(&[(2, 3), (1, 2)], Kind::Float, Device::Cpu, true)?;
+/// assert_eq!(points[0].size(), [6, 4]);
+/// assert_eq!(Vec::<f32>::try_from(points[0].get(4))?, [8.0, 8.0, 8.0, 8.0]);
+/// # anyhow::Ok(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct MlvlPointGenerator {
+    strides: Vec<(f64, f64)>,
+    /// The offset of the points in each cell, in strides (0.5: the cell centres).
+    pub offset: f64,
+}
+
+impl MlvlPointGenerator {
+    /// Builds it from its config dict (`strides`, each a number or `[w, h]`; `offset`, default
+    /// 0.5).
+    pub fn from_config(config: &Value) -> Result<Self> {
+        let c: PointConfig = parse_config(config)?;
+        ensure!(
+            !c.strides.is_empty(),
+            "MlvlPointGenerator: strides is empty"
+        );
+        let strides: Vec<(f64, f64)> = c
+            .strides
+            .iter()
+            .map(|s| match *s {
+                Stride::Square(v) => (v, v),
+                Stride::Pair(w, h) => (w, h),
+            })
+            .collect();
+        ensure!(
+            strides.iter().all(|&(w, h)| w > 0.0 && h > 0.0),
+            "MlvlPointGenerator: strides must be positive, got {strides:?}"
+        );
+        ensure!(
+            c.offset.is_finite(),
+            "MlvlPointGenerator: offset must be finite, got {}",
+            c.offset
+        );
+        Ok(Self {
+            strides,
+            offset: c.offset,
+        })
+    }
+
+    /// The number of pyramid levels.
+    pub fn num_levels(&self) -> usize {
+        self.strides.len()
+    }
+
+    /// Points per grid location, per level: 1.
+    pub fn num_base_priors(&self) -> Vec<i64> {
+        vec![1; self.strides.len()]
+    }
+
+    /// The strides `(w, h)`, per level.
+    pub fn strides(&self) -> &[(f64, f64)] {
+        &self.strides
+    }
+
+    /// The points of each level for feature maps of `(h, w)`: `(h * w, 2)` rows `(x, y)` of
+    /// `kind` on `device`, row-major, or `(h * w, 4)` rows `(x, y, stride_w, stride_h)` when
+    /// `with_stride`.
+    pub fn grid_priors(
+        &self,
+        featmap_sizes: &[(i64, i64)],
+        kind: Kind,
+        device: Device,
+        with_stride: bool,
+    ) -> Result<Vec<Tensor>> {
+        self.check_levels(featmap_sizes)?;
+        ensure!(
+            matches!(
+                kind,
+                Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+            ),
+            "grid_priors: a floating kind is needed, got {kind:?}"
+        );
+        (0..self.num_levels())
+            .map(|l| self.single_level_grid_priors(featmap_sizes[l], l, kind, device, with_stride))
+            .collect()
+    }
+
+    /// [`grid_priors`](Self::grid_priors) of level `level` alone.
+    pub fn single_level_grid_priors(
+        &self,
+        (h, w): (i64, i64),
+        level: usize,
+        kind: Kind,
+        device: Device,
+        with_stride: bool,
+    ) -> Result<Tensor> {
+        let &(sw, sh) = self
+            .strides
+            .get(level)
+            .with_context(|| format!("grid_priors: no level {level}"))?;
+        ensure!(
+            h >= 0 && w >= 0,
+            "grid_priors: negative feature map size ({h}, {w})"
+        );
+        // int64 + float gives float32 in torch, as MMDetection's `(arange + offset) * stride`.
+        let coord = |n: i64, s: f64| -> Result<Tensor> {
+            Ok(Tensor::f_arange(n, (Kind::Int64, device))?
+                .f_add_scalar(self.offset)?
+                .f_mul_scalar(s)?
+                .f_to_kind(kind)?)
+        };
+        let (sx, sy) = (coord(w, sw)?, coord(h, sh)?);
+        let xx = sx.f_repeat([h])?;
+        let yy = sy.f_view([-1, 1])?.f_repeat([1, w])?.f_view([-1])?;
+        let mut cols = vec![xx, yy];
+        if with_stride {
+            for s in [sw, sh] {
+                cols.push(Tensor::f_full([h * w], s, (kind, device))?);
+            }
+        }
+        Ok(Tensor::f_stack(&cols, -1)?)
+    }
+
+    /// Which points of each level lie on the padded image (`pad_shape` = `(h, w)`): the grid
+    /// rows and columns beyond `ceil(pad / stride)` are invalid. Bool, as `grid_priors` orders.
+    pub fn valid_flags(
+        &self,
+        featmap_sizes: &[(i64, i64)],
+        pad_shape: (i64, i64),
+        device: Device,
+    ) -> Result<Vec<Tensor>> {
+        self.check_levels(featmap_sizes)?;
+        featmap_sizes
+            .iter()
+            .zip(&self.strides)
+            .map(|(&(h, w), &(sw, sh))| {
+                let vh = ((pad_shape.0 as f64 / sh).ceil() as i64).min(h);
+                let vw = ((pad_shape.1 as f64 / sw).ceil() as i64).min(w);
+                let vx = Tensor::f_arange(w, (Kind::Int64, device))?.f_lt(vw)?;
+                let vy = Tensor::f_arange(h, (Kind::Int64, device))?.f_lt(vh)?;
+                Ok(vy
+                    .f_view([-1, 1])?
+                    .f_logical_and(&vx.f_view([1, -1])?)?
+                    .f_view([-1])?)
+            })
+            .collect()
+    }
+
+    /// The points of the locations `prior_idxs` (int64 indices into level `level`'s row-major
+    /// grid of `(h, w)`): `(N, 2)` of `kind`, as MMDetection's `sparse_priors`.
+    pub fn sparse_priors(
+        &self,
+        prior_idxs: &Tensor,
+        (h, w): (i64, i64),
+        level: usize,
+        kind: Kind,
+    ) -> Result<Tensor> {
+        let &(sw, sh) = self
+            .strides
+            .get(level)
+            .with_context(|| format!("sparse_priors: no level {level}"))?;
+        ensure!(
+            prior_idxs.kind() == Kind::Int64,
+            "sparse_priors: int64 indices are needed, got {:?}",
+            prior_idxs.kind()
+        );
+        ensure!(
+            h > 0 && w > 0,
+            "sparse_priors: empty feature map ({h}, {w})"
+        );
+        let x = prior_idxs
+            .f_remainder(w)?
+            .f_add_scalar(self.offset)?
+            .f_mul_scalar(sw)?;
+        let y = prior_idxs
+            .f_floor_divide_scalar(w)?
+            .f_remainder(h)?
+            .f_add_scalar(self.offset)?
+            .f_mul_scalar(sh)?;
+        Ok(Tensor::f_stack(&[x, y], 1)?.f_to_kind(kind)?)
+    }
+
+    fn check_levels(&self, featmap_sizes: &[(i64, i64)]) -> Result<()> {
+        ensure!(
+            featmap_sizes.len() == self.num_levels(),
+            "{} feature map sizes for {} point levels",
+            featmap_sizes.len(),
+            self.num_levels()
+        );
+        ensure!(
+            featmap_sizes.iter().all(|&(h, w)| h >= 0 && w >= 0),
+            "negative feature map size in {featmap_sizes:?}"
+        );
+        Ok(())
+    }
+}

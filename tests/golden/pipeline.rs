@@ -29,8 +29,9 @@ fn family(name: &str) -> Vec<&'static Value> {
     CASES.iter().filter(|c| c["family"] == name).collect()
 }
 
-/// A case tensor (`{"shape", "dtype", "data"}`) on the CPU.
-fn t(v: &Value) -> Tensor {
+/// A case tensor (`{"shape", "dtype", "data"}`) on the CPU; non-finite floats are written as
+/// the strings "nan", "inf" and "-inf".
+pub(super) fn t(v: &Value) -> Tensor {
     let shape: Vec<i64> = v["shape"]
         .as_array()
         .unwrap()
@@ -42,6 +43,12 @@ fn t(v: &Value) -> Tensor {
         .iter()
         .map(|x| match x {
             Value::Bool(b) => f64::from(u8::from(*b)),
+            Value::String(s) => match s.as_str() {
+                "nan" => f64::NAN,
+                "inf" => f64::INFINITY,
+                "-inf" => f64::NEG_INFINITY,
+                s => panic!("case value {s:?}"),
+            },
             x => x.as_f64().unwrap(),
         })
         .collect();
@@ -56,17 +63,17 @@ fn t(v: &Value) -> Tensor {
     }
 }
 
-fn input(case: &Value, name: &str) -> Tensor {
+pub(super) fn input(case: &Value, name: &str) -> Tensor {
     t(&case["inputs"][name])
 }
 
-fn output(case: &Value, name: &str) -> Tensor {
+pub(super) fn output(case: &Value, name: &str) -> Tensor {
     t(&case["outputs"][name])
 }
 
 /// Equal values (NaN equal to NaN) and equal dtypes; floats within `ulps` units in the last
 /// place of their dtype.
-fn assert_same(what: &str, got: &Tensor, want: &Tensor, ulps: f64) {
+pub(super) fn assert_same(what: &str, got: &Tensor, want: &Tensor, ulps: f64) {
     assert_eq!(got.size(), want.size(), "{what}: shape");
     assert_eq!(got.kind(), want.kind(), "{what}: dtype");
     if got.numel() == 0 {
@@ -107,7 +114,7 @@ fn assert_same(what: &str, got: &Tensor, want: &Tensor, ulps: f64) {
     );
 }
 
-fn pairs(v: &Value) -> Vec<(i64, i64)> {
+pub(super) fn pairs(v: &Value) -> Vec<(i64, i64)> {
     v.as_array()
         .unwrap()
         .iter()
@@ -115,7 +122,7 @@ fn pairs(v: &Value) -> Vec<(i64, i64)> {
         .collect()
 }
 
-fn kind_of(name: &str) -> Kind {
+pub(super) fn kind_of(name: &str) -> Kind {
     match name {
         "float64" => Kind::Double,
         "float32" => Kind::Float,

@@ -1,0 +1,197 @@
+//! The reference cases of MMDetection 3.3's `MlvlPointGenerator` and `DistancePointBBoxCoder`
+//! (tests/data/point_cases.json, made by tests/data/gen_point_cases.py) pass through the config
+//! API: integers and masks equal, floats equal to the bit (the same operations in the same
+//! order and dtype).
+
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+use serde_json::Value;
+use tch::Device;
+use tch_detloss::task_modules::{build, MaxShape, TaskModule};
+
+use super::data_dir;
+use super::pipeline::{assert_same, input, kind_of, output, pairs};
+
+static CASES: LazyLock<Vec<Value>> = LazyLock::new(|| {
+    let text =
+        std::fs::read_to_string(data_dir().join("point_cases.json")).expect("point_cases.json");
+    let v: Value = serde_json::from_str(&text).expect("valid JSON");
+    v["cases"].as_array().expect("cases").clone()
+});
+
+fn family(name: &str) -> Vec<&'static Value> {
+    CASES.iter().filter(|c| c["family"] == name).collect()
+}
+
+#[test]
+fn point_case_counts() {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for c in CASES.iter() {
+        *counts
+            .entry(c["family"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    let want: BTreeMap<String, usize> = [
+        ("MlvlPointGenerator", 10),
+        ("DistancePointBBoxCoder.encode", 10),
+        ("DistancePointBBoxCoder.decode", 26),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(counts, want);
+}
+
+#[test]
+fn mlvl_point_generator() {
+    let mut sparse = 0;
+    for case in family("MlvlPointGenerator") {
+        let name = case["name"].as_str().unwrap();
+        let TaskModule::MlvlPointGenerator(gen) = build(&case["config"]).unwrap() else {
+            panic!("{name}: not a point generator");
+        };
+        let a = &case["args"];
+        let sizes = pairs(&a["featmap_sizes"]);
+        let pad = pairs(&Value::Array(vec![a["pad_shape"].clone()]))[0];
+        let kind = kind_of(a["dtype"].as_str().unwrap());
+        for with_stride in [false, true] {
+            let got = gen
+                .grid_priors(&sizes, kind, Device::Cpu, with_stride)
+                .unwrap();
+            for (i, p) in got.iter().enumerate() {
+                let key = format!(
+                    "priors{}.level{i}",
+                    if with_stride { "_stride" } else { "" }
+                );
+                assert_same(&format!("{name} {key}"), p, &output(case, &key), 0.0);
+            }
+        }
+        let flags = gen.valid_flags(&sizes, pad, Device::Cpu).unwrap();
+        for (i, f) in flags.iter().enumerate() {
+            let key = format!("valid_flags.level{i}");
+            assert_same(&format!("{name} {key}"), f, &output(case, &key), 0.0);
+        }
+        for (i, &hw) in sizes.iter().enumerate() {
+            let key = format!("prior_idxs.level{i}");
+            if case["inputs"].get(&key).is_none() {
+                continue;
+            }
+            let got = gen.sparse_priors(&input(case, &key), hw, i, kind).unwrap();
+            let key = format!("sparse_priors.level{i}");
+            assert_same(&format!("{name} {key}"), &got, &output(case, &key), 0.0);
+            sparse += 1;
+        }
+    }
+    // Every case with a non-empty level has its sparse points.
+    assert_eq!(sparse, 24, "sparse_priors levels checked");
+}
+
+#[test]
+fn distance_point_bbox_coder() {
+    for case in family("DistancePointBBoxCoder.encode") {
+        let name = case["name"].as_str().unwrap();
+        let TaskModule::DistancePointBBoxCoder(coder) = build(&case["config"]).unwrap() else {
+            panic!("{name}: not a distance coder");
+        };
+        let a = &case["args"];
+        let got = coder
+            .encode(
+                &input(case, "points"),
+                &input(case, "gt_bboxes"),
+                a["max_dis"].as_f64(),
+                a["eps"].as_f64().unwrap(),
+            )
+            .unwrap();
+        assert_same(name, &got, &output(case, "distances"), 0.0);
+    }
+    for case in family("DistancePointBBoxCoder.decode") {
+        let name = case["name"].as_str().unwrap();
+        let TaskModule::DistancePointBBoxCoder(coder) = build(&case["config"]).unwrap() else {
+            panic!("{name}: not a distance coder");
+        };
+        let per_image: Vec<(i64, i64)>;
+        let max_shape = match &case["args"]["max_shape"] {
+            Value::Array(s) if s[0].is_array() => {
+                per_image = pairs(&case["args"]["max_shape"]);
+                Some(MaxShape::PerImage(&per_image))
+            }
+            Value::Array(s) => Some(MaxShape::Image(
+                s[0].as_i64().unwrap(),
+                s[1].as_i64().unwrap(),
+            )),
+            _ => None,
+        };
+        let got = coder
+            .decode(
+                &input(case, "points"),
+                &input(case, "pred_bboxes"),
+                max_shape,
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert_same(name, &got, &output(case, "decoded_bboxes"), 0.0);
+    }
+}
+
+#[test]
+fn point_modules_reject_bad_inputs() {
+    use serde_json::json;
+    use tch::{Kind, Tensor};
+    use tch_detloss::task_modules::{bbox2distance, distance2bbox, MlvlPointGenerator};
+    let err = |r: anyhow::Result<Tensor>| format!("{:#}", r.expect_err("an error"));
+    let gen =
+        MlvlPointGenerator::from_config(&json!({"type": "MlvlPointGenerator", "strides": [8]}))
+            .unwrap();
+    let e = gen
+        .grid_priors(&[(2, 2), (1, 1)], Kind::Float, Device::Cpu, false)
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string()
+            .contains("2 feature map sizes for 1 point levels"),
+        "{e}"
+    );
+    let e = gen
+        .grid_priors(&[(2, 2)], Kind::Int64, Device::Cpu, false)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("floating kind"), "{e}");
+    let e = gen
+        .grid_priors(&[(-1, 2)], Kind::Float, Device::Cpu, false)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("negative"), "{e}");
+    let idx = Tensor::from_slice(&[0.0f32]);
+    let e = err(gen.sparse_priors(&idx, (2, 2), 0, Kind::Float));
+    assert!(e.contains("int64 indices"), "{e}");
+    let e = err(gen.sparse_priors(&idx.to_kind(Kind::Int64), (2, 2), 3, Kind::Float));
+    assert!(e.contains("no level 3"), "{e}");
+    for bad in [
+        json!({"type": "MlvlPointGenerator", "strides": []}),
+        json!({"type": "MlvlPointGenerator", "strides": [0]}),
+        json!({"type": "MlvlPointGenerator", "strides": [8], "center_offset": 0.5}),
+        json!({"type": "DistancePointBBoxCoder", "use_box_type": true}),
+    ] {
+        assert!(build(&bad).is_err(), "{bad} was accepted");
+    }
+    let p = Tensor::zeros([3, 2], (Kind::Float, Device::Cpu));
+    let e = err(bbox2distance(
+        &p,
+        &Tensor::zeros([2, 4], (Kind::Float, Device::Cpu)),
+        None,
+        0.1,
+    ));
+    assert!(e.contains("need (N, 2) with (N, 4)"), "{e}");
+    let e = err(distance2bbox(
+        &p.to_kind(Kind::Int64),
+        &Tensor::zeros([3, 4], (Kind::Int64, Device::Cpu)),
+        None,
+    ));
+    assert!(e.contains("floating point"), "{e}");
+    let e = err(distance2bbox(
+        &Tensor::zeros([2, 3, 2], (Kind::Float, Device::Cpu)),
+        &Tensor::zeros([2, 3, 4], (Kind::Float, Device::Cpu)),
+        Some(MaxShape::PerImage(&[(4, 4)])),
+    ));
+    assert!(e.contains("1 max shapes"), "{e}");
+}
