@@ -534,22 +534,27 @@ const BITWISE_AND: i32 = 5;
 /// The fingerprint of a collective's call, all-gathered before it: its op, argument and tensors.
 const PRINT_LEN: usize = 13;
 
+/// The dtypes a fingerprint names, with torch's names for the messages.
+const DTYPES: [(Kind, &str); 12] = [
+    (Kind::Uint8, "uint8"),
+    (Kind::Int8, "int8"),
+    (Kind::Int16, "int16"),
+    (Kind::Int, "int32"),
+    (Kind::Int64, "int64"),
+    (Kind::Half, "float16"),
+    (Kind::Float, "float32"),
+    (Kind::Double, "float64"),
+    (Kind::Bool, "bool"),
+    (Kind::BFloat16, "bfloat16"),
+    (Kind::ComplexFloat, "complex64"),
+    (Kind::ComplexDouble, "complex128"),
+];
+
 fn kind_code(k: Kind) -> i64 {
-    const KINDS: [Kind; 12] = [
-        Kind::Uint8,
-        Kind::Int8,
-        Kind::Int16,
-        Kind::Int,
-        Kind::Int64,
-        Kind::Half,
-        Kind::Float,
-        Kind::Double,
-        Kind::Bool,
-        Kind::BFloat16,
-        Kind::ComplexFloat,
-        Kind::ComplexDouble,
-    ];
-    KINDS.iter().position(|&x| x == k).map_or(99, |i| i as i64)
+    DTYPES
+        .iter()
+        .position(|&(x, _)| x == k)
+        .map_or(99, |i| i as i64)
 }
 
 fn device_code(d: Device) -> i64 {
@@ -611,23 +616,9 @@ fn describe_print(p: &[i64]) -> String {
     if p[2] == 0 {
         return format!("{op}{arg}");
     }
-    let kind = [
-        "uint8",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "float16",
-        "float32",
-        "float64",
-        "bool",
-        "bfloat16",
-        "complex64",
-        "complex128",
-    ]
-    .get(p[4] as usize)
-    .copied()
-    .unwrap_or("another dtype");
+    let kind = DTYPES
+        .get(p[4] as usize)
+        .map_or("another dtype", |&(_, name)| name);
     let dev = match p[5] {
         -1 => "cpu".to_string(),
         -2 => "another device".to_string(),

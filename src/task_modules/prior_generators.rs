@@ -90,18 +90,7 @@ impl AnchorGenerator {
             "AnchorGenerator: center_offset should be in [0, 1], got {}",
             c.center_offset
         );
-        let strides: Vec<(f64, f64)> = c
-            .strides
-            .iter()
-            .map(|s| match *s {
-                Stride::Square(v) => (v, v),
-                Stride::Pair(w, h) => (w, h),
-            })
-            .collect();
-        ensure!(
-            strides.iter().all(|&(w, h)| w > 0.0 && h > 0.0),
-            "AnchorGenerator: strides must be positive, got {strides:?}"
-        );
+        let strides = stride_pairs(&c.strides, "AnchorGenerator")?;
         let base_sizes = c
             .base_sizes
             .unwrap_or_else(|| strides.iter().map(|&(w, h)| w.min(h)).collect());
@@ -196,13 +185,7 @@ impl AnchorGenerator {
         device: Device,
     ) -> Result<Vec<Tensor>> {
         self.check_levels(featmap_sizes)?;
-        ensure!(
-            matches!(
-                kind,
-                Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
-            ),
-            "grid_priors: a floating kind is needed, got {kind:?}"
-        );
+        float_kind(kind)?;
         featmap_sizes
             .iter()
             .zip(&self.strides)
@@ -232,13 +215,8 @@ impl AnchorGenerator {
             .iter()
             .zip(&self.strides)
             .zip(self.num_base_priors())
-            .map(|((&(h, w), &(sw, sh)), a)| {
-                let vh = ((pad_shape.0 as f64 / sh).ceil() as i64).min(h);
-                let vw = ((pad_shape.1 as f64 / sw).ceil() as i64).min(w);
-                let vx = Tensor::f_arange(w, (Kind::Int64, device))?.f_lt(vw)?;
-                let vy = Tensor::f_arange(h, (Kind::Int64, device))?.f_lt(vh)?;
-                let valid = vy.f_view([-1, 1])?.f_logical_and(&vx.f_view([1, -1])?)?;
-                Ok(valid
+            .map(|((&(h, w), &stride), a)| {
+                Ok(grid_valid_flags((h, w), stride, pad_shape, device)?
                     .f_view([-1, 1])?
                     .f_expand([h * w, a], false)?
                     .f_contiguous()?
@@ -248,17 +226,7 @@ impl AnchorGenerator {
     }
 
     fn check_levels(&self, featmap_sizes: &[(i64, i64)]) -> Result<()> {
-        ensure!(
-            featmap_sizes.len() == self.num_levels(),
-            "{} feature map sizes for {} anchor levels",
-            featmap_sizes.len(),
-            self.num_levels()
-        );
-        ensure!(
-            featmap_sizes.iter().all(|&(h, w)| h >= 0 && w >= 0),
-            "negative feature map size in {featmap_sizes:?}"
-        );
-        Ok(())
+        check_levels(featmap_sizes, self.num_levels(), "anchor")
     }
 }
 
@@ -333,6 +301,66 @@ pub fn anchor_inside_flags(
         .f_logical_and(&col(3).f_lt(h + allowed_border)?)?)
 }
 
+/// Strides as `(w, h)` pairs, all positive.
+fn stride_pairs(strides: &[Stride], who: &str) -> Result<Vec<(f64, f64)>> {
+    let pairs: Vec<(f64, f64)> = strides
+        .iter()
+        .map(|s| match *s {
+            Stride::Square(v) => (v, v),
+            Stride::Pair(w, h) => (w, h),
+        })
+        .collect();
+    ensure!(
+        pairs.iter().all(|&(w, h)| w > 0.0 && h > 0.0),
+        "{who}: strides must be positive, got {pairs:?}"
+    );
+    Ok(pairs)
+}
+
+/// Priors come in a floating kind.
+fn float_kind(kind: Kind) -> Result<()> {
+    ensure!(
+        matches!(
+            kind,
+            Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+        ),
+        "grid_priors: a floating kind is needed, got {kind:?}"
+    );
+    Ok(())
+}
+
+/// One size `(h, w)` per level, none negative.
+fn check_levels(featmap_sizes: &[(i64, i64)], levels: usize, what: &str) -> Result<()> {
+    ensure!(
+        featmap_sizes.len() == levels,
+        "{} feature map sizes for {levels} {what} levels",
+        featmap_sizes.len()
+    );
+    ensure!(
+        featmap_sizes.iter().all(|&(h, w)| h >= 0 && w >= 0),
+        "negative feature map size in {featmap_sizes:?}"
+    );
+    Ok(())
+}
+
+/// The grid locations `(h * w,)`, row-major, that lie on the padded image: rows and columns
+/// below `ceil(pad / stride)` (MMDetection's `valid_flags` of both generators).
+fn grid_valid_flags(
+    (h, w): (i64, i64),
+    (sw, sh): (f64, f64),
+    pad_shape: (i64, i64),
+    device: Device,
+) -> Result<Tensor> {
+    let vh = ((pad_shape.0 as f64 / sh).ceil() as i64).min(h);
+    let vw = ((pad_shape.1 as f64 / sw).ceil() as i64).min(w);
+    let vx = Tensor::f_arange(w, (Kind::Int64, device))?.f_lt(vw)?;
+    let vy = Tensor::f_arange(h, (Kind::Int64, device))?.f_lt(vh)?;
+    Ok(vy
+        .f_view([-1, 1])?
+        .f_logical_and(&vx.f_view([1, -1])?)?
+        .f_view([-1])?)
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PointConfig {
@@ -379,18 +407,7 @@ impl MlvlPointGenerator {
             !c.strides.is_empty(),
             "MlvlPointGenerator: strides is empty"
         );
-        let strides: Vec<(f64, f64)> = c
-            .strides
-            .iter()
-            .map(|s| match *s {
-                Stride::Square(v) => (v, v),
-                Stride::Pair(w, h) => (w, h),
-            })
-            .collect();
-        ensure!(
-            strides.iter().all(|&(w, h)| w > 0.0 && h > 0.0),
-            "MlvlPointGenerator: strides must be positive, got {strides:?}"
-        );
+        let strides = stride_pairs(&c.strides, "MlvlPointGenerator")?;
         ensure!(
             c.offset.is_finite(),
             "MlvlPointGenerator: offset must be finite, got {}",
@@ -428,13 +445,6 @@ impl MlvlPointGenerator {
         with_stride: bool,
     ) -> Result<Vec<Tensor>> {
         self.check_levels(featmap_sizes)?;
-        ensure!(
-            matches!(
-                kind,
-                Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
-            ),
-            "grid_priors: a floating kind is needed, got {kind:?}"
-        );
         (0..self.num_levels())
             .map(|l| self.single_level_grid_priors(featmap_sizes[l], l, kind, device, with_stride))
             .collect()
@@ -457,6 +467,7 @@ impl MlvlPointGenerator {
             h >= 0 && w >= 0,
             "grid_priors: negative feature map size ({h}, {w})"
         );
+        float_kind(kind)?;
         // int64 + float gives float32 in torch, as MMDetection's `(arange + offset) * stride`.
         let coord = |n: i64, s: f64| -> Result<Tensor> {
             Ok(Tensor::f_arange(n, (Kind::Int64, device))?
@@ -488,16 +499,7 @@ impl MlvlPointGenerator {
         featmap_sizes
             .iter()
             .zip(&self.strides)
-            .map(|(&(h, w), &(sw, sh))| {
-                let vh = ((pad_shape.0 as f64 / sh).ceil() as i64).min(h);
-                let vw = ((pad_shape.1 as f64 / sw).ceil() as i64).min(w);
-                let vx = Tensor::f_arange(w, (Kind::Int64, device))?.f_lt(vw)?;
-                let vy = Tensor::f_arange(h, (Kind::Int64, device))?.f_lt(vh)?;
-                Ok(vy
-                    .f_view([-1, 1])?
-                    .f_logical_and(&vx.f_view([1, -1])?)?
-                    .f_view([-1])?)
-            })
+            .map(|(&hw, &stride)| grid_valid_flags(hw, stride, pad_shape, device))
             .collect()
     }
 
@@ -536,16 +538,6 @@ impl MlvlPointGenerator {
     }
 
     fn check_levels(&self, featmap_sizes: &[(i64, i64)]) -> Result<()> {
-        ensure!(
-            featmap_sizes.len() == self.num_levels(),
-            "{} feature map sizes for {} point levels",
-            featmap_sizes.len(),
-            self.num_levels()
-        );
-        ensure!(
-            featmap_sizes.iter().all(|&(h, w)| h >= 0 && w >= 0),
-            "negative feature map size in {featmap_sizes:?}"
-        );
-        Ok(())
+        check_levels(featmap_sizes, self.num_levels(), "point")
     }
 }
