@@ -1,12 +1,19 @@
-"""Reference cases of MMDetection 3.3's point priors and distance coder: point_cases.json.
+"""Reference cases of MMDetection 3.3's point priors, distance coder and FCOS head targets:
+point_cases.json.
 
 MlvlPointGenerator (grid_priors with and without stride, valid_flags, sparse_priors) and
 DistancePointBBoxCoder (encode = bbox2distance with max_dis and eps, decode = distance2bbox with
-max_shape as one image, per image of a batch, or none), computed by the real, unmodified
+max_shape as one image, per image of a batch, or none) and FCOSHead (get_targets, and the inputs
+its loss_by_feat hands to its three losses, recorded by wrappers around the loss modules),
+computed by the real, unmodified
 MMDetection 3.3.0 from its wheel, imported as for pipeline_cases.json (README.md): mmcv from
-mmcv-lite 2.1.0 with mmcv.ops served by stubs that raise if called, mmdet.models as a bare package
-so that only mmdet.models.task_modules (whose __init__ registers every prior generator and coder)
-runs; objects built with mmdet.registry.TASK_UTILS.build from their config dicts.
+mmcv-lite 2.1.0 with mmcv.ops served by stubs that raise if called; mmdet.models,
+mmdet.models.losses, mmdet.models.dense_heads and mmdet.models.layers as bare packages (their
+__init__ files do not run), then mmdet.models.task_modules (whose __init__ registers every prior
+generator and coder), mmdet.models.utils, mmdet.models.layers.normed_predictor, the three loss
+modules and mmdet.models.dense_heads.fcos_head imported unmodified; objects built with
+mmdet.registry.TASK_UTILS.build / MODELS.build from their config dicts (FCOSHead in full, with
+feat_channels=32 to keep its unused conv tower small).
 
     pip install --no-deps mmdet==3.3.0 mmcv-lite==2.1.0 mmengine==0.10.7
     pip install numpy scipy addict pyyaml rich termcolor yapf opencv-python-headless matplotlib \
@@ -59,12 +66,19 @@ class _OpsFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 sys.meta_path.insert(0, _OpsFinder())
 import mmdet  # noqa: E402  (its version checks run)
 
-for bare in ["mmdet.models"]:
+for bare in ["mmdet.models", "mmdet.models.losses", "mmdet.models.dense_heads", "mmdet.models.layers"]:
     pkg = types.ModuleType(bare)
     pkg.__path__ = [mmdet.__path__[0] + "/" + bare.split(".", 1)[1].replace(".", "/")]
     sys.modules[bare] = pkg
 importlib.import_module("mmdet.models.task_modules")
-from mmdet.registry import TASK_UTILS  # noqa: E402
+importlib.import_module("mmdet.models.utils")
+sys.modules["mmdet.models.layers"].NormedConv2d = importlib.import_module(
+    "mmdet.models.layers.normed_predictor").NormedConv2d
+for _m in ["focal_loss", "iou_loss", "cross_entropy_loss"]:
+    importlib.import_module("mmdet.models.losses." + _m)
+importlib.import_module("mmdet.models.dense_heads.fcos_head")
+from mmengine.structures import InstanceData  # noqa: E402
+from mmdet.registry import MODELS, TASK_UTILS  # noqa: E402
 
 CASES = []
 
@@ -178,6 +192,83 @@ for dt in ["float32", "float64"]:
     case(f"distance_decode_empty_{dt}", "DistancePointBBoxCoder.decode", {"type": "DistancePointBBoxCoder"},
          "TASK_UTILS.build(config).decode(points, pred_bboxes, max_shape)", {"max_shape": [40, 50]},
          {"points": points[:0], "pred_bboxes": dist[:0]}, {"decoded_bboxes": empty})
+
+
+# ---- FCOSHead ----
+def fcos_case(name, cfg, featmap_sizes, gts, dtype, gt_dtype):
+    head = MODELS.build(dict(cfg, in_channels=32, feat_channels=32, stacked_convs=1))
+    head.eval()
+    seen = {}
+
+    def recorder(key):
+        def forward(pred, target, weight=None, avg_factor=None, **kw):
+            seen[key] = dict(pred=pred.detach().clone(), target=target.detach().clone(),
+                             weight=None if weight is None else weight.detach().clone(),
+                             avg_factor=avg_factor)
+            return pred.sum() * 0
+        return forward
+
+    for key in ["loss_cls", "loss_bbox", "loss_centerness"]:
+        getattr(head, key).forward = recorder(key)
+    b = len(gts)
+    pg = torch.Generator().manual_seed(len(CASES))
+    cls = [torch.randn(b, head.cls_out_channels, h, w, generator=pg, dtype=torch.float64).to(dtype) for h, w in featmap_sizes]
+    box = [torch.rand(b, 4, h, w, generator=pg, dtype=torch.float64).mul(30).to(dtype) for h, w in featmap_sizes]
+    ctr = [torch.randn(b, 1, h, w, generator=pg, dtype=torch.float64).to(dtype) for h, w in featmap_sizes]
+    inst = [InstanceData(bboxes=torch.tensor(g[0], dtype=gt_dtype).reshape(-1, 4),
+                         labels=torch.tensor(g[1], dtype=torch.int64)) for g in gts]
+    metas = [dict(img_shape=(featmap_sizes[0][0] * head.strides[0], featmap_sizes[0][1] * head.strides[0]))] * b
+    head.loss_by_feat(cls, box, ctr, inst, metas)
+    points = head.prior_generator.grid_priors([tuple(s) for s in featmap_sizes], dtype=dtype, device="cpu")
+    labels, bbox_targets = head.get_targets(points, inst)
+    outs = {}
+    for i, (l, t) in enumerate(zip(labels, bbox_targets)):
+        outs[f"labels.level{i}"] = l
+        outs[f"bbox_targets.level{i}"] = t
+    outs["flatten_labels"] = seen["loss_cls"]["target"]
+    outs["num_pos"] = torch.tensor(float(seen["loss_cls"]["avg_factor"]), dtype=torch.float64)
+    if "loss_bbox" in seen:
+        outs["pos_centerness_targets"] = seen["loss_bbox"]["weight"]
+        outs["pos_decoded_target_preds"] = seen["loss_bbox"]["target"]
+        outs["centerness_denorm"] = torch.as_tensor(seen["loss_bbox"]["avg_factor"]).detach().clone()
+        assert torch.equal(seen["loss_centerness"]["target"], seen["loss_bbox"]["weight"])
+    inputs = {}
+    for j, g in enumerate(gts):
+        inputs[f"gt_bboxes.img{j}"] = inst[j].bboxes
+        inputs[f"gt_labels.img{j}"] = inst[j].labels
+    case(name, "FCOSHead", cfg,
+         "head = MODELS.build(config + in/feat_channels 32, stacked_convs 1); head.loss_by_feat(...) with "
+         "its losses recording their inputs; head.get_targets(head.prior_generator.grid_priors(featmap_sizes, dtype), gts)",
+         {"featmap_sizes": featmap_sizes, "dtype": str(dtype).replace("torch.", ""), "images": b}, inputs, outs)
+
+
+FCOS_DEFAULT = {"type": "FCOSHead", "num_classes": 4, "strides": [8, 16, 32, 64, 128]}
+FCOS_TRICKS = {"type": "FCOSHead", "num_classes": 3, "strides": [8, 16, 32],
+               "regress_ranges": [[-1, 64], [64, 128], [128, 100000000.0]],
+               "center_sampling": True, "center_sample_radius": 1.5, "norm_on_bbox": True,
+               "centerness_on_reg": True}
+FCOS_RADIUS = {"type": "FCOSHead", "num_classes": 2, "strides": [16, 32],
+               "regress_ranges": [[-1, 48], [48, 100000000.0]], "center_sampling": True,
+               "center_sample_radius": 2.5}
+SIZES5 = [[16, 20], [8, 10], [4, 5], [2, 3], [1, 2]]
+SIZES3 = [[12, 16], [6, 8], [3, 4]]
+GTS_A = [
+    ([[10, 12, 60, 50], [20, 20, 40, 40], [100, 8, 150, 120], [4, 60, 124, 126]], [0, 1, 2, 3]),
+    ([], []),
+]
+GTS_B = [
+    ([[12, 12, 44, 52]], [2]),
+    # two equal-area boxes that overlap (ties: the first), a nested pair, a box edge on points
+    ([[8, 8, 40, 40], [16, 16, 48, 48], [60, 10, 110, 80], [70, 20, 90, 50]], [0, 1, 2, 0]),
+    ([[0, 0, 127, 95], [3.5, 5.25, 9.75, 11.5], [50, 50, 51, 52], [30, 60, 90, 94], [100, 4, 126, 30]],
+     [1, 1, 0, 2, 2]),
+]
+for dt in [torch.float32, torch.float64]:
+    tag = str(dt).replace("torch.", "")
+    fcos_case(f"fcos_default_{tag}", FCOS_DEFAULT, SIZES5, GTS_A, dt, dt)
+    fcos_case(f"fcos_center_sampling_norm_on_bbox_{tag}", FCOS_TRICKS, SIZES3, GTS_B, dt, dt)
+fcos_case("fcos_radius_2_5_points_f32_gts_f64", FCOS_RADIUS, [[6, 8], [3, 4]], GTS_B[1:], torch.float32, torch.float64)
+fcos_case("fcos_no_gt_at_all_float32", FCOS_DEFAULT, SIZES5, [([], []), ([], [])], torch.float32, torch.float32)
 
 assert not CALLED, CALLED
 counts = {}

@@ -348,6 +348,88 @@ fn head_targets_and_losses_never_synchronize() {
     tch::Cuda::synchronize(0);
 }
 
+/// FCOS's points, targets (center sampling, chunked over the ground truths as well) and its
+/// three losses over all points read nothing back.
+#[test]
+fn fcos_targets_and_losses_never_synchronize() {
+    use tch_detloss::cuda::{sync_debug, SyncDebugMode};
+    use tch_detloss::dense_heads::FCOSHeadTargets;
+    use tch_detloss::task_modules::GtBatch;
+    let d = cuda();
+    let mut head =
+        FCOSHeadTargets::from_config(&serde_json::json!({"type": "FCOSHead", "num_classes": 3,
+        "strides": [8, 16, 32], "regress_ranges": [[-1, 64], [64, 128], [128, 100000000.0]],
+        "center_sampling": true, "norm_on_bbox": true}))
+        .unwrap();
+    let boxes = [
+        Tensor::from_slice(&[10.0f32, 12.0, 50.0, 60.0, 60.0, 20.0, 100.0, 90.0])
+            .view([2, 4])
+            .to_device(d),
+        Tensor::from_slice(&[30.0f32, 30.0, 90.0, 70.0])
+            .view([1, 4])
+            .to_device(d),
+    ];
+    let labels = [
+        Tensor::from_slice(&[0i64, 2]).to_device(d),
+        Tensor::from_slice(&[1i64]).to_device(d),
+    ];
+    let gts = GtBatch::pad(&boxes, &labels).unwrap();
+    let (points, counts) = head
+        .points(&[(16, 16), (8, 8), (4, 4)], Kind::Float, d)
+        .unwrap();
+    let n = points.size()[0];
+    let focal =
+        tch_detloss::registry::build_str(r#"{"type": "FocalLoss", "gamma": 2.0, "alpha": 0.25}"#)
+            .unwrap();
+    let giou = tch_detloss::registry::build_str(r#"{"type": "GIoULoss"}"#).unwrap();
+    let ce =
+        tch_detloss::registry::build_str(r#"{"type": "CrossEntropyLoss", "use_sigmoid": true}"#)
+            .unwrap();
+    let cls = Tensor::randn([2 * n, 3], (Kind::Float, d)).set_requires_grad(true);
+    let reg = Tensor::rand([2, n, 4], (Kind::Float, d)).set_requires_grad(true);
+    let ctr = Tensor::randn([2 * n], (Kind::Float, d)).set_requires_grad(true);
+    tch::Cuda::synchronize(0);
+    let _guard = sync_debug(SyncDebugMode::Error).unwrap();
+    let t = head.targets(&points, &counts, &gts).unwrap();
+    head.chunk_elements = 1;
+    let chunked = head.targets(&points, &counts, &gts).unwrap();
+    let (avg, denorm) = t.avg_factors().unwrap();
+    let pw = t.pos_mask.to_kind(Kind::Float).reshape([-1]);
+    let ctr_t = t.centerness.reshape([-1]);
+    let l1 = focal
+        .forward(
+            &cls,
+            (&t.labels.reshape([-1])).into(),
+            &LossArgs::new().avg_factor(&avg),
+        )
+        .unwrap();
+    let pred = head.decode(&points, &reg).unwrap().reshape([-1, 4]);
+    let target = head
+        .decode(&points, &t.bbox_targets)
+        .unwrap()
+        .reshape([-1, 4]);
+    let l2 = giou
+        .forward(
+            &pred,
+            (&target).into(),
+            &LossArgs::new().weight(&ctr_t).avg_factor(&denorm),
+        )
+        .unwrap();
+    let l3 = ce
+        .forward(
+            &ctr,
+            (&ctr_t).into(),
+            &LossArgs::new().weight(&pw).avg_factor(&avg),
+        )
+        .unwrap();
+    let g = Tensor::f_run_backward(&[&(l1 + l2 + l3)], &[&cls, &reg, &ctr], false, false).unwrap();
+    drop(g);
+    drop(_guard);
+    tch::Cuda::synchronize(0);
+    assert!(t.labels.equal(&chunked.labels));
+    assert!(t.bbox_targets.equal(&chunked.bbox_targets));
+}
+
 /// A CUDA trace of a fused forward and backward holds our kernels by name, next to the loss's
 /// range and backward node.
 #[test]

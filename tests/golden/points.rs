@@ -36,6 +36,7 @@ fn point_case_counts() {
         ("MlvlPointGenerator", 10),
         ("DistancePointBBoxCoder.encode", 10),
         ("DistancePointBBoxCoder.decode", 26),
+        ("FCOSHead", 6),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -194,4 +195,121 @@ fn point_modules_reject_bad_inputs() {
         Some(MaxShape::PerImage(&[(4, 4)])),
     ));
     assert!(e.contains("1 max shapes"), "{e}");
+}
+
+/// Our `(B, N, ...)` over all points in MMDetection's flatten order: level by level, each level
+/// image by image.
+fn mmdet_order(t: &tch::Tensor, counts: &[i64]) -> tch::Tensor {
+    let parts: Vec<tch::Tensor> = t
+        .split_with_sizes(counts, 1)
+        .iter()
+        .map(|l| l.flatten(0, 1))
+        .collect();
+    tch::Tensor::cat(&parts, 0)
+}
+
+#[test]
+fn fcos_head_targets() {
+    use tch::Tensor;
+    use tch_detloss::dense_heads::FCOSHeadTargets;
+    use tch_detloss::task_modules::GtBatch;
+    let cases = family("FCOSHead");
+    assert_eq!(cases.len(), 6);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let head = FCOSHeadTargets::from_config(&case["config"])
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let a = &case["args"];
+        let sizes = pairs(&a["featmap_sizes"]);
+        let kind = kind_of(a["dtype"].as_str().unwrap());
+        let images = a["images"].as_i64().unwrap();
+        let (points, counts) = head.points(&sizes, kind, Device::Cpu).unwrap();
+        let boxes: Vec<Tensor> = (0..images)
+            .map(|j| input(case, &format!("gt_bboxes.img{j}")))
+            .collect();
+        let labels: Vec<Tensor> = (0..images)
+            .map(|j| input(case, &format!("gt_labels.img{j}")))
+            .collect();
+        let gts = GtBatch::pad(&boxes, &labels).unwrap();
+        // Batched against image by image (each image's own padding).
+        let batch = head.targets(&points, &counts, &gts).unwrap();
+        for j in 0..images as usize {
+            let one = GtBatch::pad(&boxes[j..=j], &labels[j..=j]).unwrap();
+            let alone = head.targets(&points, &counts, &one).unwrap();
+            assert!(
+                alone.labels.get(0).equal(&batch.labels.get(j as i64))
+                    && alone
+                        .bbox_targets
+                        .get(0)
+                        .equal(&batch.bbox_targets.get(j as i64)),
+                "{name}: image {j} alone differs from its row of the batch"
+            );
+        }
+        // Chunked over the ground truths (one at a time) and not: the same targets.
+        for chunk in [head.chunk_elements, 1] {
+            let mut head = FCOSHeadTargets::from_config(&case["config"]).unwrap();
+            head.chunk_elements = chunk;
+            let t = head
+                .targets(&points, &counts, &gts)
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            let what = |k: &str| format!("{name} (chunk {chunk}) {k}");
+            for (l, (lab, tgt)) in t
+                .levels(&t.labels)
+                .unwrap()
+                .iter()
+                .zip(t.levels(&t.bbox_targets).unwrap())
+                .enumerate()
+            {
+                let key = format!("labels.level{l}");
+                assert_same(&what(&key), &lab.flatten(0, 1), &output(case, &key), 0.0);
+                let key = format!("bbox_targets.level{l}");
+                assert_same(&what(&key), &tgt.flatten(0, 1), &output(case, &key), 0.0);
+            }
+            assert_same(
+                &what("flatten_labels"),
+                &mmdet_order(&t.labels, &counts),
+                &output(case, "flatten_labels"),
+                0.0,
+            );
+            let (avg, denorm) = t.avg_factors().unwrap();
+            assert_same(
+                &what("num_pos"),
+                &avg.to_kind(tch::Kind::Double),
+                &output(case, "num_pos"),
+                0.0,
+            );
+            let pos = mmdet_order(&t.pos_mask, &counts);
+            if case["outputs"].get("centerness_denorm").is_none() {
+                assert_eq!(pos.sum(tch::Kind::Int64).int64_value(&[]), 0, "{name}");
+                continue;
+            }
+            let ctr = mmdet_order(&t.centerness, &counts).masked_select(&pos);
+            assert_same(
+                &what("pos_centerness_targets"),
+                &ctr,
+                &output(case, "pos_centerness_targets"),
+                0.0,
+            );
+            // The one value not to the bit: MMDetection sums the P positives' targets as a
+            // compacted vector, we sum them masked in place (no host read to compact), so the
+            // float sums round in another order; both are within P units in the last place of
+            // the exact sum, hence of each other within 2 P.
+            let p = ctr.size()[0] as f64;
+            assert_same(
+                &what("centerness_denorm"),
+                &denorm,
+                &output(case, "centerness_denorm"),
+                2.0 * p,
+            );
+            let decoded = head.decode(&points, &t.bbox_targets).unwrap();
+            let decoded =
+                mmdet_order(&decoded, &counts).index_select(0, &pos.nonzero().squeeze_dim(1));
+            assert_same(
+                &what("pos_decoded_target_preds"),
+                &decoded,
+                &output(case, "pos_decoded_target_preds"),
+                0.0,
+            );
+        }
+    }
 }

@@ -1,6 +1,6 @@
-//! The training targets of MMDetection's anchor-based dense heads
-//! (`mmdet/models/dense_heads/anchor_head.py` and `atss_head.py`: `get_targets`), batched over
-//! images as masks over all anchors.
+//! The training targets of MMDetection's dense heads, batched over images as masks over all
+//! priors: the anchor-based heads here (`mmdet/models/dense_heads/anchor_head.py` and
+//! `atss_head.py`: `get_targets`), FCOS's in [`FCOSHeadTargets`] (`fcos_head.py`).
 //!
 //! MMDetection runs its heads' target code image by image on the anchors inside each image and
 //! then maps the results back to all anchors. Here the assigner sees all anchors with a
@@ -16,6 +16,9 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
+
+mod fcos;
+pub use fcos::{centerness_target as fcos_centerness_target, FCOSHeadTargets, FcosTargets, INF};
 
 use crate::task_modules::{
     ATSSAssigner, AnchorGenerator, AssignResult, DeltaXYWHBBoxCoder, GtBatch, MaxIoUAssigner,
