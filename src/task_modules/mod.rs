@@ -21,7 +21,8 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 pub use assigners::{
-    bbox_overlaps, ATSSAssigner, AssignResult, GtBatch, MaxIoUAssigner, NegIouThr, CHUNK_ELEMENTS,
+    bbox_overlaps, ATSSAssigner, AssignResult, GtBatch, MaxIoUAssigner, NegIouThr,
+    TaskAlignedAssignResult, TaskAlignedAssigner, CHUNK_ELEMENTS,
 };
 pub use coders::{
     bbox2distance, distance2bbox, DeltaXYWHBBoxCoder, DistancePointBBoxCoder, MaxShape,
@@ -47,6 +48,8 @@ pub enum TaskModule {
     ATSSAssigner(ATSSAssigner),
     /// `MaxIoUAssigner`.
     MaxIoUAssigner(MaxIoUAssigner),
+    /// `TaskAlignedAssigner`.
+    TaskAlignedAssigner(TaskAlignedAssigner),
     /// `PseudoSampler`.
     PseudoSampler(PseudoSampler),
     /// `RandomSampler` (drawing on the device; see [`RandomSampler::with_mode`]).
@@ -56,20 +59,29 @@ pub enum TaskModule {
 /// Builds a task module from its config dict, by its `type`.
 pub fn build(config: &Value) -> Result<TaskModule> {
     Ok(match config.get("type").and_then(Value::as_str) {
-        Some("AnchorGenerator") => TaskModule::AnchorGenerator(AnchorGenerator::from_config(config)?),
-        Some("MlvlPointGenerator") => TaskModule::MlvlPointGenerator(MlvlPointGenerator::from_config(config)?),
-        Some("DeltaXYWHBBoxCoder") => TaskModule::DeltaXYWHBBoxCoder(DeltaXYWHBBoxCoder::from_config(config)?),
+        Some("AnchorGenerator") => {
+            TaskModule::AnchorGenerator(AnchorGenerator::from_config(config)?)
+        }
+        Some("MlvlPointGenerator") => {
+            TaskModule::MlvlPointGenerator(MlvlPointGenerator::from_config(config)?)
+        }
+        Some("DeltaXYWHBBoxCoder") => {
+            TaskModule::DeltaXYWHBBoxCoder(DeltaXYWHBBoxCoder::from_config(config)?)
+        }
         Some("DistancePointBBoxCoder") => {
             TaskModule::DistancePointBBoxCoder(DistancePointBBoxCoder::from_config(config)?)
         }
         Some("ATSSAssigner") => TaskModule::ATSSAssigner(ATSSAssigner::from_config(config)?),
         Some("MaxIoUAssigner") => TaskModule::MaxIoUAssigner(MaxIoUAssigner::from_config(config)?),
+        Some("TaskAlignedAssigner") => {
+            TaskModule::TaskAlignedAssigner(TaskAlignedAssigner::from_config(config)?)
+        }
         Some("PseudoSampler") => TaskModule::PseudoSampler(PseudoSampler::from_config(config)?),
         Some("RandomSampler") => TaskModule::RandomSampler(RandomSampler::from_config(config)?),
         other => bail!(
             "unknown task module type {other:?} (known: AnchorGenerator, MlvlPointGenerator, \
-             DeltaXYWHBBoxCoder, DistancePointBBoxCoder, ATSSAssigner, MaxIoUAssigner, PseudoSampler, \
-             RandomSampler)"
+             DeltaXYWHBBoxCoder, DistancePointBBoxCoder, ATSSAssigner, MaxIoUAssigner, \
+             TaskAlignedAssigner, PseudoSampler, RandomSampler)"
         ),
     })
 }

@@ -270,6 +270,41 @@ for dt in [torch.float32, torch.float64]:
 fcos_case("fcos_radius_2_5_points_f32_gts_f64", FCOS_RADIUS, [[6, 8], [3, 4]], GTS_B[1:], torch.float32, torch.float64)
 fcos_case("fcos_no_gt_at_all_float32", FCOS_DEFAULT, SIZES5, [([], []), ([], [])], torch.float32, torch.float32)
 
+# ---- TaskAlignedAssigner ----
+def tal_case(name, cfg, priors, decoded, scores, gt_boxes, gt_labels, alpha, beta):
+    a = TASK_UTILS.build(dict(cfg))
+    gt = InstanceData(bboxes=gt_boxes, labels=gt_labels)
+    r = a.assign(InstanceData(priors=priors, bboxes=decoded, scores=scores), gt, None, alpha, beta)
+    case(name, "TaskAlignedAssigner", cfg,
+         "TASK_UTILS.build(config).assign(InstanceData(priors, bboxes=decoded, scores), InstanceData(bboxes=gt_bboxes, labels=gt_labels), None, alpha, beta)",
+         {"alpha": alpha, "beta": beta},
+         {"priors": priors, "decoded": decoded, "scores": scores, "gt_bboxes": gt_boxes, "gt_labels": gt_labels},
+         {"gt_inds": r.gt_inds, "max_overlaps": r.max_overlaps, "labels": r.labels, "assign_metrics": r.assign_metrics})
+
+
+tg = torch.Generator().manual_seed(7)
+ys, xs = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+cx, cy = (xs.reshape(-1) + 0.5) * 8, (ys.reshape(-1) + 0.5) * 8
+for dt in [torch.float32, torch.float64]:
+    tag = str(dt).replace("torch.", "")
+    priors = torch.stack([cx - 16, cy - 16, cx + 16, cy + 16], -1).to(dt)
+    noise = (torch.rand(64, 4, generator=tg, dtype=torch.float64) - 0.5) * 12
+    decoded = (priors.double() + noise).to(dt)
+    scores = torch.rand(64, 4, generator=tg, dtype=torch.float64).to(dt)
+    gts = torch.tensor([[5, 6, 40, 44], [30, 8, 62, 30], [12, 36, 28, 60], [44, 40, 60, 62]], dtype=dt)
+    labels = torch.tensor([0, 2, 1, 3])
+    for topk, (al, be) in [(13, (1, 6)), (3, (1, 6)), (9, (2, 4))]:
+        tal_case(f"tal_topk{topk}_a{al}_b{be}_{tag}", {"type": "TaskAlignedAssigner", "topk": topk},
+                 priors, decoded, scores, gts, labels, al, be)
+    # identical ground truths (the first wins), a box with no prior centre inside, one gt, none
+    tal_case(f"tal_duplicate_and_tiny_gts_{tag}", {"type": "TaskAlignedAssigner", "topk": 13}, priors, decoded, scores,
+             torch.tensor([[5, 6, 40, 44], [5, 6, 40, 44], [9, 9, 11, 11], [20, 20, 52, 52]], dtype=dt),
+             torch.tensor([1, 1, 0, 2]), 1, 6)
+    tal_case(f"tal_one_gt_topk_over_priors_{tag}", {"type": "TaskAlignedAssigner", "topk": 100}, priors, decoded,
+             scores, gts[:1], labels[:1], 1, 6)
+    tal_case(f"tal_no_gt_{tag}", {"type": "TaskAlignedAssigner", "topk": 13}, priors, decoded, scores,
+             gts[:0], labels[:0], 1, 6)
+
 assert not CALLED, CALLED
 counts = {}
 for c in CASES:

@@ -37,6 +37,7 @@ fn point_case_counts() {
         ("DistancePointBBoxCoder.encode", 10),
         ("DistancePointBBoxCoder.decode", 26),
         ("FCOSHead", 6),
+        ("TaskAlignedAssigner", 12),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -310,6 +311,112 @@ fn fcos_head_targets() {
                 &output(case, "pos_decoded_target_preds"),
                 0.0,
             );
+        }
+    }
+}
+
+fn tal_check(
+    name: &str,
+    case: &Value,
+    r: &tch_detloss::task_modules::TaskAlignedAssignResult,
+    i: i64,
+) {
+    let res = &r.result;
+    assert_same(
+        &format!("{name} gt_inds"),
+        &res.gt_inds.get(i),
+        &output(case, "gt_inds"),
+        0.0,
+    );
+    assert_same(
+        &format!("{name} labels"),
+        &res.labels.get(i),
+        &output(case, "labels"),
+        0.0,
+    );
+    assert_same(
+        &format!("{name} max_overlaps"),
+        &res.max_overlaps.get(i),
+        &output(case, "max_overlaps"),
+        0.0,
+    );
+    assert_same(
+        &format!("{name} assign_metrics"),
+        &r.assign_metrics.get(i),
+        &output(case, "assign_metrics"),
+        0.0,
+    );
+}
+
+#[test]
+fn task_aligned_assigner() {
+    use tch::Tensor;
+    use tch_detloss::task_modules::{GtBatch, TaskAlignedAssigner};
+    let cases = family("TaskAlignedAssigner");
+    assert_eq!(cases.len(), 12);
+    let gts_of = |case: &Value| {
+        GtBatch::pad(&[input(case, "gt_bboxes")], &[input(case, "gt_labels")]).unwrap()
+    };
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let TaskModule::TaskAlignedAssigner(mut a) = build(&case["config"]).unwrap() else {
+            panic!("{name}: not a TaskAlignedAssigner");
+        };
+        let (alpha, beta) = (
+            case["args"]["alpha"].as_f64().unwrap(),
+            case["args"]["beta"].as_f64().unwrap(),
+        );
+        for chunk in [a.chunk_elements, 1] {
+            a.chunk_elements = chunk;
+            let r = a
+                .assign(
+                    &input(case, "priors"),
+                    &input(case, "decoded").unsqueeze(0),
+                    &input(case, "scores").unsqueeze(0),
+                    &gts_of(case),
+                    alpha,
+                    beta,
+                    None,
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            tal_check(&format!("{name} (chunk {chunk})"), case, &r, 0);
+        }
+    }
+    // Three images with 4, 4 and no ground truths in one batch: each row as alone.
+    for dtype in ["float32", "float64"] {
+        let names = [
+            "tal_topk13_a1_b6",
+            "tal_duplicate_and_tiny_gts",
+            "tal_no_gt",
+        ];
+        let batch: Vec<&Value> = names
+            .iter()
+            .map(|n| {
+                *cases
+                    .iter()
+                    .find(|c| c["name"] == format!("{n}_{dtype}"))
+                    .unwrap()
+            })
+            .collect();
+        let boxes: Vec<Tensor> = batch.iter().map(|c| input(c, "gt_bboxes")).collect();
+        let labels: Vec<Tensor> = batch.iter().map(|c| input(c, "gt_labels")).collect();
+        let gts = GtBatch::pad(&boxes, &labels).unwrap();
+        let stack =
+            |k: &str| Tensor::stack(&batch.iter().map(|c| input(c, k)).collect::<Vec<_>>(), 0);
+        let a = TaskAlignedAssigner::from_config(&batch[0]["config"]).unwrap();
+        let r = a
+            .assign(
+                &input(batch[0], "priors"),
+                &stack("decoded"),
+                &stack("scores"),
+                &gts,
+                1.0,
+                6.0,
+                None,
+            )
+            .unwrap();
+        for (i, c) in batch.iter().enumerate() {
+            tal_check(&format!("batched {}", c["name"]), c, &r, i as i64);
         }
     }
 }

@@ -8,12 +8,14 @@
 
 mod atss;
 mod max_iou;
+mod task_aligned;
 
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
 pub use atss::ATSSAssigner;
 pub use max_iou::{MaxIoUAssigner, NegIouThr};
+pub use task_aligned::{TaskAlignedAssignResult, TaskAlignedAssigner};
 
 /// The default size, in elements, of one `(B, N, chunk of G)` intermediate: above it assigners
 /// work through the ground truths in chunks (each assigner's `chunk_elements`).
