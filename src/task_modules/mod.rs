@@ -21,8 +21,8 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 pub use assigners::{
-    bbox_overlaps, ATSSAssigner, AssignResult, GtBatch, MaxIoUAssigner, NegIouThr,
-    TaskAlignedAssignResult, TaskAlignedAssigner, CHUNK_ELEMENTS,
+    bbox_overlaps, ATSSAssigner, AssignResult, DynamicSoftLabelAssigner, GtBatch, MaxIoUAssigner,
+    NegIouThr, TaskAlignedAssignResult, TaskAlignedAssigner, CHUNK_ELEMENTS,
 };
 pub use coders::{
     bbox2distance, distance2bbox, DeltaXYWHBBoxCoder, DistancePointBBoxCoder, MaxShape,
@@ -50,6 +50,8 @@ pub enum TaskModule {
     MaxIoUAssigner(MaxIoUAssigner),
     /// `TaskAlignedAssigner`.
     TaskAlignedAssigner(TaskAlignedAssigner),
+    /// `DynamicSoftLabelAssigner`.
+    DynamicSoftLabelAssigner(DynamicSoftLabelAssigner),
     /// `PseudoSampler`.
     PseudoSampler(PseudoSampler),
     /// `RandomSampler` (drawing on the device; see [`RandomSampler::with_mode`]).
@@ -73,6 +75,9 @@ pub fn build(config: &Value) -> Result<TaskModule> {
         }
         Some("ATSSAssigner") => TaskModule::ATSSAssigner(ATSSAssigner::from_config(config)?),
         Some("MaxIoUAssigner") => TaskModule::MaxIoUAssigner(MaxIoUAssigner::from_config(config)?),
+        Some("DynamicSoftLabelAssigner") => {
+            TaskModule::DynamicSoftLabelAssigner(DynamicSoftLabelAssigner::from_config(config)?)
+        }
         Some("TaskAlignedAssigner") => {
             TaskModule::TaskAlignedAssigner(TaskAlignedAssigner::from_config(config)?)
         }
@@ -81,7 +86,7 @@ pub fn build(config: &Value) -> Result<TaskModule> {
         other => bail!(
             "unknown task module type {other:?} (known: AnchorGenerator, MlvlPointGenerator, \
              DeltaXYWHBBoxCoder, DistancePointBBoxCoder, ATSSAssigner, MaxIoUAssigner, \
-             TaskAlignedAssigner, PseudoSampler, RandomSampler)"
+             TaskAlignedAssigner, DynamicSoftLabelAssigner, PseudoSampler, RandomSampler)"
         ),
     })
 }

@@ -305,6 +305,41 @@ for dt in [torch.float32, torch.float64]:
     tal_case(f"tal_no_gt_{tag}", {"type": "TaskAlignedAssigner", "topk": 13}, priors, decoded, scores,
              gts[:0], labels[:0], 1, 6)
 
+# ---- DynamicSoftLabelAssigner ----
+def dsl_case(name, cfg, priors, decoded, scores, gt_boxes, gt_labels):
+    a = TASK_UTILS.build(dict(cfg))
+    r = a.assign(InstanceData(priors=priors, bboxes=decoded, scores=scores),
+                 InstanceData(bboxes=gt_boxes, labels=gt_labels))
+    case(name, "DynamicSoftLabelAssigner", cfg,
+         "TASK_UTILS.build(config).assign(InstanceData(priors, bboxes=decoded, scores), InstanceData(bboxes=gt_bboxes, labels=gt_labels))",
+         {}, {"priors": priors, "decoded": decoded, "scores": scores, "gt_bboxes": gt_boxes, "gt_labels": gt_labels},
+         {"gt_inds": r.gt_inds, "max_overlaps": r.max_overlaps, "labels": r.labels})
+
+
+dg = torch.Generator().manual_seed(11)
+point_gen = TASK_UTILS.build(dict(type="MlvlPointGenerator", offset=0, strides=[8, 16, 32]))
+for dt in [torch.float32, torch.float64]:
+    tag = str(dt).replace("torch.", "")
+    priors = torch.cat(point_gen.grid_priors([(8, 8), (4, 4), (2, 2)], dtype=dt, device="cpu", with_stride=True))
+    n = priors.size(0)
+    dist_ = (torch.rand(n, 4, generator=dg, dtype=torch.float64) * 2.5 + 0.2).to(dt) * priors[:, 2:3]
+    decoded = torch.cat([priors[:, :2] - dist_[:, :2], priors[:, :2] + dist_[:, 2:]], -1)
+    scores = torch.randn(n, 3, generator=dg, dtype=torch.float64).to(dt)
+    gts = torch.tensor([[2, 3, 30, 28], [20, 10, 60, 50], [5, 34, 25, 62], [40, 44, 63, 63], [0, 0, 64, 64]], dtype=dt)
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    # MMDetection raises for float64 predictions once a prior matches (its float32
+    # max_overlaps takes no float64 IoU): those cases are float32 only.
+    if dt == torch.float32:
+        dsl_case(f"dsl_rtmdet_{tag}", {"type": "DynamicSoftLabelAssigner", "topk": 13}, priors, decoded, scores, gts, labels)
+        dsl_case(f"dsl_radius2_iouw2_topk5_{tag}", {"type": "DynamicSoftLabelAssigner", "topk": 5,
+                 "soft_center_radius": 2.0, "iou_weight": 2.0}, priors, decoded, scores, gts[:4], labels[:4])
+        dsl_case(f"dsl_duplicate_gts_{tag}", {"type": "DynamicSoftLabelAssigner", "topk": 13}, priors, decoded, scores,
+                 torch.tensor([[20, 10, 60, 50], [20, 10, 60, 50], [3, 3, 5, 5]], dtype=dt), torch.tensor([2, 1, 0]))
+    dsl_case(f"dsl_no_candidate_{tag}", {"type": "DynamicSoftLabelAssigner", "topk": 13}, priors, decoded, scores,
+             torch.tensor([[1, 1, 3, 3]], dtype=dt), torch.tensor([0]))
+    dsl_case(f"dsl_no_gt_{tag}", {"type": "DynamicSoftLabelAssigner", "topk": 13}, priors, decoded, scores,
+             gts[:0], labels[:0])
+
 assert not CALLED, CALLED
 counts = {}
 for c in CASES:

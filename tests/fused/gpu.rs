@@ -430,6 +430,69 @@ fn fcos_targets_and_losses_never_synchronize() {
     assert!(t.bbox_targets.equal(&chunked.bbox_targets));
 }
 
+/// TOOD's and RTMDet's assigners over a batch, chunked over the ground truths too, read nothing
+/// back.
+#[test]
+fn point_assigners_never_synchronize() {
+    use tch_detloss::cuda::{sync_debug, SyncDebugMode};
+    use tch_detloss::task_modules::{
+        DynamicSoftLabelAssigner, GtBatch, MlvlPointGenerator, TaskAlignedAssigner,
+    };
+    let d = cuda();
+    let gen = MlvlPointGenerator::from_config(
+        &serde_json::json!({"type": "MlvlPointGenerator", "offset": 0, "strides": [8, 16, 32]}),
+    )
+    .unwrap();
+    let priors = Tensor::cat(
+        &gen.grid_priors(&[(16, 16), (8, 8), (4, 4)], Kind::Float, d, true)
+            .unwrap(),
+        0,
+    );
+    let n = priors.size()[0];
+    let xy = priors.narrow(1, 0, 2).unsqueeze(0);
+    let dist = Tensor::rand([2, n, 4], (Kind::Float, d)) * 20.0 + 1.0;
+    let decoded = Tensor::cat(&[&xy - dist.narrow(2, 0, 2), &xy + dist.narrow(2, 2, 2)], 2);
+    let scores = Tensor::randn([2, n, 3], (Kind::Float, d));
+    let boxes = [
+        Tensor::from_slice(&[10.0f32, 12.0, 50.0, 60.0, 60.0, 20.0, 100.0, 90.0])
+            .view([2, 4])
+            .to_device(d),
+        Tensor::from_slice(&[30.0f32, 30.0, 90.0, 70.0])
+            .view([1, 4])
+            .to_device(d),
+    ];
+    let labels = [
+        Tensor::from_slice(&[0i64, 2]).to_device(d),
+        Tensor::from_slice(&[1i64]).to_device(d),
+    ];
+    let gts = GtBatch::pad(&boxes, &labels).unwrap();
+    let mut tal = TaskAlignedAssigner::from_config(
+        &serde_json::json!({"type": "TaskAlignedAssigner", "topk": 13}),
+    )
+    .unwrap();
+    let mut dsl = DynamicSoftLabelAssigner::from_config(
+        &serde_json::json!({"type": "DynamicSoftLabelAssigner", "topk": 13}),
+    )
+    .unwrap();
+    let anchors = Tensor::cat(&[&xy.squeeze_dim(0) - 16.0, &xy.squeeze_dim(0) + 16.0], 1);
+    tch::Cuda::synchronize(0);
+    let guard = sync_debug(SyncDebugMode::Error).unwrap();
+    let a = tal
+        .assign(&anchors, &decoded, &scores.sigmoid(), &gts, 1.0, 6.0, None)
+        .unwrap();
+    let b = dsl.assign(&priors, &decoded, &scores, &gts).unwrap();
+    tal.chunk_elements = 1;
+    dsl.chunk_elements = 1;
+    let a1 = tal
+        .assign(&anchors, &decoded, &scores.sigmoid(), &gts, 1.0, 6.0, None)
+        .unwrap();
+    let b1 = dsl.assign(&priors, &decoded, &scores, &gts).unwrap();
+    drop(guard);
+    tch::Cuda::synchronize(0);
+    assert!(a.result.gt_inds.equal(&a1.result.gt_inds));
+    assert!(b.gt_inds.equal(&b1.gt_inds));
+}
+
 /// A CUDA trace of a fused forward and backward holds our kernels by name, next to the loss's
 /// range and backward node.
 #[test]

@@ -38,6 +38,7 @@ fn point_case_counts() {
         ("DistancePointBBoxCoder.decode", 26),
         ("FCOSHead", 6),
         ("TaskAlignedAssigner", 12),
+        ("DynamicSoftLabelAssigner", 7),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -418,5 +419,91 @@ fn task_aligned_assigner() {
         for (i, c) in batch.iter().enumerate() {
             tal_check(&format!("batched {}", c["name"]), c, &r, i as i64);
         }
+    }
+}
+
+fn dsl_check(name: &str, case: &Value, r: &tch_detloss::task_modules::AssignResult, i: i64) {
+    assert_same(
+        &format!("{name} gt_inds"),
+        &r.gt_inds.get(i),
+        &output(case, "gt_inds"),
+        0.0,
+    );
+    assert_same(
+        &format!("{name} labels"),
+        &r.labels.get(i),
+        &output(case, "labels"),
+        0.0,
+    );
+    let want = output(case, "max_overlaps");
+    let got = r.max_overlaps.get(i);
+    // MMDetection's per-image early return gives zeros of the predictions' dtype; in a batch
+    // with ground truths they are float32 (README).
+    let got =
+        if got.kind() != want.kind() && case["name"].as_str().unwrap().contains("no_candidate") {
+            assert_eq!(got.kind(), tch::Kind::Float, "{name}");
+            got.to_kind(want.kind())
+        } else {
+            got
+        };
+    assert_same(&format!("{name} max_overlaps"), &got, &want, 0.0);
+}
+
+#[test]
+fn dynamic_soft_label_assigner() {
+    use tch::Tensor;
+    use tch_detloss::task_modules::{DynamicSoftLabelAssigner, GtBatch};
+    let cases = family("DynamicSoftLabelAssigner");
+    assert_eq!(cases.len(), 7);
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let TaskModule::DynamicSoftLabelAssigner(mut a) = build(&case["config"]).unwrap() else {
+            panic!("{name}: not a DynamicSoftLabelAssigner");
+        };
+        let gts = GtBatch::pad(&[input(case, "gt_bboxes")], &[input(case, "gt_labels")]).unwrap();
+        for chunk in [a.chunk_elements, 1] {
+            a.chunk_elements = chunk;
+            let r = a
+                .assign(
+                    &input(case, "priors"),
+                    &input(case, "decoded").unsqueeze(0),
+                    &input(case, "scores").unsqueeze(0),
+                    &gts,
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            dsl_check(&format!("{name} (chunk {chunk})"), case, &r, 0);
+        }
+    }
+    // Four images of one batch (5, 3, 1 and no ground truths): each row as alone.
+    let names = [
+        "dsl_rtmdet",
+        "dsl_duplicate_gts",
+        "dsl_no_candidate",
+        "dsl_no_gt",
+    ];
+    let batch: Vec<&Value> = names
+        .iter()
+        .map(|n| {
+            *cases
+                .iter()
+                .find(|c| c["name"] == format!("{n}_float32"))
+                .unwrap()
+        })
+        .collect();
+    let boxes: Vec<Tensor> = batch.iter().map(|c| input(c, "gt_bboxes")).collect();
+    let labels: Vec<Tensor> = batch.iter().map(|c| input(c, "gt_labels")).collect();
+    let gts = GtBatch::pad(&boxes, &labels).unwrap();
+    let stack = |k: &str| Tensor::stack(&batch.iter().map(|c| input(c, k)).collect::<Vec<_>>(), 0);
+    let a = DynamicSoftLabelAssigner::from_config(&batch[0]["config"]).unwrap();
+    let r = a
+        .assign(
+            &input(batch[0], "priors"),
+            &stack("decoded"),
+            &stack("scores"),
+            &gts,
+        )
+        .unwrap();
+    for (i, c) in batch.iter().enumerate() {
+        dsl_check(&format!("batched {}", c["name"]), c, &r, i as i64);
     }
 }

@@ -7,6 +7,7 @@
 //! chunks of ground truths when it is large.
 
 mod atss;
+mod dynamic_soft_label;
 mod max_iou;
 mod task_aligned;
 
@@ -14,6 +15,7 @@ use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
 pub use atss::ATSSAssigner;
+pub use dynamic_soft_label::DynamicSoftLabelAssigner;
 pub use max_iou::{MaxIoUAssigner, NegIouThr};
 pub use task_aligned::{TaskAlignedAssignResult, TaskAlignedAssigner};
 
