@@ -1,6 +1,7 @@
 //! The training targets of MMDetection's dense heads, batched over images as masks over all
 //! priors: the anchor-based heads here (`mmdet/models/dense_heads/anchor_head.py` and
-//! `atss_head.py`: `get_targets`), FCOS's in [`FCOSHeadTargets`] (`fcos_head.py`).
+//! `atss_head.py`: `get_targets`), FCOS's in [`FCOSHeadTargets`] (`fcos_head.py`), RTMDet's in
+//! [`RTMDetHeadTargets`] (`rtmdet_head.py`).
 //!
 //! MMDetection runs its heads' target code image by image on the anchors inside each image and
 //! then maps the results back to all anchors. Here the assigner sees all anchors with a
@@ -18,7 +19,9 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 mod fcos;
+mod rtmdet;
 pub use fcos::{centerness_target as fcos_centerness_target, FCOSHeadTargets, FcosTargets, INF};
+pub use rtmdet::{RTMDetHeadTargets, RtmdetTargets};
 
 use crate::task_modules::{
     ATSSAssigner, AnchorGenerator, AssignResult, DeltaXYWHBBoxCoder, GtBatch, MaxIoUAssigner,

@@ -3,15 +3,18 @@ point_cases.json.
 
 MlvlPointGenerator (grid_priors with and without stride, valid_flags, sparse_priors) and
 DistancePointBBoxCoder (encode = bbox2distance with max_dis and eps, decode = distance2bbox with
-max_shape as one image, per image of a batch, or none) and FCOSHead (get_targets, and the inputs
+max_shape as one image, per image of a batch, or none) FCOSHead (get_targets, and the inputs
 its loss_by_feat hands to its three losses, recorded by wrappers around the loss modules),
+TaskAlignedAssigner, DynamicSoftLabelAssigner and RTMDetHead (what its loss_by_feat hands its
+losses, and its two divisors),
 computed by the real, unmodified
 MMDetection 3.3.0 from its wheel, imported as for pipeline_cases.json (README.md): mmcv from
 mmcv-lite 2.1.0 with mmcv.ops served by stubs that raise if called; mmdet.models,
 mmdet.models.losses, mmdet.models.dense_heads and mmdet.models.layers as bare packages (their
 __init__ files do not run), then mmdet.models.task_modules (whose __init__ registers every prior
-generator and coder), mmdet.models.utils, mmdet.models.layers.normed_predictor, the three loss
-modules and mmdet.models.dense_heads.fcos_head imported unmodified; objects built with
+generator and coder), mmdet.models.utils, mmdet.models.layers.normed_predictor, the four loss
+modules and mmdet.models.dense_heads.fcos_head, mmdet.models.layers.transformer and
+mmdet.models.dense_heads.rtmdet_head imported unmodified; objects built with
 mmdet.registry.TASK_UTILS.build / MODELS.build from their config dicts (FCOSHead in full, with
 feat_channels=32 to keep its unused conv tower small).
 
@@ -74,9 +77,11 @@ importlib.import_module("mmdet.models.task_modules")
 importlib.import_module("mmdet.models.utils")
 sys.modules["mmdet.models.layers"].NormedConv2d = importlib.import_module(
     "mmdet.models.layers.normed_predictor").NormedConv2d
-for _m in ["focal_loss", "iou_loss", "cross_entropy_loss"]:
+for _m in ["focal_loss", "iou_loss", "cross_entropy_loss", "gfocal_loss"]:
     importlib.import_module("mmdet.models.losses." + _m)
 importlib.import_module("mmdet.models.dense_heads.fcos_head")
+importlib.import_module("mmdet.models.layers.transformer")
+importlib.import_module("mmdet.models.dense_heads.rtmdet_head")
 from mmengine.structures import InstanceData  # noqa: E402
 from mmdet.registry import MODELS, TASK_UTILS  # noqa: E402
 
@@ -339,6 +344,81 @@ for dt in [torch.float32, torch.float64]:
              torch.tensor([[1, 1, 3, 3]], dtype=dt), torch.tensor([0]))
     dsl_case(f"dsl_no_gt_{tag}", {"type": "DynamicSoftLabelAssigner", "topk": 13}, priors, decoded, scores,
              gts[:0], labels[:0])
+
+# ---- RTMDetHead ----
+def rtm_case(name, cfg, featmap_sizes, gts, metas):
+    head = MODELS.build(dict(cfg, in_channels=32, feat_channels=32, stacked_convs=1))
+    seen = {"cls": [], "bbox": []}
+    one = torch.tensor(1.0, dtype=torch.float64)
+
+    def rec_cls(pred, target, weight=None, avg_factor=None, **kw):
+        seen["cls"].append((target[0].clone(), target[1].detach().clone(), weight.detach().clone(), avg_factor))
+        return one.clone()
+
+    def rec_bbox(pred, target, weight=None, avg_factor=None, **kw):
+        seen["bbox"].append((target.detach().clone(), weight.detach().clone(), avg_factor))
+        return one.clone()
+
+    head.loss_cls.forward = rec_cls
+    head.loss_bbox.forward = rec_bbox
+    b = len(gts)
+    pg = torch.Generator().manual_seed(100 + len(CASES))
+    strides = head.prior_generator.strides
+    cls = [torch.randn(b, cfg["num_classes"], h, w, generator=pg) for h, w in featmap_sizes]
+    box = [torch.rand(b, 4, h, w, generator=pg).mul(2.5).add(0.3).mul(s[0]) for (h, w), s in zip(featmap_sizes, strides)]
+    inst = [InstanceData(bboxes=torch.tensor(g[0], dtype=torch.float32).reshape(-1, 4),
+                         labels=torch.tensor(g[1], dtype=torch.int64)) for g in gts]
+    out = head.loss_by_feat(cls, box, inst, metas)
+    outs = {}
+    for i, (lab, met, lw, af) in enumerate(seen["cls"]):
+        assert af == 1.0
+        outs[f"labels.level{i}"] = lab
+        outs[f"assign_metrics.level{i}"] = met
+        outs[f"label_weights.level{i}"] = lw
+    pos_t = [t for t, _, _ in seen["bbox"]]
+    pos_w = [w for _, w, _ in seen["bbox"]]
+    if pos_t:
+        outs["pos_bbox_targets"] = torch.cat(pos_t)
+        outs["pos_bbox_weights"] = torch.cat(pos_w)
+    # loss_by_feat divides each level's loss by its divisor: our losses return 1.
+    cls_div = [1.0 / float(x) for x in out["loss_cls"]]
+    outs["cls_avg_factor"] = torch.tensor(cls_div[0], dtype=torch.float32)
+    bbox_div = [1.0 / float(x) for x in out["loss_bbox"] if float(x) != 0.0]
+    if bbox_div:
+        outs["bbox_avg_factor"] = torch.tensor(bbox_div[0], dtype=torch.float32)
+    inputs = {}
+    for lvl, (c_, b_) in enumerate(zip(cls, box)):
+        inputs[f"cls_scores.level{lvl}"] = c_
+        inputs[f"bbox_preds.level{lvl}"] = b_
+    for j, g in enumerate(gts):
+        inputs[f"gt_bboxes.img{j}"] = inst[j].bboxes
+        inputs[f"gt_labels.img{j}"] = inst[j].labels
+    case(name, "RTMDetHead", cfg,
+         "head = MODELS.build(config + in/feat_channels 32, stacked_convs 1); head.loss_by_feat(cls_scores, bbox_preds, gts, metas) "
+         "with its two losses recording their inputs and returning 1",
+         {"featmap_sizes": featmap_sizes, "images": b, "metas": [[list(m["img_shape"]), list(m["pad_shape"])] for m in metas]},
+         inputs, outs)
+
+
+RTM = {"type": "RTMDetHead", "num_classes": 3,
+       "anchor_generator": {"type": "MlvlPointGenerator", "offset": 0, "strides": [8, 16, 32]},
+       "bbox_coder": {"type": "DistancePointBBoxCoder"},
+       "loss_cls": {"type": "QualityFocalLoss", "use_sigmoid": True, "beta": 2.0, "loss_weight": 1.0},
+       "loss_bbox": {"type": "GIoULoss", "loss_weight": 2.0},
+       "train_cfg": {"assigner": {"type": "DynamicSoftLabelAssigner", "topk": 13},
+                     "allowed_border": -1, "pos_weight": -1, "debug": False}}
+RTM_BORDER = json.loads(json.dumps(RTM))
+RTM_BORDER["train_cfg"].update({"allowed_border": 0, "pos_weight": 2.0})
+RTM_BORDER["train_cfg"]["assigner"].update({"topk": 5, "soft_center_radius": 2.5})
+GTS_R = [
+    ([[2, 3, 30, 28], [20, 10, 60, 50], [5, 34, 25, 62]], [0, 2, 1]),
+    ([[40, 44, 63, 63], [0, 0, 64, 64], [30, 30, 33, 33], [10, 40, 50, 60]], [1, 0, 2, 2]),
+    ([], []),
+]
+M = [{"img_shape": (64, 64), "pad_shape": (64, 64)}, {"img_shape": (50, 60), "pad_shape": (56, 64)},
+     {"img_shape": (64, 64), "pad_shape": (64, 64)}]
+rtm_case("rtmdet_default", RTM, [[8, 8], [4, 4], [2, 2]], GTS_R, M)
+rtm_case("rtmdet_border0_posweight2_topk5", RTM_BORDER, [[8, 8], [4, 4], [2, 2]], GTS_R[:2], M[:2])
 
 assert not CALLED, CALLED
 counts = {}

@@ -480,13 +480,13 @@ fn point_assigners_never_synchronize() {
     let a = tal
         .assign(&anchors, &decoded, &scores.sigmoid(), &gts, 1.0, 6.0, None)
         .unwrap();
-    let b = dsl.assign(&priors, &decoded, &scores, &gts).unwrap();
+    let b = dsl.assign(&priors, &decoded, &scores, &gts, None).unwrap();
     tal.chunk_elements = 1;
     dsl.chunk_elements = 1;
     let a1 = tal
         .assign(&anchors, &decoded, &scores.sigmoid(), &gts, 1.0, 6.0, None)
         .unwrap();
-    let b1 = dsl.assign(&priors, &decoded, &scores, &gts).unwrap();
+    let b1 = dsl.assign(&priors, &decoded, &scores, &gts, None).unwrap();
     drop(guard);
     tch::Cuda::synchronize(0);
     assert!(a.result.gt_inds.equal(&a1.result.gt_inds));

@@ -39,6 +39,7 @@ fn point_case_counts() {
         ("FCOSHead", 6),
         ("TaskAlignedAssigner", 12),
         ("DynamicSoftLabelAssigner", 7),
+        ("RTMDetHead", 2),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -469,6 +470,7 @@ fn dynamic_soft_label_assigner() {
                     &input(case, "decoded").unsqueeze(0),
                     &input(case, "scores").unsqueeze(0),
                     &gts,
+                    None,
                 )
                 .unwrap_or_else(|e| panic!("{name}: {e:#}"));
             dsl_check(&format!("{name} (chunk {chunk})"), case, &r, 0);
@@ -501,9 +503,137 @@ fn dynamic_soft_label_assigner() {
             &stack("decoded"),
             &stack("scores"),
             &gts,
+            None,
         )
         .unwrap();
     for (i, c) in batch.iter().enumerate() {
         dsl_check(&format!("batched {}", c["name"]), c, &r, i as i64);
+    }
+}
+
+#[test]
+fn rtmdet_head_targets() {
+    use tch::{Kind, Tensor};
+    use tch_detloss::dense_heads::{ImageMeta, RTMDetHeadTargets};
+    use tch_detloss::task_modules::GtBatch;
+    let cases = family("RTMDetHead");
+    assert_eq!(cases.len(), 2);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let head = RTMDetHeadTargets::from_config(&case["config"])
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let a = &case["args"];
+        let sizes = pairs(&a["featmap_sizes"]);
+        let images = a["images"].as_i64().unwrap();
+        let metas: Vec<ImageMeta> = a["metas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let p = pairs(m);
+                ImageMeta {
+                    img_shape: p[0],
+                    pad_shape: p[1],
+                }
+            })
+            .collect();
+        let (priors, valid, counts) = head.priors(&sizes, &metas, Device::Cpu).unwrap();
+        // The head's outputs flattened as loss_by_feat does: (B, N, C) and (B, N, 4).
+        let flat = |k: &str, c: i64| {
+            let levels: Vec<Tensor> = (0..sizes.len())
+                .map(|l| {
+                    input(case, &format!("{k}.level{l}"))
+                        .permute([0, 2, 3, 1])
+                        .reshape([images, -1, c])
+                })
+                .collect();
+            Tensor::cat(&levels, 1)
+        };
+        let num_classes = head.num_classes;
+        let cls = flat("cls_scores", num_classes);
+        let decoded = head.decode(&priors, &flat("bbox_preds", 4)).unwrap();
+        let boxes: Vec<Tensor> = (0..images)
+            .map(|j| input(case, &format!("gt_bboxes.img{j}")))
+            .collect();
+        let labels: Vec<Tensor> = (0..images)
+            .map(|j| input(case, &format!("gt_labels.img{j}")))
+            .collect();
+        let gts = GtBatch::pad(&boxes, &labels).unwrap();
+        let t = head
+            .targets(&priors, &counts, &valid, &metas, &decoded, &cls, &gts)
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        for (key, ours) in [
+            ("labels", &t.labels),
+            ("assign_metrics", &t.assign_metrics),
+            ("label_weights", &t.label_weights),
+        ] {
+            for (l, lvl) in t.levels(ours).unwrap().iter().enumerate() {
+                let k = format!("{key}.level{l}");
+                assert_same(
+                    &format!("{name} {k}"),
+                    &lvl.flatten(0, 1),
+                    &output(case, &k),
+                    0.0,
+                );
+            }
+        }
+        let pos = mmdet_order(&t.pos_mask, &counts);
+        let rows = pos.nonzero().squeeze_dim(1);
+        let pos_targets = mmdet_order(&t.bbox_targets, &counts).index_select(0, &rows);
+        assert_same(
+            &format!("{name} pos_bbox_targets"),
+            &pos_targets,
+            &output(case, "pos_bbox_targets"),
+            0.0,
+        );
+        let pos_w = mmdet_order(&t.assign_metrics, &counts).index_select(0, &rows);
+        assert_same(
+            &format!("{name} pos_bbox_weights"),
+            &pos_w,
+            &output(case, "pos_bbox_weights"),
+            0.0,
+        );
+        // The divisors are sums over the positives in another order than MMDetection's
+        // (per level, then over levels): within 2 P units in the last place (see FCOS).
+        let (cls_avg, bbox_avg) = t.avg_factors().unwrap();
+        let p = 2.0 * rows.size()[0] as f64;
+        assert_same(
+            &format!("{name} cls_avg_factor"),
+            &cls_avg,
+            &output(case, "cls_avg_factor"),
+            p,
+        );
+        assert_same(
+            &format!("{name} bbox_avg_factor"),
+            &bbox_avg,
+            &output(case, "bbox_avg_factor"),
+            p,
+        );
+        assert_eq!(cls_avg.kind(), Kind::Float);
+        // Batched against image by image.
+        for j in 0..images {
+            let one = GtBatch::pad(
+                &boxes[j as usize..=j as usize],
+                &labels[j as usize..=j as usize],
+            )
+            .unwrap();
+            let alone = head
+                .targets(
+                    &priors,
+                    &counts,
+                    &valid.narrow(0, j, 1),
+                    &metas[j as usize..=j as usize],
+                    &decoded.narrow(0, j, 1),
+                    &cls.narrow(0, j, 1),
+                    &one,
+                )
+                .unwrap();
+            assert!(
+                alone.labels.get(0).equal(&t.labels.get(j))
+                    && alone.assign_metrics.get(0).equal(&t.assign_metrics.get(j))
+                    && alone.bbox_targets.get(0).equal(&t.bbox_targets.get(j)),
+                "{name}: image {j} alone differs from its row of the batch"
+            );
+        }
     }
 }

@@ -55,7 +55,7 @@ fn thirteen() -> i64 {
 /// let decoded = Tensor::from_slice(&[0.0f32, 0.0, 9.0, 9.0, 16.0, 16.0, 24.0, 24.0]).view([1, 2, 4]);
 /// let scores = Tensor::from_slice(&[2.0f32, -1.0, -1.0, 0.5]).view([1, 2, 2]);
 /// let gts = GtBatch::pad(&[Tensor::from_slice(&[0.0f32, 0.0, 10.0, 10.0]).view([1, 4])], &[Tensor::from_slice(&[0i64])])?;
-/// let r = a.assign(&priors, &decoded, &scores, &gts)?;
+/// let r = a.assign(&priors, &decoded, &scores, &gts, None)?;
 /// assert_eq!(Vec::<i64>::try_from(r.gt_inds.view([-1]))?, [1, 0]);
 /// # anyhow::Ok(())
 /// ```
@@ -99,12 +99,15 @@ impl DynamicSoftLabelAssigner {
 
     /// Assigns the priors `(N, 4)` — points with strides, `(x, y, stride_w, stride_h)` — of a
     /// batch given the decoded predictions `(B, N, 4)` and the class logits `(B, N, C)`.
+    /// `inside` `(B, N)`: priors outside are never candidates (as when MMDetection's heads pass
+    /// only the inside ones) and come out negative.
     pub fn assign(
         &self,
         priors: &Tensor,
         decoded: &Tensor,
         scores: &Tensor,
         gts: &GtBatch,
+        inside: Option<&Tensor>,
     ) -> Result<AssignResult> {
         let (b, g) = gts.dims()?;
         ensure!(
@@ -125,6 +128,14 @@ impl DynamicSoftLabelAssigner {
             "DynamicSoftLabelAssigner: scores {ss:?} {:?}, need floating [{b}, {n}, C]",
             scores.kind()
         );
+        if let Some(m) = inside {
+            ensure!(
+                m.size() == [b, n] && m.kind() == Kind::Bool,
+                "DynamicSoftLabelAssigner: inside must be bool [{b}, {n}], got {:?} {:?}",
+                m.size(),
+                m.kind()
+            );
+        }
         let c = ss[2];
         let dev = priors.device();
         let num_gts = gts.valid.f_sum_dim_intlist(1, false, Kind::Int64)?;
@@ -163,6 +174,9 @@ impl DynamicSoftLabelAssigner {
                 .f_gt(0.0)?
                 .f_logical_and(&gts.valid.narrow(1, g0, w).unsqueeze(1))?;
             candidate = candidate.f_logical_or(&inside.f_any_dim(2, false)?)?;
+        }
+        if let Some(m) = inside {
+            candidate = candidate.f_logical_and(m)?;
         }
         let num_valid = candidate.f_sum_dim_intlist(1, false, Kind::Int64)?;
 
