@@ -493,6 +493,82 @@ fn point_assigners_never_synchronize() {
     assert!(b.gt_inds.equal(&b1.gt_inds));
 }
 
+/// RTMDet's targets and its QFL and GIoU losses over all priors read nothing back.
+#[test]
+fn rtmdet_targets_and_losses_never_synchronize() {
+    use tch_detloss::cuda::{sync_debug, SyncDebugMode};
+    use tch_detloss::dense_heads::{ImageMeta, RTMDetHeadTargets};
+    use tch_detloss::task_modules::GtBatch;
+    let d = cuda();
+    let head =
+        RTMDetHeadTargets::from_config(&serde_json::json!({"type": "RTMDetHead", "num_classes": 3,
+        "anchor_generator": {"type": "MlvlPointGenerator", "offset": 0, "strides": [8, 16, 32]},
+        "train_cfg": {"assigner": {"type": "DynamicSoftLabelAssigner", "topk": 13},
+                      "allowed_border": -1, "pos_weight": -1, "debug": false}}))
+        .unwrap();
+    let metas = vec![
+        ImageMeta {
+            img_shape: (120, 100),
+            pad_shape: (128, 128)
+        };
+        2
+    ];
+    let (priors, valid, counts) = head.priors(&[(16, 16), (8, 8), (4, 4)], &metas, d).unwrap();
+    let n = priors.size()[0];
+    let boxes = [
+        Tensor::from_slice(&[10.0f32, 12.0, 50.0, 60.0, 60.0, 20.0, 100.0, 90.0])
+            .view([2, 4])
+            .to_device(d),
+        Tensor::from_slice(&[30.0f32, 30.0, 90.0, 70.0])
+            .view([1, 4])
+            .to_device(d),
+    ];
+    let labels = [
+        Tensor::from_slice(&[0i64, 2]).to_device(d),
+        Tensor::from_slice(&[1i64]).to_device(d),
+    ];
+    let gts = GtBatch::pad(&boxes, &labels).unwrap();
+    let qfl = tch_detloss::registry::build_str(
+        r#"{"type": "QualityFocalLoss", "use_sigmoid": true, "beta": 2.0}"#,
+    )
+    .unwrap();
+    let giou =
+        tch_detloss::registry::build_str(r#"{"type": "GIoULoss", "loss_weight": 2.0}"#).unwrap();
+    let cls = Tensor::randn([2, n, 3], (Kind::Float, d)).set_requires_grad(true);
+    let dist = (Tensor::rand([2, n, 4], (Kind::Float, d)) * 30.0 + 2.0).set_requires_grad(true);
+    tch::Cuda::synchronize(0);
+    let _guard = sync_debug(SyncDebugMode::Error).unwrap();
+    let decoded = head.decode(&priors, &dist).unwrap();
+    let t = head
+        .targets(&priors, &counts, &valid, &metas, &decoded, &cls, &gts)
+        .unwrap();
+    let (cls_avg, bbox_avg) = t.avg_factors().unwrap();
+    let l1 = qfl
+        .forward(
+            &cls.reshape([-1, 3]),
+            (&t.labels.reshape([-1]), &t.assign_metrics.reshape([-1])).into(),
+            &LossArgs::new()
+                .weight(&t.label_weights.reshape([-1]))
+                .avg_factor(1.0),
+        )
+        .unwrap()
+        / &cls_avg;
+    let l2 = giou
+        .forward(
+            &decoded.reshape([-1, 4]),
+            (&t.bbox_targets.reshape([-1, 4])).into(),
+            &LossArgs::new()
+                .weight(&t.assign_metrics.reshape([-1]))
+                .avg_factor(1.0),
+        )
+        .unwrap()
+        / &bbox_avg;
+    let g = Tensor::f_run_backward(&[&(l1 + l2)], &[&cls, &dist], false, false).unwrap();
+    drop(g);
+    drop(_guard);
+    tch::Cuda::synchronize(0);
+}
+
 /// A CUDA trace of a fused forward and backward holds our kernels by name, next to the loss's
 /// range and backward node.
 #[test]
