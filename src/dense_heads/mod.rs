@@ -28,6 +28,19 @@ use crate::task_modules::{
     PseudoSampler, RandomSampler, SampleMode, Sampler, SamplingResult,
 };
 
+/// Each image's valid flags of all levels, `(B, N)`: `level_flags(pad_shape)` per image,
+/// concatenated over the levels.
+fn image_flags(
+    metas: &[ImageMeta],
+    level_flags: impl Fn((i64, i64)) -> Result<Vec<Tensor>>,
+) -> Result<Tensor> {
+    let flags = metas
+        .iter()
+        .map(|m| Ok(Tensor::f_cat(&level_flags(m.pad_shape)?, 0)?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::f_stack(&flags, 0)?)
+}
+
 /// An image's size as MMDetection's `img_metas` give it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ImageMeta {
@@ -88,6 +101,7 @@ struct HeadConfig {
     train_cfg: Option<TrainConfig>,
 }
 
+/// A dense head's `train_cfg` (what the targets read of it).
 #[derive(Debug, Deserialize)]
 struct TrainConfig {
     assigner: Value,
@@ -252,22 +266,11 @@ impl DenseHeadTargets {
             .anchor_generator
             .grid_priors(featmap_sizes, Kind::Float, device)?;
         let counts = levels.iter().map(|t| t.size()[0]).collect();
-        let flags = metas
-            .iter()
-            .map(|m| {
-                Ok(Tensor::f_cat(
-                    &self
-                        .anchor_generator
-                        .valid_flags(featmap_sizes, m.pad_shape, device)?,
-                    0,
-                )?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((
-            Tensor::f_cat(&levels, 0)?,
-            Tensor::f_stack(&flags, 0)?,
-            counts,
-        ))
+        let flags = image_flags(metas, |pad| {
+            self.anchor_generator
+                .valid_flags(featmap_sizes, pad, device)
+        })?;
+        Ok((Tensor::f_cat(&levels, 0)?, flags, counts))
     }
 
     /// `get_targets` for feature maps of `featmap_sizes`: anchors and valid flags from the head's

@@ -26,25 +26,7 @@ struct RtmConfig {
     anchor_generator: Option<Value>,
     #[serde(default)]
     bbox_coder: Option<Value>,
-    train_cfg: Option<RtmTrain>,
-}
-
-#[derive(Debug, Deserialize)]
-struct RtmTrain {
-    assigner: Value,
-    #[serde(default)]
-    sampler: Option<Value>,
-    #[serde(default = "minus_one")]
-    allowed_border: f64,
-    #[serde(default = "minus_one")]
-    pos_weight: f64,
-    #[serde(default)]
-    #[allow(dead_code)]
-    debug: bool,
-}
-
-fn minus_one() -> f64 {
-    -1.0
+    train_cfg: Option<super::TrainConfig>,
 }
 
 /// The targets of a batch over all `N` priors of each image (levels concatenated).
@@ -193,22 +175,10 @@ impl RTMDetHeadTargets {
             .prior_generator
             .grid_priors(featmap_sizes, Kind::Float, device, true)?;
         let counts = levels.iter().map(|t| t.size()[0]).collect();
-        let flags = metas
-            .iter()
-            .map(|m| {
-                Ok(Tensor::f_cat(
-                    &self
-                        .prior_generator
-                        .valid_flags(featmap_sizes, m.pad_shape, device)?,
-                    0,
-                )?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((
-            Tensor::f_cat(&levels, 0)?,
-            Tensor::f_stack(&flags, 0)?,
-            counts,
-        ))
+        let flags = super::image_flags(metas, |pad| {
+            self.prior_generator.valid_flags(featmap_sizes, pad, device)
+        })?;
+        Ok((Tensor::f_cat(&levels, 0)?, flags, counts))
     }
 
     /// `loss_by_feat`'s decoding: the boxes `(B, N, 4)` at distances `(B, N, 4)` (already

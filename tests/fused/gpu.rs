@@ -14,6 +14,23 @@ fn cuda() -> Device {
     Device::Cuda(0)
 }
 
+/// The ground truths of the target tests: two boxes in image 0, one in image 1, on `d`.
+fn two_images(d: Device) -> tch_detloss::task_modules::GtBatch {
+    let boxes = [
+        Tensor::from_slice(&[10.0f32, 12.0, 50.0, 60.0, 60.0, 20.0, 100.0, 90.0])
+            .view([2, 4])
+            .to_device(d),
+        Tensor::from_slice(&[30.0f32, 30.0, 90.0, 70.0])
+            .view([1, 4])
+            .to_device(d),
+    ];
+    let labels = [
+        Tensor::from_slice(&[0i64, 2]).to_device(d),
+        Tensor::from_slice(&[1i64]).to_device(d),
+    ];
+    tch_detloss::task_modules::GtBatch::pad(&boxes, &labels).unwrap()
+}
+
 #[rstest]
 fn cuda_matches_unfused(
     #[values(
@@ -257,7 +274,6 @@ fn fused_steps_never_synchronize() {
 fn head_targets_and_losses_never_synchronize() {
     use tch_detloss::cuda::{sync_debug, SyncDebugMode};
     use tch_detloss::dense_heads::{DenseHeadTargets, ImageMeta};
-    use tch_detloss::task_modules::GtBatch;
     let d = cuda();
     let anchor_cfg = serde_json::json!({"type": "AnchorGenerator", "ratios": [1.0], "octave_base_scale": 4,
         "scales_per_octave": 1, "strides": [8, 16, 32]});
@@ -280,19 +296,7 @@ fn head_targets_and_losses_never_synchronize() {
     ];
     let sizes = [(16, 16), (8, 8), (4, 4)];
     let (anchors, valid, counts) = atss.anchors(&sizes, &metas, d).unwrap();
-    let boxes = [
-        Tensor::from_slice(&[10.0f32, 12.0, 50.0, 60.0, 60.0, 20.0, 100.0, 90.0])
-            .view([2, 4])
-            .to_device(d),
-        Tensor::from_slice(&[30.0f32, 30.0, 90.0, 70.0])
-            .view([1, 4])
-            .to_device(d),
-    ];
-    let labels = [
-        Tensor::from_slice(&[0i64, 2]).to_device(d),
-        Tensor::from_slice(&[1i64]).to_device(d),
-    ];
-    let gts = GtBatch::pad(&boxes, &labels).unwrap();
+    let gts = two_images(d);
     let n = anchors.size()[0];
     let focal =
         tch_detloss::registry::build_str(r#"{"type": "FocalLoss", "gamma": 2.0, "alpha": 0.25}"#)
@@ -354,26 +358,13 @@ fn head_targets_and_losses_never_synchronize() {
 fn fcos_targets_and_losses_never_synchronize() {
     use tch_detloss::cuda::{sync_debug, SyncDebugMode};
     use tch_detloss::dense_heads::FCOSHeadTargets;
-    use tch_detloss::task_modules::GtBatch;
     let d = cuda();
     let mut head =
         FCOSHeadTargets::from_config(&serde_json::json!({"type": "FCOSHead", "num_classes": 3,
         "strides": [8, 16, 32], "regress_ranges": [[-1, 64], [64, 128], [128, 100000000.0]],
         "center_sampling": true, "norm_on_bbox": true}))
         .unwrap();
-    let boxes = [
-        Tensor::from_slice(&[10.0f32, 12.0, 50.0, 60.0, 60.0, 20.0, 100.0, 90.0])
-            .view([2, 4])
-            .to_device(d),
-        Tensor::from_slice(&[30.0f32, 30.0, 90.0, 70.0])
-            .view([1, 4])
-            .to_device(d),
-    ];
-    let labels = [
-        Tensor::from_slice(&[0i64, 2]).to_device(d),
-        Tensor::from_slice(&[1i64]).to_device(d),
-    ];
-    let gts = GtBatch::pad(&boxes, &labels).unwrap();
+    let gts = two_images(d);
     let (points, counts) = head
         .points(&[(16, 16), (8, 8), (4, 4)], Kind::Float, d)
         .unwrap();
@@ -436,7 +427,7 @@ fn fcos_targets_and_losses_never_synchronize() {
 fn point_assigners_never_synchronize() {
     use tch_detloss::cuda::{sync_debug, SyncDebugMode};
     use tch_detloss::task_modules::{
-        DynamicSoftLabelAssigner, GtBatch, MlvlPointGenerator, TaskAlignedAssigner,
+        DynamicSoftLabelAssigner, MlvlPointGenerator, TaskAlignedAssigner,
     };
     let d = cuda();
     let gen = MlvlPointGenerator::from_config(
@@ -453,19 +444,7 @@ fn point_assigners_never_synchronize() {
     let dist = Tensor::rand([2, n, 4], (Kind::Float, d)) * 20.0 + 1.0;
     let decoded = Tensor::cat(&[&xy - dist.narrow(2, 0, 2), &xy + dist.narrow(2, 2, 2)], 2);
     let scores = Tensor::randn([2, n, 3], (Kind::Float, d));
-    let boxes = [
-        Tensor::from_slice(&[10.0f32, 12.0, 50.0, 60.0, 60.0, 20.0, 100.0, 90.0])
-            .view([2, 4])
-            .to_device(d),
-        Tensor::from_slice(&[30.0f32, 30.0, 90.0, 70.0])
-            .view([1, 4])
-            .to_device(d),
-    ];
-    let labels = [
-        Tensor::from_slice(&[0i64, 2]).to_device(d),
-        Tensor::from_slice(&[1i64]).to_device(d),
-    ];
-    let gts = GtBatch::pad(&boxes, &labels).unwrap();
+    let gts = two_images(d);
     let mut tal = TaskAlignedAssigner::from_config(
         &serde_json::json!({"type": "TaskAlignedAssigner", "topk": 13}),
     )
@@ -498,7 +477,6 @@ fn point_assigners_never_synchronize() {
 fn rtmdet_targets_and_losses_never_synchronize() {
     use tch_detloss::cuda::{sync_debug, SyncDebugMode};
     use tch_detloss::dense_heads::{ImageMeta, RTMDetHeadTargets};
-    use tch_detloss::task_modules::GtBatch;
     let d = cuda();
     let head =
         RTMDetHeadTargets::from_config(&serde_json::json!({"type": "RTMDetHead", "num_classes": 3,
@@ -515,19 +493,7 @@ fn rtmdet_targets_and_losses_never_synchronize() {
     ];
     let (priors, valid, counts) = head.priors(&[(16, 16), (8, 8), (4, 4)], &metas, d).unwrap();
     let n = priors.size()[0];
-    let boxes = [
-        Tensor::from_slice(&[10.0f32, 12.0, 50.0, 60.0, 60.0, 20.0, 100.0, 90.0])
-            .view([2, 4])
-            .to_device(d),
-        Tensor::from_slice(&[30.0f32, 30.0, 90.0, 70.0])
-            .view([1, 4])
-            .to_device(d),
-    ];
-    let labels = [
-        Tensor::from_slice(&[0i64, 2]).to_device(d),
-        Tensor::from_slice(&[1i64]).to_device(d),
-    ];
-    let gts = GtBatch::pad(&boxes, &labels).unwrap();
+    let gts = two_images(d);
     let qfl = tch_detloss::registry::build_str(
         r#"{"type": "QualityFocalLoss", "use_sigmoid": true, "beta": 2.0}"#,
     )

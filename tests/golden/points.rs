@@ -200,6 +200,25 @@ fn point_modules_reject_bad_inputs() {
     assert!(e.contains("1 max shapes"), "{e}");
 }
 
+/// A head case's ground truths, image by image and padded into one batch.
+fn head_case_gts(
+    case: &Value,
+    images: i64,
+) -> (
+    Vec<tch::Tensor>,
+    Vec<tch::Tensor>,
+    tch_detloss::task_modules::GtBatch,
+) {
+    let boxes: Vec<tch::Tensor> = (0..images)
+        .map(|j| input(case, &format!("gt_bboxes.img{j}")))
+        .collect();
+    let labels: Vec<tch::Tensor> = (0..images)
+        .map(|j| input(case, &format!("gt_labels.img{j}")))
+        .collect();
+    let gts = tch_detloss::task_modules::GtBatch::pad(&boxes, &labels).unwrap();
+    (boxes, labels, gts)
+}
+
 /// Our `(B, N, ...)` over all points in MMDetection's flatten order: level by level, each level
 /// image by image.
 fn mmdet_order(t: &tch::Tensor, counts: &[i64]) -> tch::Tensor {
@@ -213,7 +232,6 @@ fn mmdet_order(t: &tch::Tensor, counts: &[i64]) -> tch::Tensor {
 
 #[test]
 fn fcos_head_targets() {
-    use tch::Tensor;
     use tch_detloss::dense_heads::FCOSHeadTargets;
     use tch_detloss::task_modules::GtBatch;
     let cases = family("FCOSHead");
@@ -227,13 +245,7 @@ fn fcos_head_targets() {
         let kind = kind_of(a["dtype"].as_str().unwrap());
         let images = a["images"].as_i64().unwrap();
         let (points, counts) = head.points(&sizes, kind, Device::Cpu).unwrap();
-        let boxes: Vec<Tensor> = (0..images)
-            .map(|j| input(case, &format!("gt_bboxes.img{j}")))
-            .collect();
-        let labels: Vec<Tensor> = (0..images)
-            .map(|j| input(case, &format!("gt_labels.img{j}")))
-            .collect();
-        let gts = GtBatch::pad(&boxes, &labels).unwrap();
+        let (boxes, labels, gts) = head_case_gts(case, images);
         // Batched against image by image (each image's own padding).
         let batch = head.targets(&points, &counts, &gts).unwrap();
         for j in 0..images as usize {
@@ -317,6 +329,35 @@ fn fcos_head_targets() {
     }
 }
 
+/// The single-image assigner cases `names` (each with `_dtype`) as one batch: the cases, their
+/// padded ground truths and their stacked `(B, ...)` inputs by name.
+fn assigner_batch<'a>(
+    cases: &[&'a Value],
+    names: &[&str],
+    dtype: &str,
+) -> (
+    Vec<&'a Value>,
+    tch_detloss::task_modules::GtBatch,
+    impl Fn(&str) -> tch::Tensor + 'a,
+) {
+    let batch: Vec<&'a Value> = names
+        .iter()
+        .map(|n| {
+            *cases
+                .iter()
+                .find(|c| c["name"] == format!("{n}_{dtype}"))
+                .unwrap()
+        })
+        .collect();
+    let boxes: Vec<tch::Tensor> = batch.iter().map(|c| input(c, "gt_bboxes")).collect();
+    let labels: Vec<tch::Tensor> = batch.iter().map(|c| input(c, "gt_labels")).collect();
+    let gts = tch_detloss::task_modules::GtBatch::pad(&boxes, &labels).unwrap();
+    let rows = batch.clone();
+    let stack =
+        move |k: &str| tch::Tensor::stack(&rows.iter().map(|c| input(c, k)).collect::<Vec<_>>(), 0);
+    (batch, gts, stack)
+}
+
 fn tal_check(
     name: &str,
     case: &Value,
@@ -352,7 +393,6 @@ fn tal_check(
 
 #[test]
 fn task_aligned_assigner() {
-    use tch::Tensor;
     use tch_detloss::task_modules::{GtBatch, TaskAlignedAssigner};
     let cases = family("TaskAlignedAssigner");
     assert_eq!(cases.len(), 12);
@@ -391,20 +431,7 @@ fn task_aligned_assigner() {
             "tal_duplicate_and_tiny_gts",
             "tal_no_gt",
         ];
-        let batch: Vec<&Value> = names
-            .iter()
-            .map(|n| {
-                *cases
-                    .iter()
-                    .find(|c| c["name"] == format!("{n}_{dtype}"))
-                    .unwrap()
-            })
-            .collect();
-        let boxes: Vec<Tensor> = batch.iter().map(|c| input(c, "gt_bboxes")).collect();
-        let labels: Vec<Tensor> = batch.iter().map(|c| input(c, "gt_labels")).collect();
-        let gts = GtBatch::pad(&boxes, &labels).unwrap();
-        let stack =
-            |k: &str| Tensor::stack(&batch.iter().map(|c| input(c, k)).collect::<Vec<_>>(), 0);
+        let (batch, gts, stack) = assigner_batch(&cases, &names, dtype);
         let a = TaskAlignedAssigner::from_config(&batch[0]["config"]).unwrap();
         let r = a
             .assign(
@@ -452,7 +479,6 @@ fn dsl_check(name: &str, case: &Value, r: &tch_detloss::task_modules::AssignResu
 
 #[test]
 fn dynamic_soft_label_assigner() {
-    use tch::Tensor;
     use tch_detloss::task_modules::{DynamicSoftLabelAssigner, GtBatch};
     let cases = family("DynamicSoftLabelAssigner");
     assert_eq!(cases.len(), 7);
@@ -483,19 +509,7 @@ fn dynamic_soft_label_assigner() {
         "dsl_no_candidate",
         "dsl_no_gt",
     ];
-    let batch: Vec<&Value> = names
-        .iter()
-        .map(|n| {
-            *cases
-                .iter()
-                .find(|c| c["name"] == format!("{n}_float32"))
-                .unwrap()
-        })
-        .collect();
-    let boxes: Vec<Tensor> = batch.iter().map(|c| input(c, "gt_bboxes")).collect();
-    let labels: Vec<Tensor> = batch.iter().map(|c| input(c, "gt_labels")).collect();
-    let gts = GtBatch::pad(&boxes, &labels).unwrap();
-    let stack = |k: &str| Tensor::stack(&batch.iter().map(|c| input(c, k)).collect::<Vec<_>>(), 0);
+    let (batch, gts, stack) = assigner_batch(&cases, &names, "float32");
     let a = DynamicSoftLabelAssigner::from_config(&batch[0]["config"]).unwrap();
     let r = a
         .assign(
@@ -552,13 +566,7 @@ fn rtmdet_head_targets() {
         let num_classes = head.num_classes;
         let cls = flat("cls_scores", num_classes);
         let decoded = head.decode(&priors, &flat("bbox_preds", 4)).unwrap();
-        let boxes: Vec<Tensor> = (0..images)
-            .map(|j| input(case, &format!("gt_bboxes.img{j}")))
-            .collect();
-        let labels: Vec<Tensor> = (0..images)
-            .map(|j| input(case, &format!("gt_labels.img{j}")))
-            .collect();
-        let gts = GtBatch::pad(&boxes, &labels).unwrap();
+        let (boxes, labels, gts) = head_case_gts(case, images);
         let t = head
             .targets(&priors, &counts, &valid, &metas, &decoded, &cls, &gts)
             .unwrap_or_else(|e| panic!("{name}: {e:#}"));

@@ -6,7 +6,10 @@ use serde::Deserialize;
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
-use super::{bbox_overlaps, gt_chunk, AssignResult, GtBatch, CHUNK_ELEMENTS};
+use super::{
+    bbox_overlaps, check_predictions, check_topk_and_iou, gt_chunk, AssignResult, GtBatch,
+    CHUNK_ELEMENTS,
+};
 use crate::registry::parse_config;
 
 /// MMDetection's `INF` and `EPS` of the assigner.
@@ -77,18 +80,11 @@ impl DynamicSoftLabelAssigner {
     /// `iou_calculator` only the default `BboxOverlaps2D`).
     pub fn from_config(config: &Value) -> Result<Self> {
         let c: Config = parse_config(config)?;
-        ensure!(
-            c.topk >= 1,
-            "DynamicSoftLabelAssigner: topk must be >= 1, got {}",
-            c.topk
-        );
-        if let Some(calc) = &c.iou_calculator {
-            ensure!(
-                calc.get("type").and_then(Value::as_str) == Some("BboxOverlaps2D")
-                    && calc.as_object().is_some_and(|o| o.len() == 1),
-                "DynamicSoftLabelAssigner: only the default iou_calculator (BboxOverlaps2D) is supported, got {calc}"
-            );
-        }
+        check_topk_and_iou(
+            c.topk,
+            c.iou_calculator.as_ref(),
+            "DynamicSoftLabelAssigner",
+        )?;
         Ok(Self {
             soft_center_radius: c.soft_center_radius,
             topk: c.topk,
@@ -117,17 +113,7 @@ impl DynamicSoftLabelAssigner {
             priors.kind()
         );
         let n = priors.size()[0];
-        ensure!(
-            decoded.size() == [b, n, 4],
-            "DynamicSoftLabelAssigner: decoded boxes {:?}, need [{b}, {n}, 4]",
-            decoded.size()
-        );
-        let ss = scores.size();
-        ensure!(
-            ss.len() == 3 && ss[..2] == [b, n] && ss[2] > 0 && scores.is_floating_point(),
-            "DynamicSoftLabelAssigner: scores {ss:?} {:?}, need floating [{b}, {n}, C]",
-            scores.kind()
-        );
+        let classes = check_predictions("DynamicSoftLabelAssigner", decoded, scores, b, n)?;
         if let Some(m) = inside {
             ensure!(
                 m.size() == [b, n] && m.kind() == Kind::Bool,
@@ -136,7 +122,7 @@ impl DynamicSoftLabelAssigner {
                 m.kind()
             );
         }
-        let c = ss[2];
+        let c = classes;
         let dev = priors.device();
         let num_gts = gts.valid.f_sum_dim_intlist(1, false, Kind::Int64)?;
         let zeros_i = Tensor::f_zeros([b, n], (Kind::Int64, dev))?;

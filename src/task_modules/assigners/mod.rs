@@ -178,6 +178,47 @@ pub(crate) fn centres(b: &Tensor) -> Tensor {
     )
 }
 
+/// The assigners' shared config checks: `topk >= 1`, and only the default `iou_calculator`
+/// (`BboxOverlaps2D`, plain IoU).
+pub(crate) fn check_topk_and_iou(
+    topk: i64,
+    iou_calculator: Option<&serde_json::Value>,
+    who: &str,
+) -> Result<()> {
+    ensure!(topk >= 1, "{who}: topk must be >= 1, got {topk}");
+    if let Some(calc) = iou_calculator {
+        ensure!(
+            calc.get("type").and_then(serde_json::Value::as_str) == Some("BboxOverlaps2D")
+                && calc.as_object().is_some_and(|o| o.len() == 1),
+            "{who}: only the default iou_calculator (BboxOverlaps2D) is supported, got {calc}"
+        );
+    }
+    Ok(())
+}
+
+/// The predictions the point assigners take: decoded boxes `(B, N, 4)` and class scores
+/// `(B, N, C)`; returns `C`.
+pub(crate) fn check_predictions(
+    who: &str,
+    decoded: &Tensor,
+    scores: &Tensor,
+    b: i64,
+    n: i64,
+) -> Result<i64> {
+    ensure!(
+        decoded.size() == [b, n, 4],
+        "{who}: decoded boxes {:?}, need [{b}, {n}, 4]",
+        decoded.size()
+    );
+    let ss = scores.size();
+    ensure!(
+        ss.len() == 3 && ss[..2] == [b, n] && ss[2] > 0 && scores.is_floating_point(),
+        "{who}: scores {ss:?} {:?}, need floating [{b}, {n}, C]",
+        scores.kind()
+    );
+    Ok(ss[2])
+}
+
 /// The ground-truth chunk size for `(B, N, chunk)` intermediates of at most `elements`.
 pub(crate) fn gt_chunk(b: i64, n: i64, g: i64, elements: i64) -> i64 {
     (elements / (b * n).max(1)).clamp(1, g.max(1))

@@ -1,12 +1,13 @@
 //! MMDetection's `TaskAlignedAssigner` (`task_aligned_assigner.py`, TOOD), batched over images.
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use serde::Deserialize;
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
 use super::{
-    bbox_overlaps, centres, gt_chunk, keep_better, setup, AssignResult, GtBatch, CHUNK_ELEMENTS,
+    bbox_overlaps, centres, check_predictions, check_topk_and_iou, gt_chunk, keep_better, setup,
+    AssignResult, GtBatch, CHUNK_ELEMENTS,
 };
 use crate::registry::parse_config;
 
@@ -67,18 +68,7 @@ impl TaskAlignedAssigner {
     /// `BboxOverlaps2D`).
     pub fn from_config(config: &Value) -> Result<Self> {
         let c: Config = parse_config(config)?;
-        ensure!(
-            c.topk >= 1,
-            "TaskAlignedAssigner: topk must be >= 1, got {}",
-            c.topk
-        );
-        if let Some(calc) = &c.iou_calculator {
-            ensure!(
-                calc.get("type").and_then(Value::as_str) == Some("BboxOverlaps2D")
-                    && calc.as_object().is_some_and(|o| o.len() == 1),
-                "TaskAlignedAssigner: only the default iou_calculator (BboxOverlaps2D) is supported, got {calc}"
-            );
-        }
+        check_topk_and_iou(c.topk, c.iou_calculator.as_ref(), "TaskAlignedAssigner")?;
         Ok(Self {
             topk: c.topk,
             chunk_elements: CHUNK_ELEMENTS,
@@ -103,17 +93,7 @@ impl TaskAlignedAssigner {
     ) -> Result<TaskAlignedAssignResult> {
         let st = setup("TaskAlignedAssigner", priors, gts, inside)?;
         let (b, g, n, dev) = (st.b, st.g, st.n, st.dev);
-        ensure!(
-            decoded.size() == [b, n, 4],
-            "TaskAlignedAssigner: decoded boxes {:?}, need [{b}, {n}, 4]",
-            decoded.size()
-        );
-        let ss = scores.size();
-        ensure!(
-            ss.len() == 3 && ss[..2] == [b, n] && ss[2] > 0 && scores.is_floating_point(),
-            "TaskAlignedAssigner: scores {ss:?} {:?}, need floating [{b}, {n}, C]",
-            scores.kind()
-        );
+        let classes = check_predictions("TaskAlignedAssigner", decoded, scores, b, n)?;
         // The dtypes torch's promotion gives MMDetection's overlaps and metrics.
         let promote = |kinds: &[Kind]| {
             if kinds.contains(&Kind::Double) {
@@ -139,7 +119,7 @@ impl TaskAlignedAssigner {
                 let labels = gts
                     .labels
                     .narrow(1, g0, w)
-                    .f_clamp(0, ss[2] - 1)?
+                    .f_clamp(0, classes - 1)?
                     .f_unsqueeze(1)?
                     .f_expand([b, n, w], false)?;
                 let bbox_scores = scores.f_detach()?.f_gather(2, &labels, false)?;
