@@ -220,6 +220,12 @@ impl FCOSHeadTargets {
             "FCOSHead targets: level counts {num_level_points:?} for {n} points and {} levels",
             self.strides.len()
         );
+        ensure!(
+            points.is_floating_point(),
+            "FCOSHead targets: points must be floating point, got {:?}",
+            points.kind()
+        );
+        gts.dims()?;
         let gs = gts.bboxes.size();
         ensure!(
             gs.len() == 3 && gs[2] == 4 && gts.bboxes.is_floating_point(),

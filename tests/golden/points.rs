@@ -645,3 +645,95 @@ fn rtmdet_head_targets() {
         }
     }
 }
+
+#[test]
+fn heads_and_assigners_reject_bad_inputs() {
+    use serde_json::json;
+    use tch::{Kind, Tensor};
+    use tch_detloss::dense_heads::{FCOSHeadTargets, ImageMeta, RTMDetHeadTargets};
+    use tch_detloss::task_modules::{DynamicSoftLabelAssigner, GtBatch, TaskAlignedAssigner};
+    let cpu = (Kind::Float, Device::Cpu);
+    let gts = GtBatch::pad(
+        &[Tensor::from_slice(&[1.0f32, 1.0, 9.0, 9.0]).view([1, 4])],
+        &[Tensor::from_slice(&[0i64])],
+    )
+    .unwrap();
+    let msg = |e: anyhow::Error| format!("{e:#}");
+    let fcos = FCOSHeadTargets::from_config(&json!({"type": "FCOSHead", "num_classes": 2,
+        "strides": [8], "regress_ranges": [[-1, 64]]}))
+    .unwrap();
+    let e = msg(fcos
+        .targets(&Tensor::zeros([4, 3], cpu), &[4], &gts)
+        .unwrap_err());
+    assert!(e.contains("points must be (N, 2)"), "{e}");
+    let e = msg(fcos
+        .targets(&Tensor::zeros([4, 2], cpu), &[3], &gts)
+        .unwrap_err());
+    assert!(e.contains("level counts"), "{e}");
+    let e = msg(
+        FCOSHeadTargets::from_config(&json!({"type": "FCOSHead", "num_classes": 2,
+        "strides": [8, 16], "regress_ranges": [[-1, 64]]}))
+        .unwrap_err(),
+    );
+    assert!(e.contains("1 regress_ranges for 2 strides"), "{e}");
+    assert!(FCOSHeadTargets::from_config(&json!({"type": "ATSSHead", "num_classes": 2})).is_err());
+    let priors = Tensor::zeros([5, 4], cpu);
+    let tal = TaskAlignedAssigner::from_config(&json!({"type": "TaskAlignedAssigner", "topk": 3}))
+        .unwrap();
+    let e = msg(tal
+        .assign(
+            &priors,
+            &Tensor::zeros([1, 4, 4], cpu),
+            &Tensor::zeros([1, 5, 2], cpu),
+            &gts,
+            1.0,
+            6.0,
+            None,
+        )
+        .unwrap_err());
+    assert!(e.contains("decoded boxes [1, 4, 4], need [1, 5, 4]"), "{e}");
+    let dsl = DynamicSoftLabelAssigner::from_config(&json!({"type": "DynamicSoftLabelAssigner"}))
+        .unwrap();
+    let e = msg(dsl
+        .assign(
+            &priors,
+            &Tensor::zeros([1, 5, 4], cpu),
+            &Tensor::zeros([1, 5, 2], (Kind::Int64, Device::Cpu)),
+            &gts,
+            None,
+        )
+        .unwrap_err());
+    assert!(e.contains("need floating [1, 5, C]"), "{e}");
+    for bad in [
+        json!({"type": "TaskAlignedAssigner", "topk": 0}),
+        json!({"type": "DynamicSoftLabelAssigner", "iou_calculator": {"type": "BboxOverlaps2D", "scale": 8.0}}),
+    ] {
+        assert!(build(&bad).is_err(), "{bad} was accepted");
+    }
+    let rtm = RTMDetHeadTargets::from_config(&json!({"type": "RTMDetHead", "num_classes": 2,
+        "anchor_generator": {"type": "MlvlPointGenerator", "offset": 0, "strides": [8]},
+        "train_cfg": {"assigner": {"type": "DynamicSoftLabelAssigner"}}}))
+    .unwrap();
+    let metas = [ImageMeta {
+        img_shape: (16, 16),
+        pad_shape: (16, 16),
+    }];
+    let (p, valid, counts) = rtm.priors(&[(2, 2)], &metas, Device::Cpu).unwrap();
+    let e = msg(rtm
+        .targets(
+            &p,
+            &counts,
+            &valid,
+            &[metas[0], metas[0]],
+            &Tensor::zeros([1, 4, 4], cpu),
+            &Tensor::zeros([1, 4, 2], cpu),
+            &gts,
+        )
+        .unwrap_err());
+    assert!(e.contains("2 image metas"), "{e}");
+    let e = msg(
+        RTMDetHeadTargets::from_config(&json!({"type": "RTMDetHead", "num_classes": 2}))
+            .unwrap_err(),
+    );
+    assert!(e.contains("train_cfg"), "{e}");
+}
