@@ -1,7 +1,7 @@
 //! The training targets of MMDetection's dense heads, batched over images as masks over all
 //! priors: the anchor-based heads here (`mmdet/models/dense_heads/anchor_head.py` and
-//! `atss_head.py`: `get_targets`), FCOS's in [`FCOSHeadTargets`] (`fcos_head.py`), RTMDet's in
-//! [`RTMDetHeadTargets`] (`rtmdet_head.py`).
+//! `atss_head.py`: `get_targets`), GFL's loss inputs in [`GFLHeadTargets`] (`gfl_head.py`), FCOS's
+//! in [`FCOSHeadTargets`] (`fcos_head.py`), RTMDet's in [`RTMDetHeadTargets`] (`rtmdet_head.py`).
 //!
 //! MMDetection runs its heads' target code image by image on the anchors inside each image and
 //! then maps the results back to all anchors. Here the assigner sees all anchors with a
@@ -19,8 +19,10 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 mod fcos;
+mod gfl;
 mod rtmdet;
 pub use fcos::{centerness_target as fcos_centerness_target, FCOSHeadTargets, FcosTargets, INF};
+pub use gfl::{GFLHeadTargets, GflLossInputs};
 pub use rtmdet::{RTMDetHeadTargets, RtmdetTargets};
 
 use crate::task_modules::{
@@ -170,14 +172,15 @@ pub struct DenseHeadTargets {
 }
 
 impl DenseHeadTargets {
-    /// Builds it from an `ATSSHead`, `RetinaHead` or `AnchorHead` config dict with a `train_cfg`.
+    /// Builds it from an `ATSSHead`, `GFLHead` (whose targets are ATSSHead's), `RetinaHead` or
+    /// `AnchorHead` config dict with a `train_cfg`.
     pub fn from_config(config: &Value) -> Result<Self> {
         let c: HeadConfig =
             serde_json::from_value(config.clone()).context("invalid head config")?;
         let atss = match c.ty.as_str() {
-            "ATSSHead" => true,
+            "ATSSHead" | "GFLHead" => true,
             "RetinaHead" | "AnchorHead" => false,
-            t => bail!("unsupported head type {t:?} (ATSSHead, RetinaHead, AnchorHead)"),
+            t => bail!("unsupported head type {t:?} (ATSSHead, GFLHead, RetinaHead, AnchorHead)"),
         };
         ensure!(
             c.num_classes > 0,

@@ -5,8 +5,8 @@ MlvlPointGenerator (grid_priors with and without stride, valid_flags, sparse_pri
 DistancePointBBoxCoder (encode = bbox2distance with max_dis and eps, decode = distance2bbox with
 max_shape as one image, per image of a batch, or none) FCOSHead (get_targets, and the inputs
 its loss_by_feat hands to its three losses, recorded by wrappers around the loss modules),
-TaskAlignedAssigner, DynamicSoftLabelAssigner and RTMDetHead (what its loss_by_feat hands its
-losses, and its two divisors),
+TaskAlignedAssigner, DynamicSoftLabelAssigner, RTMDetHead and GFLHead (what their
+loss_by_feat hands their losses, and their divisors),
 computed by the real, unmodified
 MMDetection 3.3.0 from its wheel, imported as for pipeline_cases.json (README.md): mmcv from
 mmcv-lite 2.1.0 with mmcv.ops served by stubs that raise if called; mmdet.models,
@@ -14,7 +14,7 @@ mmdet.models.losses, mmdet.models.dense_heads and mmdet.models.layers as bare pa
 __init__ files do not run), then mmdet.models.task_modules (whose __init__ registers every prior
 generator and coder), mmdet.models.utils, mmdet.models.layers.normed_predictor, the four loss
 modules and mmdet.models.dense_heads.fcos_head, mmdet.models.layers.transformer and
-mmdet.models.dense_heads.rtmdet_head imported unmodified; objects built with
+mmdet.models.dense_heads.rtmdet_head and gfl_head imported unmodified; objects built with
 mmdet.registry.TASK_UTILS.build / MODELS.build from their config dicts (FCOSHead in full, with
 feat_channels=32 to keep its unused conv tower small).
 
@@ -82,6 +82,7 @@ for _m in ["focal_loss", "iou_loss", "cross_entropy_loss", "gfocal_loss"]:
 importlib.import_module("mmdet.models.dense_heads.fcos_head")
 importlib.import_module("mmdet.models.layers.transformer")
 importlib.import_module("mmdet.models.dense_heads.rtmdet_head")
+importlib.import_module("mmdet.models.dense_heads.gfl_head")
 from mmengine.structures import InstanceData  # noqa: E402
 from mmdet.registry import MODELS, TASK_UTILS  # noqa: E402
 
@@ -419,6 +420,69 @@ M = [{"img_shape": (64, 64), "pad_shape": (64, 64)}, {"img_shape": (50, 60), "pa
      {"img_shape": (64, 64), "pad_shape": (64, 64)}]
 rtm_case("rtmdet_default", RTM, [[8, 8], [4, 4], [2, 2]], GTS_R, M)
 rtm_case("rtmdet_border0_posweight2_topk5", RTM_BORDER, [[8, 8], [4, 4], [2, 2]], GTS_R[:2], M[:2])
+
+# ---- GFLHead ----
+def gfl_case(name, cfg, featmap_sizes, gts, metas):
+    head = MODELS.build(dict(cfg, in_channels=32, feat_channels=32, stacked_convs=1))
+    seen = {"cls": [], "bbox": [], "dfl": []}
+    one = torch.tensor(1.0, dtype=torch.float64)
+
+    def rec(key):
+        def forward(pred, target, weight=None, avg_factor=None, **kw):
+            if key == "cls":
+                seen[key].append((target[0].clone(), target[1].detach().clone(), weight.detach().clone(), float(avg_factor)))
+            else:
+                seen[key].append((pred.detach().clone(), target.detach().clone(), weight.detach().clone(), avg_factor))
+            return one.clone()
+        return forward
+
+    head.loss_cls.forward = rec("cls")
+    head.loss_bbox.forward = rec("bbox")
+    head.loss_dfl.forward = rec("dfl")
+    b = len(gts)
+    pg = torch.Generator().manual_seed(200 + len(CASES))
+    r = head.reg_max + 1
+    cls = [torch.randn(b, cfg["num_classes"], h, w, generator=pg) for h, w in featmap_sizes]
+    box = [torch.randn(b, 4 * r, h, w, generator=pg) for h, w in featmap_sizes]
+    inst = [InstanceData(bboxes=torch.tensor(g[0], dtype=torch.float32).reshape(-1, 4),
+                         labels=torch.tensor(g[1], dtype=torch.int64)) for g in gts]
+    out = head.loss_by_feat(cls, box, inst, metas)
+    outs = {}
+    for i, (lab, score, lw, af) in enumerate(seen["cls"]):
+        outs[f"labels.level{i}"] = lab
+        outs[f"scores.level{i}"] = score
+        outs[f"label_weights.level{i}"] = lw
+        outs["cls_avg_factor"] = torch.tensor(af, dtype=torch.float32)
+    if seen["bbox"]:
+        outs["pos_pred_boxes"] = torch.cat([p for p, _, _, _ in seen["bbox"]])
+        outs["pos_target_boxes"] = torch.cat([t for _, t, _, _ in seen["bbox"]])
+        outs["pos_weights"] = torch.cat([w for _, _, w, _ in seen["bbox"]])
+        outs["pos_corner_targets"] = torch.cat([t for _, t, _, _ in seen["dfl"]])
+        div = [1.0 / float(x) for x in out["loss_bbox"] if float(x) != 0.0]
+        outs["bbox_avg_factor"] = torch.tensor(div[0], dtype=torch.float32)
+    inputs = {}
+    for lvl, (c_, b_) in enumerate(zip(cls, box)):
+        inputs[f"cls_scores.level{lvl}"] = c_
+        inputs[f"bbox_preds.level{lvl}"] = b_
+    for j, g in enumerate(gts):
+        inputs[f"gt_bboxes.img{j}"] = inst[j].bboxes
+        inputs[f"gt_labels.img{j}"] = inst[j].labels
+    case(name, "GFLHead", cfg,
+         "head = MODELS.build(config + in/feat_channels 32, stacked_convs 1); head.loss_by_feat(cls_scores, bbox_preds, gts, metas) "
+         "with its three losses recording their inputs and returning 1",
+         {"featmap_sizes": featmap_sizes, "images": b, "metas": [[list(m["img_shape"]), list(m["pad_shape"])] for m in metas]},
+         inputs, outs)
+
+
+GFL = {"type": "GFLHead", "num_classes": 3, "reg_max": 8,
+       "anchor_generator": {"type": "AnchorGenerator", "ratios": [1.0], "octave_base_scale": 8,
+                            "scales_per_octave": 1, "strides": [8, 16, 32]},
+       "loss_cls": {"type": "QualityFocalLoss", "use_sigmoid": True, "beta": 2.0, "loss_weight": 1.0},
+       "loss_dfl": {"type": "DistributionFocalLoss", "loss_weight": 0.25},
+       "loss_bbox": {"type": "GIoULoss", "loss_weight": 2.0},
+       "train_cfg": {"assigner": {"type": "ATSSAssigner", "topk": 9}, "allowed_border": -1,
+                     "pos_weight": -1, "debug": False}}
+gfl_case("gfl_reg_max8", GFL, [[8, 8], [4, 4], [2, 2]], GTS_R, M)
 
 assert not CALLED, CALLED
 counts = {}

@@ -40,6 +40,7 @@ fn point_case_counts() {
         ("TaskAlignedAssigner", 12),
         ("DynamicSoftLabelAssigner", 7),
         ("RTMDetHead", 2),
+        ("GFLHead", 1),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -736,4 +737,108 @@ fn heads_and_assigners_reject_bad_inputs() {
             .unwrap_err(),
     );
     assert!(e.contains("train_cfg"), "{e}");
+}
+
+#[test]
+fn gfl_head_loss_inputs() {
+    use tch::Tensor;
+    use tch_detloss::dense_heads::{GFLHeadTargets, ImageMeta};
+    let cases = family("GFLHead");
+    assert_eq!(cases.len(), 1);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let head = GFLHeadTargets::from_config(&case["config"])
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let a = &case["args"];
+        let sizes = pairs(&a["featmap_sizes"]);
+        let images = a["images"].as_i64().unwrap();
+        let metas: Vec<ImageMeta> = a["metas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let p = pairs(m);
+                ImageMeta {
+                    img_shape: p[0],
+                    pad_shape: p[1],
+                }
+            })
+            .collect();
+        let (_, _, gts) = head_case_gts(case, images);
+        let t = head
+            .targets
+            .get_targets(&sizes, &metas, &gts, None, Device::Cpu)
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let flat = |k: &str, c: i64| {
+            let levels: Vec<Tensor> = (0..sizes.len())
+                .map(|l| {
+                    input(case, &format!("{k}.level{l}"))
+                        .permute([0, 2, 3, 1])
+                        .reshape([images, -1, c])
+                })
+                .collect();
+            Tensor::cat(&levels, 1)
+        };
+        let cls = flat("cls_scores", head.targets.num_classes);
+        let reg = flat("bbox_preds", 4 * (head.reg_max + 1));
+        let l = head.loss_inputs(&t, &cls, &reg).unwrap();
+        let counts = &t.num_level_anchors;
+        for (key, ours) in [
+            ("labels", &t.labels),
+            ("scores", &l.scores),
+            ("label_weights", &t.label_weights),
+        ] {
+            for (lvl, x) in t.levels(ours).unwrap().iter().enumerate() {
+                let k = format!("{key}.level{lvl}");
+                assert_same(
+                    &format!("{name} {k}"),
+                    &x.flatten(0, 1),
+                    &output(case, &k),
+                    0.0,
+                );
+            }
+        }
+        let pos = mmdet_order(&t.sampling.pos_mask, counts);
+        let rows = pos.nonzero().squeeze_dim(1);
+        let at_pos = |x: &Tensor| mmdet_order(x, counts).index_select(0, &rows);
+        assert_same(
+            &format!("{name} pred"),
+            &at_pos(&l.pred_boxes),
+            &output(case, "pos_pred_boxes"),
+            0.0,
+        );
+        assert_same(
+            &format!("{name} target"),
+            &at_pos(&l.target_boxes),
+            &output(case, "pos_target_boxes"),
+            0.0,
+        );
+        assert_same(
+            &format!("{name} weights"),
+            &at_pos(&l.weights),
+            &output(case, "pos_weights"),
+            0.0,
+        );
+        assert_same(
+            &format!("{name} corners"),
+            &at_pos(&l.corner_targets).reshape([-1]),
+            &output(case, "pos_corner_targets"),
+            0.0,
+        );
+        let cls_avg = tch_detloss::dist::reduce_mean(&t.avg_factor).unwrap();
+        assert_same(
+            &format!("{name} cls_avg_factor"),
+            &cls_avg,
+            &output(case, "cls_avg_factor"),
+            0.0,
+        );
+        // A sum over the positives in another order (see FCOS).
+        let p = 2.0 * rows.size()[0] as f64;
+        assert_same(
+            &format!("{name} bbox_avg_factor"),
+            &l.bbox_avg_factor().unwrap(),
+            &output(case, "bbox_avg_factor"),
+            p,
+        );
+    }
 }
