@@ -535,6 +535,78 @@ fn rtmdet_targets_and_losses_never_synchronize() {
     tch::Cuda::synchronize(0);
 }
 
+/// GFL's loss inputs and its QFL, GIoU and DFL losses over all anchors read nothing back.
+#[test]
+fn gfl_loss_inputs_and_losses_never_synchronize() {
+    use tch_detloss::cuda::{sync_debug, SyncDebugMode};
+    use tch_detloss::dense_heads::{GFLHeadTargets, ImageMeta};
+    let d = cuda();
+    let head = GFLHeadTargets::from_config(&serde_json::json!({"type": "GFLHead", "num_classes": 3, "reg_max": 16,
+        "anchor_generator": {"type": "AnchorGenerator", "ratios": [1.0], "octave_base_scale": 8,
+                             "scales_per_octave": 1, "strides": [8, 16, 32]},
+        "train_cfg": {"assigner": {"type": "ATSSAssigner", "topk": 9}, "allowed_border": -1, "pos_weight": -1}}))
+    .unwrap();
+    let metas = vec![
+        ImageMeta {
+            img_shape: (120, 100),
+            pad_shape: (128, 128)
+        };
+        2
+    ];
+    let gts = two_images(d);
+    let (anchors, valid, counts) = head
+        .targets
+        .anchors(&[(16, 16), (8, 8), (4, 4)], &metas, d)
+        .unwrap();
+    let n = anchors.size()[0];
+    let b = |s: &str| tch_detloss::registry::build_str(s).unwrap();
+    let qfl = b(r#"{"type": "QualityFocalLoss", "use_sigmoid": true, "beta": 2.0}"#);
+    let giou = b(r#"{"type": "GIoULoss", "loss_weight": 2.0}"#);
+    let dfl = b(r#"{"type": "DistributionFocalLoss", "loss_weight": 0.25}"#);
+    let cls = Tensor::randn([2, n, 3], (Kind::Float, d)).set_requires_grad(true);
+    let reg = Tensor::randn([2, n, 68], (Kind::Float, d)).set_requires_grad(true);
+    tch::Cuda::synchronize(0);
+    let _guard = sync_debug(SyncDebugMode::Error).unwrap();
+    let t = head
+        .targets
+        .targets_for(&anchors, &counts, &valid, &metas, &gts, None)
+        .unwrap();
+    let l = head.loss_inputs(&t, &cls, &reg).unwrap();
+    let avg = tch_detloss::dist::reduce_mean(&t.avg_factor).unwrap();
+    let bbox_avg = l.bbox_avg_factor().unwrap();
+    let l1 = qfl
+        .forward(
+            &cls.reshape([-1, 3]),
+            (&t.labels.reshape([-1]), &l.scores.reshape([-1])).into(),
+            &LossArgs::new()
+                .weight(&t.label_weights.reshape([-1]))
+                .avg_factor(&avg),
+        )
+        .unwrap();
+    let w = l.weights.reshape([-1]);
+    let l2 = giou
+        .forward(
+            &l.pred_boxes.reshape([-1, 4]),
+            (&l.target_boxes.reshape([-1, 4])).into(),
+            &LossArgs::new().weight(&w).avg_factor(1.0),
+        )
+        .unwrap()
+        / &bbox_avg;
+    let w4 = w.unsqueeze(1).expand([-1, 4], false).reshape([-1]);
+    let l3 = dfl
+        .forward(
+            &l.corner_logits.reshape([-1, 17]),
+            (&l.corner_targets.reshape([-1])).into(),
+            &LossArgs::new().weight(&w4).avg_factor(4.0),
+        )
+        .unwrap()
+        / &bbox_avg;
+    let g = Tensor::f_run_backward(&[&(l1 + l2 + l3)], &[&cls, &reg], false, false).unwrap();
+    drop(g);
+    drop(_guard);
+    tch::Cuda::synchronize(0);
+}
+
 /// A CUDA trace of a fused forward and backward holds our kernels by name, next to the loss's
 /// range and backward node.
 #[test]
