@@ -346,7 +346,23 @@ for dt in [torch.float32, torch.float64]:
     dsl_case(f"dsl_no_gt_{tag}", {"type": "DynamicSoftLabelAssigner", "topk": 13}, priors, decoded, scores,
              gts[:0], labels[:0])
 
-# ---- RTMDetHead ----
+# ---- RTMDetHead and GFLHead ----
+def instances(gts):
+    return [InstanceData(bboxes=torch.tensor(g[0], dtype=torch.float32).reshape(-1, 4),
+                         labels=torch.tensor(g[1], dtype=torch.int64)) for g in gts]
+
+
+def head_inputs(cls, box, inst):
+    inputs = {}
+    for lvl, (c_, b_) in enumerate(zip(cls, box)):
+        inputs[f"cls_scores.level{lvl}"] = c_
+        inputs[f"bbox_preds.level{lvl}"] = b_
+    for j, g in enumerate(inst):
+        inputs[f"gt_bboxes.img{j}"] = g.bboxes
+        inputs[f"gt_labels.img{j}"] = g.labels
+    return inputs
+
+
 def rtm_case(name, cfg, featmap_sizes, gts, metas):
     head = MODELS.build(dict(cfg, in_channels=32, feat_channels=32, stacked_convs=1))
     seen = {"cls": [], "bbox": []}
@@ -367,8 +383,7 @@ def rtm_case(name, cfg, featmap_sizes, gts, metas):
     strides = head.prior_generator.strides
     cls = [torch.randn(b, cfg["num_classes"], h, w, generator=pg) for h, w in featmap_sizes]
     box = [torch.rand(b, 4, h, w, generator=pg).mul(2.5).add(0.3).mul(s[0]) for (h, w), s in zip(featmap_sizes, strides)]
-    inst = [InstanceData(bboxes=torch.tensor(g[0], dtype=torch.float32).reshape(-1, 4),
-                         labels=torch.tensor(g[1], dtype=torch.int64)) for g in gts]
+    inst = instances(gts)
     out = head.loss_by_feat(cls, box, inst, metas)
     outs = {}
     for i, (lab, met, lw, af) in enumerate(seen["cls"]):
@@ -387,13 +402,7 @@ def rtm_case(name, cfg, featmap_sizes, gts, metas):
     bbox_div = [1.0 / float(x) for x in out["loss_bbox"] if float(x) != 0.0]
     if bbox_div:
         outs["bbox_avg_factor"] = torch.tensor(bbox_div[0], dtype=torch.float32)
-    inputs = {}
-    for lvl, (c_, b_) in enumerate(zip(cls, box)):
-        inputs[f"cls_scores.level{lvl}"] = c_
-        inputs[f"bbox_preds.level{lvl}"] = b_
-    for j, g in enumerate(gts):
-        inputs[f"gt_bboxes.img{j}"] = inst[j].bboxes
-        inputs[f"gt_labels.img{j}"] = inst[j].labels
+    inputs = head_inputs(cls, box, inst)
     case(name, "RTMDetHead", cfg,
          "head = MODELS.build(config + in/feat_channels 32, stacked_convs 1); head.loss_by_feat(cls_scores, bbox_preds, gts, metas) "
          "with its two losses recording their inputs and returning 1",
@@ -444,8 +453,7 @@ def gfl_case(name, cfg, featmap_sizes, gts, metas):
     r = head.reg_max + 1
     cls = [torch.randn(b, cfg["num_classes"], h, w, generator=pg) for h, w in featmap_sizes]
     box = [torch.randn(b, 4 * r, h, w, generator=pg) for h, w in featmap_sizes]
-    inst = [InstanceData(bboxes=torch.tensor(g[0], dtype=torch.float32).reshape(-1, 4),
-                         labels=torch.tensor(g[1], dtype=torch.int64)) for g in gts]
+    inst = instances(gts)
     out = head.loss_by_feat(cls, box, inst, metas)
     outs = {}
     for i, (lab, score, lw, af) in enumerate(seen["cls"]):
@@ -460,13 +468,7 @@ def gfl_case(name, cfg, featmap_sizes, gts, metas):
         outs["pos_corner_targets"] = torch.cat([t for _, t, _, _ in seen["dfl"]])
         div = [1.0 / float(x) for x in out["loss_bbox"] if float(x) != 0.0]
         outs["bbox_avg_factor"] = torch.tensor(div[0], dtype=torch.float32)
-    inputs = {}
-    for lvl, (c_, b_) in enumerate(zip(cls, box)):
-        inputs[f"cls_scores.level{lvl}"] = c_
-        inputs[f"bbox_preds.level{lvl}"] = b_
-    for j, g in enumerate(gts):
-        inputs[f"gt_bboxes.img{j}"] = inst[j].bboxes
-        inputs[f"gt_labels.img{j}"] = inst[j].labels
+    inputs = head_inputs(cls, box, inst)
     case(name, "GFLHead", cfg,
          "head = MODELS.build(config + in/feat_channels 32, stacked_convs 1); head.loss_by_feat(cls_scores, bbox_preds, gts, metas) "
          "with its three losses recording their inputs and returning 1",

@@ -201,6 +201,35 @@ fn point_modules_reject_bad_inputs() {
     assert!(e.contains("1 max shapes"), "{e}");
 }
 
+/// A head case's image metas (`[[img_shape], [pad_shape]]` per image).
+fn case_metas(case: &Value) -> Vec<tch_detloss::dense_heads::ImageMeta> {
+    case["args"]["metas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let p = pairs(m);
+            tch_detloss::dense_heads::ImageMeta {
+                img_shape: p[0],
+                pad_shape: p[1],
+            }
+        })
+        .collect()
+}
+
+/// A head output given per level as `(B, c, H, W)`, flattened as `loss_by_feat` does:
+/// `(B, N, c)`, levels concatenated.
+fn head_outputs(case: &Value, key: &str, levels: usize, images: i64, c: i64) -> tch::Tensor {
+    let parts: Vec<tch::Tensor> = (0..levels)
+        .map(|l| {
+            input(case, &format!("{key}.level{l}"))
+                .permute([0, 2, 3, 1])
+                .reshape([images, -1, c])
+        })
+        .collect();
+    tch::Tensor::cat(&parts, 1)
+}
+
 /// A head case's ground truths, image by image and padded into one batch.
 fn head_case_gts(
     case: &Value,
@@ -528,8 +557,8 @@ fn dynamic_soft_label_assigner() {
 
 #[test]
 fn rtmdet_head_targets() {
-    use tch::{Kind, Tensor};
-    use tch_detloss::dense_heads::{ImageMeta, RTMDetHeadTargets};
+    use tch::Kind;
+    use tch_detloss::dense_heads::RTMDetHeadTargets;
     use tch_detloss::task_modules::GtBatch;
     let cases = family("RTMDetHead");
     assert_eq!(cases.len(), 2);
@@ -540,30 +569,10 @@ fn rtmdet_head_targets() {
         let a = &case["args"];
         let sizes = pairs(&a["featmap_sizes"]);
         let images = a["images"].as_i64().unwrap();
-        let metas: Vec<ImageMeta> = a["metas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| {
-                let p = pairs(m);
-                ImageMeta {
-                    img_shape: p[0],
-                    pad_shape: p[1],
-                }
-            })
-            .collect();
+        let metas = case_metas(case);
         let (priors, valid, counts) = head.priors(&sizes, &metas, Device::Cpu).unwrap();
         // The head's outputs flattened as loss_by_feat does: (B, N, C) and (B, N, 4).
-        let flat = |k: &str, c: i64| {
-            let levels: Vec<Tensor> = (0..sizes.len())
-                .map(|l| {
-                    input(case, &format!("{k}.level{l}"))
-                        .permute([0, 2, 3, 1])
-                        .reshape([images, -1, c])
-                })
-                .collect();
-            Tensor::cat(&levels, 1)
-        };
+        let flat = |k: &str, c: i64| head_outputs(case, k, sizes.len(), images, c);
         let num_classes = head.num_classes;
         let cls = flat("cls_scores", num_classes);
         let decoded = head.decode(&priors, &flat("bbox_preds", 4)).unwrap();
@@ -742,7 +751,7 @@ fn heads_and_assigners_reject_bad_inputs() {
 #[test]
 fn gfl_head_loss_inputs() {
     use tch::Tensor;
-    use tch_detloss::dense_heads::{GFLHeadTargets, ImageMeta};
+    use tch_detloss::dense_heads::GFLHeadTargets;
     let cases = family("GFLHead");
     assert_eq!(cases.len(), 1);
     for case in cases {
@@ -752,33 +761,13 @@ fn gfl_head_loss_inputs() {
         let a = &case["args"];
         let sizes = pairs(&a["featmap_sizes"]);
         let images = a["images"].as_i64().unwrap();
-        let metas: Vec<ImageMeta> = a["metas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| {
-                let p = pairs(m);
-                ImageMeta {
-                    img_shape: p[0],
-                    pad_shape: p[1],
-                }
-            })
-            .collect();
+        let metas = case_metas(case);
         let (_, _, gts) = head_case_gts(case, images);
         let t = head
             .targets
             .get_targets(&sizes, &metas, &gts, None, Device::Cpu)
             .unwrap_or_else(|e| panic!("{name}: {e:#}"));
-        let flat = |k: &str, c: i64| {
-            let levels: Vec<Tensor> = (0..sizes.len())
-                .map(|l| {
-                    input(case, &format!("{k}.level{l}"))
-                        .permute([0, 2, 3, 1])
-                        .reshape([images, -1, c])
-                })
-                .collect();
-            Tensor::cat(&levels, 1)
-        };
+        let flat = |k: &str, c: i64| head_outputs(case, k, sizes.len(), images, c);
         let cls = flat("cls_scores", head.targets.num_classes);
         let reg = flat("bbox_preds", 4 * (head.reg_max + 1));
         let l = head.loss_inputs(&t, &cls, &reg).unwrap();
