@@ -1,7 +1,8 @@
 //! The training targets of MMDetection's dense heads, batched over images as masks over all
 //! priors: the anchor-based heads here (`mmdet/models/dense_heads/anchor_head.py` and
 //! `atss_head.py`: `get_targets`), GFL's loss inputs in [`GFLHeadTargets`] (`gfl_head.py`), FCOS's
-//! in [`FCOSHeadTargets`] (`fcos_head.py`), RTMDet's in [`RTMDetHeadTargets`] (`rtmdet_head.py`).
+//! in [`FCOSHeadTargets`] (`fcos_head.py`), RTMDet's in [`RTMDetHeadTargets`] (`rtmdet_head.py`),
+//! TOOD's in [`TOODHeadTargets`] (`tood_head.py`).
 //!
 //! MMDetection runs its heads' target code image by image on the anchors inside each image and
 //! then maps the results back to all anchors. Here the assigner sees all anchors with a
@@ -21,9 +22,11 @@ use tch::{Device, Kind, Tensor};
 mod fcos;
 mod gfl;
 mod rtmdet;
+mod tood;
 pub use fcos::{centerness_target as fcos_centerness_target, FCOSHeadTargets, FcosTargets, INF};
 pub use gfl::{GFLHeadTargets, GflLossInputs};
 pub use rtmdet::{RTMDetHeadTargets, RtmdetTargets};
+pub use tood::{TOODHeadTargets, ToodTargets};
 
 use crate::task_modules::{
     ATSSAssigner, AnchorGenerator, AssignResult, DeltaXYWHBBoxCoder, GtBatch, MaxIoUAssigner,

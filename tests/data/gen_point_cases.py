@@ -6,7 +6,8 @@ DistancePointBBoxCoder (encode = bbox2distance with max_dis and eps, decode = di
 max_shape as one image, per image of a batch, or none) FCOSHead (get_targets, and the inputs
 its loss_by_feat hands to its three losses, recorded by wrappers around the loss modules),
 TaskAlignedAssigner, DynamicSoftLabelAssigner, RTMDetHead and GFLHead (what their
-loss_by_feat hands their losses, and their divisors),
+loss_by_feat hands their losses, and their divisors), TOODHead.get_targets after its initial
+epochs,
 computed by the real, unmodified
 MMDetection 3.3.0 from its wheel, imported as for pipeline_cases.json (README.md): mmcv from
 mmcv-lite 2.1.0 with mmcv.ops served by stubs that raise if called; mmdet.models,
@@ -14,7 +15,7 @@ mmdet.models.losses, mmdet.models.dense_heads and mmdet.models.layers as bare pa
 __init__ files do not run), then mmdet.models.task_modules (whose __init__ registers every prior
 generator and coder), mmdet.models.utils, mmdet.models.layers.normed_predictor, the four loss
 modules and mmdet.models.dense_heads.fcos_head, mmdet.models.layers.transformer and
-mmdet.models.dense_heads.rtmdet_head and gfl_head imported unmodified; objects built with
+mmdet.models.dense_heads.rtmdet_head, gfl_head and tood_head imported unmodified; objects built with
 mmdet.registry.TASK_UTILS.build / MODELS.build from their config dicts (FCOSHead in full, with
 feat_channels=32 to keep its unused conv tower small).
 
@@ -83,6 +84,7 @@ importlib.import_module("mmdet.models.dense_heads.fcos_head")
 importlib.import_module("mmdet.models.layers.transformer")
 importlib.import_module("mmdet.models.dense_heads.rtmdet_head")
 importlib.import_module("mmdet.models.dense_heads.gfl_head")
+importlib.import_module("mmdet.models.dense_heads.tood_head")
 from mmengine.structures import InstanceData  # noqa: E402
 from mmdet.registry import MODELS, TASK_UTILS  # noqa: E402
 
@@ -485,6 +487,58 @@ GFL = {"type": "GFLHead", "num_classes": 3, "reg_max": 8,
        "train_cfg": {"assigner": {"type": "ATSSAssigner", "topk": 9}, "allowed_border": -1,
                      "pos_weight": -1, "debug": False}}
 gfl_case("gfl_reg_max8", GFL, [[8, 8], [4, 4], [2, 2]], GTS_R, M)
+
+# ---- TOODHead (after the initial epochs) ----
+from mmengine import MessageHub  # noqa: E402
+
+MessageHub.get_instance("gen_point_cases").update_info("epoch", 10)
+
+
+def tood_case(name, cfg, featmap_sizes, gts, metas):
+    head = MODELS.build(dict(cfg, in_channels=32, feat_channels=32, stacked_convs=1))
+    b = len(gts)
+    pg = torch.Generator().manual_seed(300 + len(CASES))
+    anchor_list, valid_list = head.get_anchors([tuple(s) for s in featmap_sizes], metas, device="cpu")
+    anchors = torch.cat(anchor_list[0])
+    n = anchors.size(0)
+    ctr = (anchors[:, :2] + anchors[:, 2:]) / 2
+    half = (anchors[:, 2:] - anchors[:, :2]) / 2
+    jitter = torch.rand(b, n, 4, generator=pg) * 0.8 + 0.6
+    decoded = torch.cat([ctr - half * jitter[..., :2], ctr + half * jitter[..., 2:]], -1)
+    scores = torch.rand(b, n, cfg["num_classes"], generator=pg)
+    inst = instances(gts)
+    labels, label_weights, bbox_targets, metrics = head.get_targets(
+        scores, decoded, anchor_list, valid_list, inst, metas)[1:]
+    outs = {}
+    for i in range(len(labels)):
+        outs[f"labels.level{i}"] = labels[i]
+        outs[f"label_weights.level{i}"] = label_weights[i]
+        outs[f"bbox_targets.level{i}"] = bbox_targets[i]
+        outs[f"alignment_metrics.level{i}"] = metrics[i]
+    inputs = {"decoded": decoded, "scores": scores}
+    for j, g in enumerate(inst):
+        inputs[f"gt_bboxes.img{j}"] = g.bboxes
+        inputs[f"gt_labels.img{j}"] = g.labels
+    case(name, "TOODHead", cfg,
+         "head = MODELS.build(config + in/feat_channels 32, stacked_convs 1); epoch 10 in the MessageHub; "
+         "head.get_targets(scores, decoded, *head.get_anchors(featmap_sizes, metas), gts, metas)",
+         {"featmap_sizes": featmap_sizes, "images": b, "metas": [[list(m["img_shape"]), list(m["pad_shape"])] for m in metas]},
+         inputs, outs)
+
+
+TOOD = {"type": "TOODHead", "num_classes": 3, "anchor_type": "anchor_free",
+        "anchor_generator": {"type": "AnchorGenerator", "ratios": [1.0], "octave_base_scale": 8,
+                             "scales_per_octave": 1, "strides": [8, 16, 32]},
+        "bbox_coder": {"type": "DeltaXYWHBBoxCoder", "target_means": [0.0, 0.0, 0.0, 0.0],
+                       "target_stds": [0.1, 0.1, 0.2, 0.2]},
+        "initial_loss_cls": {"type": "FocalLoss", "use_sigmoid": True, "activated": True, "gamma": 2.0,
+                             "alpha": 0.25, "loss_weight": 1.0},
+        "loss_cls": {"type": "QualityFocalLoss", "use_sigmoid": True, "activated": True, "beta": 2.0, "loss_weight": 1.0},
+        "loss_bbox": {"type": "GIoULoss", "loss_weight": 2.0},
+        "train_cfg": {"initial_epoch": 4, "initial_assigner": {"type": "ATSSAssigner", "topk": 9},
+                      "assigner": {"type": "TaskAlignedAssigner", "topk": 13}, "alpha": 1, "beta": 6,
+                      "allowed_border": -1, "pos_weight": -1, "debug": False}}
+tood_case("tood_alignment", TOOD, [[8, 8], [4, 4], [2, 2]], GTS_R, M)
 
 assert not CALLED, CALLED
 counts = {}

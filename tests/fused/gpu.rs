@@ -607,6 +607,44 @@ fn gfl_loss_inputs_and_losses_never_synchronize() {
     tch::Cuda::synchronize(0);
 }
 
+/// TOOD's alignment targets (per-ground-truth normalisation included) read nothing back.
+#[test]
+fn tood_targets_never_synchronize() {
+    use tch_detloss::cuda::{sync_debug, SyncDebugMode};
+    use tch_detloss::dense_heads::{ImageMeta, TOODHeadTargets};
+    let d = cuda();
+    let head = TOODHeadTargets::from_config(&serde_json::json!({"type": "TOODHead", "num_classes": 3,
+        "anchor_generator": {"type": "AnchorGenerator", "ratios": [1.0], "octave_base_scale": 8,
+                             "scales_per_octave": 1, "strides": [8, 16, 32]},
+        "train_cfg": {"initial_epoch": 4, "initial_assigner": {"type": "ATSSAssigner", "topk": 9},
+                      "assigner": {"type": "TaskAlignedAssigner", "topk": 13}, "alpha": 1, "beta": 6,
+                      "allowed_border": -1, "pos_weight": -1}}))
+    .unwrap();
+    let metas = vec![
+        ImageMeta {
+            img_shape: (120, 100),
+            pad_shape: (128, 128)
+        };
+        2
+    ];
+    let (anchors, valid, counts) = head
+        .anchors(&[(16, 16), (8, 8), (4, 4)], &metas, d)
+        .unwrap();
+    let n = anchors.size()[0];
+    let jitter = Tensor::rand([2, n, 4], (Kind::Float, d)) * 4.0 - 2.0;
+    let decoded = anchors.unsqueeze(0) + jitter;
+    let scores = Tensor::rand([2, n, 3], (Kind::Float, d));
+    let gts = two_images(d);
+    tch::Cuda::synchronize(0);
+    let guard = sync_debug(SyncDebugMode::Error).unwrap();
+    let t = head
+        .targets(&anchors, &counts, &valid, &metas, &decoded, &scores, &gts)
+        .unwrap();
+    drop(guard);
+    tch::Cuda::synchronize(0);
+    assert!(t.alignment_metrics.le(1.0).all().int64_value(&[]) == 1);
+}
+
 /// A CUDA trace of a fused forward and backward holds our kernels by name, next to the loss's
 /// range and backward node.
 #[test]

@@ -41,6 +41,7 @@ fn point_case_counts() {
         ("DynamicSoftLabelAssigner", 7),
         ("RTMDetHead", 2),
         ("GFLHead", 1),
+        ("TOODHead", 1),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -829,5 +830,63 @@ fn gfl_head_loss_inputs() {
             &output(case, "bbox_avg_factor"),
             p,
         );
+    }
+}
+
+#[test]
+fn tood_head_targets() {
+    use tch_detloss::dense_heads::TOODHeadTargets;
+    let cases = family("TOODHead");
+    assert_eq!(cases.len(), 1);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let head = TOODHeadTargets::from_config(&case["config"])
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let a = &case["args"];
+        let sizes = pairs(&a["featmap_sizes"]);
+        let images = a["images"].as_i64().unwrap();
+        let metas = case_metas(case);
+        let (anchors, valid, counts) = head.anchors(&sizes, &metas, Device::Cpu).unwrap();
+        let (boxes, labels, gts) = head_case_gts(case, images);
+        let (decoded, scores) = (input(case, "decoded"), input(case, "scores"));
+        let t = head
+            .targets(&anchors, &counts, &valid, &metas, &decoded, &scores, &gts)
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        for (key, ours) in [
+            ("labels", &t.labels),
+            ("label_weights", &t.label_weights),
+            ("bbox_targets", &t.bbox_targets),
+            ("alignment_metrics", &t.alignment_metrics),
+        ] {
+            for (l, lvl) in t.levels(ours).unwrap().iter().enumerate() {
+                let k = format!("{key}.level{l}");
+                assert_same(&format!("{name} {k}"), lvl, &output(case, &k), 0.0);
+            }
+        }
+        // Batched against image by image.
+        for j in 0..images {
+            let ju = j as usize;
+            let one =
+                tch_detloss::task_modules::GtBatch::pad(&boxes[ju..=ju], &labels[ju..=ju]).unwrap();
+            let alone = head
+                .targets(
+                    &anchors,
+                    &counts,
+                    &valid.narrow(0, j, 1),
+                    &metas[ju..=ju],
+                    &decoded.narrow(0, j, 1),
+                    &scores.narrow(0, j, 1),
+                    &one,
+                )
+                .unwrap();
+            assert!(
+                alone.labels.get(0).equal(&t.labels.get(j))
+                    && alone
+                        .alignment_metrics
+                        .get(0)
+                        .equal(&t.alignment_metrics.get(j)),
+                "{name}: image {j} alone differs from its row of the batch"
+            );
+        }
     }
 }
