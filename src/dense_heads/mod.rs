@@ -33,6 +33,22 @@ use crate::task_modules::{
     PseudoSampler, RandomSampler, SampleMode, Sampler, SamplingResult,
 };
 
+/// The anchors of all levels `(N, 4)` float32, their valid flags per image `(B, N)` and the count
+/// per level.
+fn grid_anchors(
+    generator: &AnchorGenerator,
+    featmap_sizes: &[(i64, i64)],
+    metas: &[ImageMeta],
+    device: Device,
+) -> Result<(Tensor, Tensor, Vec<i64>)> {
+    let levels = generator.grid_priors(featmap_sizes, Kind::Float, device)?;
+    let counts = levels.iter().map(|t| t.size()[0]).collect();
+    let flags = image_flags(metas, |pad| {
+        generator.valid_flags(featmap_sizes, pad, device)
+    })?;
+    Ok((Tensor::f_cat(&levels, 0)?, flags, counts))
+}
+
 /// Each image's valid flags of all levels, `(B, N)`: `level_flags(pad_shape)` per image,
 /// concatenated over the levels.
 fn image_flags(
@@ -268,15 +284,7 @@ impl DenseHeadTargets {
         metas: &[ImageMeta],
         device: Device,
     ) -> Result<(Tensor, Tensor, Vec<i64>)> {
-        let levels = self
-            .anchor_generator
-            .grid_priors(featmap_sizes, Kind::Float, device)?;
-        let counts = levels.iter().map(|t| t.size()[0]).collect();
-        let flags = image_flags(metas, |pad| {
-            self.anchor_generator
-                .valid_flags(featmap_sizes, pad, device)
-        })?;
-        Ok((Tensor::f_cat(&levels, 0)?, flags, counts))
+        grid_anchors(&self.anchor_generator, featmap_sizes, metas, device)
     }
 
     /// `get_targets` for feature maps of `featmap_sizes`: anchors and valid flags from the head's
@@ -389,6 +397,83 @@ impl DenseHeadTargets {
             num_level_anchors: num_level_anchors.to_vec(),
         })
     }
+}
+
+/// The start of the point and alignment heads' targets: the sizes checked, and the inside flags
+/// of the priors `(B, N)`. Returns `(B, N, inside)`.
+fn checked_inside(
+    who: &str,
+    priors: &Tensor,
+    num_level: &[i64],
+    valid: &Tensor,
+    metas: &[ImageMeta],
+    gts: &GtBatch,
+    allowed_border: f64,
+) -> Result<(i64, i64, Tensor)> {
+    let (b, _) = gts.dims()?;
+    let n = priors.size().first().copied().unwrap_or(-1);
+    ensure!(
+        priors.dim() == 2 && priors.size()[1] == 4,
+        "{who} targets: priors must be (N, 4), got {:?}",
+        priors.size()
+    );
+    ensure!(
+        metas.len() as i64 == b && valid.size() == [b, n],
+        "{who} targets: {} image metas and valid flags {:?} for {b} images of {n} priors",
+        metas.len(),
+        valid.size()
+    );
+    ensure!(
+        num_level.iter().sum::<i64>() == n,
+        "{who} targets: level counts {num_level:?} for {n} priors"
+    );
+    Ok((b, n, inside_flags(priors, valid, metas, allowed_border)?))
+}
+
+/// What a `PseudoSampler` makes of an assignment: the positives, their labels (`num_classes`
+/// elsewhere), label weights (`pos_weight` or 1 at positives, 1 at the other inside priors, 0
+/// outside) and box targets (the ground-truth boxes at positives, 0 elsewhere, in `kind`).
+struct Sampled {
+    pos: Tensor,
+    labels: Tensor,
+    label_weights: Tensor,
+    bbox_targets: Tensor,
+}
+
+fn sampled_targets(
+    r: &AssignResult,
+    inside: &Tensor,
+    gts: &GtBatch,
+    num_classes: i64,
+    pos_weight: f64,
+    kind: Kind,
+) -> Result<Sampled> {
+    let (b, n) = (r.gt_inds.size()[0], r.gt_inds.size()[1]);
+    let dev = r.gt_inds.device();
+    let pos = r.gt_inds.f_gt(0)?;
+    let labels = r.labels.f_where_scalarother(&pos, num_classes)?;
+    let pos_w = if pos_weight <= 0.0 { 1.0 } else { pos_weight };
+    let label_weights = Tensor::f_ones([b, n], (Kind::Float, dev))?
+        .f_where_scalarother(inside, 0.0)?
+        .f_masked_fill(&pos, pos_w)?;
+    let zeros = Tensor::f_zeros([b, n, 4], (kind, dev))?;
+    let bbox_targets = if gts.bboxes.size()[1] == 0 {
+        zeros
+    } else {
+        let idx = (&r.gt_inds - 1).f_clamp_min(0)?;
+        let boxes = gts.bboxes.f_to_kind(kind)?.f_gather(
+            1,
+            &idx.unsqueeze(-1).f_expand([b, n, 4], false)?,
+            false,
+        )?;
+        boxes.f_where_self(&pos.unsqueeze(-1), &zeros)?
+    };
+    Ok(Sampled {
+        pos,
+        labels,
+        label_weights,
+        bbox_targets,
+    })
 }
 
 /// `anchor_inside_flags` for a batch: `(B, N)`, each image against its own `img_shape`.

@@ -13,9 +13,7 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use super::ImageMeta;
-use crate::task_modules::{
-    anchor_inside_flags, distance2bbox, DynamicSoftLabelAssigner, GtBatch, MlvlPointGenerator,
-};
+use crate::task_modules::{distance2bbox, DynamicSoftLabelAssigner, GtBatch, MlvlPointGenerator};
 
 #[derive(Debug, Deserialize)]
 struct RtmConfig {
@@ -211,32 +209,15 @@ impl RTMDetHeadTargets {
         cls_scores: &Tensor,
         gts: &GtBatch,
     ) -> Result<RtmdetTargets> {
-        let (b, _) = gts.dims()?;
-        let n = priors.size().first().copied().unwrap_or(-1);
-        ensure!(
-            metas.len() as i64 == b && valid.size() == [b, n],
-            "RTMDetHead targets: {} image metas and valid flags {:?} for {b} images of {n} priors",
-            metas.len(),
-            valid.size()
-        );
-        ensure!(
-            num_level_priors.iter().sum::<i64>() == n,
-            "RTMDetHead targets: level counts {num_level_priors:?} for {n} priors"
-        );
-        // anchor_inside_flags on the (x, y, stride_w, stride_h) rows, as MMDetection calls it.
-        let inside = metas
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                anchor_inside_flags(
-                    priors,
-                    &valid.get(i as i64),
-                    m.img_shape,
-                    self.allowed_border,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let inside = Tensor::f_stack(&inside, 0)?;
+        let (_, _, inside) = super::checked_inside(
+            "RTMDetHead",
+            priors,
+            num_level_priors,
+            valid,
+            metas,
+            gts,
+            self.allowed_border,
+        )?;
         let r = self.assigner.assign(
             priors,
             &decoded.f_detach()?,
@@ -244,38 +225,23 @@ impl RTMDetHeadTargets {
             gts,
             Some(&inside),
         )?;
-        let dev = priors.device();
-        let pos = r.gt_inds.f_gt(0)?;
-        let labels = r.labels.f_where_scalarother(&pos, self.num_classes)?;
-        let pos_w = if self.pos_weight <= 0.0 {
-            1.0
-        } else {
-            self.pos_weight
-        };
-        let ones = Tensor::f_ones([b, n], (Kind::Float, dev))?;
-        let label_weights = ones
-            .f_where_scalarother(&inside, 0.0)?
-            .f_masked_fill(&pos, pos_w)?;
-        let zeros = Tensor::f_zeros([b, n, 4], (priors.kind(), dev))?;
-        let bbox_targets = if gts.bboxes.size()[1] == 0 {
-            zeros
-        } else {
-            let idx = (&r.gt_inds - 1).f_clamp_min(0)?;
-            let boxes = gts.bboxes.f_to_kind(priors.kind())?.f_gather(
-                1,
-                &idx.unsqueeze(-1).f_expand([b, n, 4], false)?,
-                false,
-            )?;
-            boxes.f_where_self(&pos.unsqueeze(-1), &zeros)?
-        };
+        let t = super::sampled_targets(
+            &r,
+            &inside,
+            gts,
+            self.num_classes,
+            self.pos_weight,
+            priors.kind(),
+        )?;
+        let pos = t.pos;
         let assign_metrics = r
             .max_overlaps
             .f_to_kind(Kind::Float)?
             .f_where_scalarother(&pos, 0.0)?;
         Ok(RtmdetTargets {
-            labels,
-            label_weights,
-            bbox_targets,
+            labels: t.labels,
+            label_weights: t.label_weights,
+            bbox_targets: t.bbox_targets,
             assign_metrics,
             pos_mask: pos,
             num_level_priors: num_level_priors.to_vec(),

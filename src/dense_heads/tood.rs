@@ -8,8 +8,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use super::{image_flags, ImageMeta, TrainConfig};
-use crate::task_modules::{anchor_inside_flags, AnchorGenerator, GtBatch, TaskAlignedAssigner};
+use super::{ImageMeta, TrainConfig};
+use crate::task_modules::{AnchorGenerator, GtBatch, TaskAlignedAssigner};
 
 #[derive(Debug, Deserialize)]
 struct ToodConfig {
@@ -131,15 +131,7 @@ impl TOODHeadTargets {
         metas: &[ImageMeta],
         device: Device,
     ) -> Result<(Tensor, Tensor, Vec<i64>)> {
-        let levels = self
-            .anchor_generator
-            .grid_priors(featmap_sizes, Kind::Float, device)?;
-        let counts = levels.iter().map(|t| t.size()[0]).collect();
-        let flags = image_flags(metas, |pad| {
-            self.anchor_generator
-                .valid_flags(featmap_sizes, pad, device)
-        })?;
-        Ok((Tensor::f_cat(&levels, 0)?, flags, counts))
+        super::grid_anchors(&self.anchor_generator, featmap_sizes, metas, device)
     }
 
     /// The targets of a batch: the anchors with their counts and valid flags, the decoded box
@@ -156,31 +148,16 @@ impl TOODHeadTargets {
         scores: &Tensor,
         gts: &GtBatch,
     ) -> Result<ToodTargets> {
-        let (b, g) = gts.dims()?;
-        let n = anchors.size().first().copied().unwrap_or(-1);
-        ensure!(
-            metas.len() as i64 == b && valid.size() == [b, n],
-            "TOODHead targets: {} image metas and valid flags {:?} for {b} images of {n} anchors",
-            metas.len(),
-            valid.size()
-        );
-        ensure!(
-            num_level_anchors.iter().sum::<i64>() == n,
-            "TOODHead targets: level counts {num_level_anchors:?} for {n} anchors"
-        );
-        let inside = metas
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                anchor_inside_flags(
-                    anchors,
-                    &valid.get(i as i64),
-                    m.img_shape,
-                    self.allowed_border,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let inside = Tensor::f_stack(&inside, 0)?;
+        let (b, n, inside) = super::checked_inside(
+            "TOODHead",
+            anchors,
+            num_level_anchors,
+            valid,
+            metas,
+            gts,
+            self.allowed_border,
+        )?;
+        let g = gts.dims()?.1;
         let r = self.assigner.assign(
             anchors,
             &decoded.f_detach()?,
@@ -192,35 +169,31 @@ impl TOODHeadTargets {
         )?;
         let dev = anchors.device();
         let res = &r.result;
-        let pos = res.gt_inds.f_gt(0)?;
-        let labels = res.labels.f_where_scalarother(&pos, self.num_classes)?;
-        let pos_w = if self.pos_weight <= 0.0 {
-            1.0
-        } else {
-            self.pos_weight
-        };
-        let label_weights = Tensor::f_ones([b, n], (Kind::Float, dev))?
-            .f_where_scalarother(&inside, 0.0)?
-            .f_masked_fill(&pos, pos_w)?;
-        let zeros = Tensor::f_zeros([b, n, 4], (anchors.kind(), dev))?;
+        let super::Sampled {
+            pos,
+            labels,
+            label_weights,
+            bbox_targets,
+        } = super::sampled_targets(
+            res,
+            &inside,
+            gts,
+            self.num_classes,
+            self.pos_weight,
+            anchors.kind(),
+        )?;
         let zero_metric = Tensor::f_zeros([b, n], (Kind::Float, dev))?;
         if g == 0 {
             return Ok(ToodTargets {
                 labels,
                 label_weights,
-                bbox_targets: zeros,
+                bbox_targets,
                 alignment_metrics: zero_metric,
                 pos_mask: pos,
                 num_level_anchors: num_level_anchors.to_vec(),
             });
         }
         let idx = (&res.gt_inds - 1).f_clamp_min(0)?;
-        let boxes = gts.bboxes.f_to_kind(anchors.kind())?.f_gather(
-            1,
-            &idx.unsqueeze(-1).f_expand([b, n, 4], false)?,
-            false,
-        )?;
-        let bbox_targets = boxes.f_where_self(&pos.unsqueeze(-1), &zeros)?;
         // Per ground truth, the largest metric and IoU over its positives (an amax index_reduce over
         // (image, ground truth); the metrics and IoUs are >= 0, so 0 starts them).
         let metric = r
