@@ -381,12 +381,15 @@ fn include_closure(src: &Path) -> Vec<PathBuf> {
 }
 
 /// A stamp of everything a compilation reads of ours: its command (`what`) and the text of the
-/// sources it includes.
-fn stamp(src: &Path, what: &str) -> String {
+/// sources it includes, and of `extra` files it reaches otherwise (through `<...>`).
+fn stamp(src: &Path, what: &str, extra: &[PathBuf]) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     what.hash(&mut h);
-    for f in include_closure(src) {
+    for f in include_closure(src)
+        .into_iter()
+        .chain(extra.iter().cloned())
+    {
         f.hash(&mut h);
         fs::read(&f).unwrap_or_default().hash(&mut h);
     }
@@ -404,11 +407,7 @@ fn compile_cached(b: cc::Build, src: &str, lib: &str, out: &Path) {
 fn compile_cached_with(mut b: cc::Build, src: &str, lib: &str, out: &Path, extra: &[PathBuf]) {
     let dir = out.join(lib);
     let stamp_file = dir.join("stamp");
-    let mut what = format!("{b:?}");
-    for f in extra {
-        what += &format!("{}:{:?}", f.display(), fs::read(f).unwrap_or_default());
-    }
-    let key = stamp(Path::new(src), &what);
+    let key = stamp(Path::new(src), &format!("{b:?}"), extra);
     let archive = dir.join(format!("lib{lib}.a"));
     if archive.exists() && fs::read_to_string(&stamp_file).ok().as_deref() == Some(&key) {
         println!("cargo:rustc-link-search=native={}", dir.display());
@@ -498,6 +497,7 @@ fn build_fatbin(nvcc: &Path, gen: &Path) {
     let key = stamp(
         Path::new("kernels/kernels.cu"),
         &format!("{} {NVCC_FLAGS:?}", nvcc.display()),
+        &[],
     );
     if out.exists()
         && out_dir.join("ptxas.log").exists()

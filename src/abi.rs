@@ -108,6 +108,12 @@ pub(crate) fn dtype_code(kind: Kind) -> Option<i32> {
     }
 }
 
+/// The NUL-terminated message a C ABI call wrote into `buf` (all of it if there is no NUL).
+pub(crate) fn c_message(buf: &[u8]) -> String {
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     /// `DlArgs` has the fields of `dl::Args` (DL_ARGS_FIELDS in kernels/common.cuh), in order,

@@ -50,10 +50,7 @@ extern "C" {
     fn dl_range_end(handle: *mut c_void);
 }
 
-fn message(buf: &[u8]) -> String {
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
+use crate::abi::c_message as message;
 
 /// What a trace records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

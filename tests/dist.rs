@@ -539,19 +539,23 @@ fn one_process_runs_both_ways() {
         .unwrap()
         .to_string();
     assert!(e.contains("not contiguous"), "{e}");
+    // Without NCCL in the build, or without a CUDA device, an NCCL group is a clear error (with
+    // both, it is the GPU tests' business).
+    let nccl = ProcessGroup::new(
+        &store,
+        0,
+        1,
+        &GroupOptions {
+            backend: dist::Backend::Nccl,
+            ..opts.clone()
+        },
+    );
     if !dist::nccl_built() {
-        let e = ProcessGroup::new(
-            &store,
-            0,
-            1,
-            &GroupOptions {
-                backend: dist::Backend::Nccl,
-                ..opts.clone()
-            },
-        )
-        .unwrap_err()
-        .to_string();
+        let e = nccl.unwrap_err().to_string();
         assert!(e.contains("no NCCL"), "{e}");
+    } else if tch::Cuda::device_count() == 0 {
+        let e = nccl.unwrap_err().to_string();
+        assert!(e.contains("needs CUDA device 0, and 0 are visible"), "{e}");
     }
 }
 

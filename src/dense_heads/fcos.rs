@@ -16,7 +16,8 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use crate::task_modules::{
-    distance2bbox, DistancePointBBoxCoder, GtBatch, MlvlPointGenerator, CHUNK_ELEMENTS,
+    distance2bbox, promote_kinds, DistancePointBBoxCoder, GtBatch, MlvlPointGenerator,
+    CHUNK_ELEMENTS,
 };
 
 /// FCOS's `INF`: the area of a ground truth a point may not take, and the open end of the last
@@ -241,14 +242,8 @@ impl FCOSHeadTargets {
         );
         // Per point: its level's regress range and centre-sampling radius, in MMDetection's
         // dtypes (the ranges in the points', the radius in the boxes').
-        let per_level = |vals: &[f64], kind: Kind| -> Result<Tensor> {
-            let parts = num_level_points
-                .iter()
-                .zip(vals)
-                .map(|(&c, &v)| Tensor::f_full([c], v, (kind, dev)))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(Tensor::f_cat(&parts, 0)?)
-        };
+        let per_level =
+            |vals: &[f64], kind: Kind| super::level_values(num_level_points, vals, kind, dev);
         let lo: Vec<f64> = self.regress_ranges.iter().map(|r| r.0).collect();
         let hi: Vec<f64> = self.regress_ranges.iter().map(|r| r.1).collect();
         let (lo, hi) = (
@@ -318,7 +313,7 @@ impl FCOSHeadTargets {
         let Some((min_area, idx)) = best else {
             // No ground truth in the whole batch: all background, zero box targets.
             let labels = Tensor::f_full([b, n], bg, (Kind::Int64, dev))?;
-            let kind = promoted(points.kind(), gts.bboxes.kind());
+            let kind = promote_kinds(&[points.kind(), gts.bboxes.kind()]);
             return self.finish(
                 labels,
                 Tensor::f_zeros([b, n, 4], (kind, dev))?,
@@ -378,14 +373,6 @@ impl FCOSHeadTargets {
         );
         let p = points.f_unsqueeze(0)?.f_expand([s[0], s[1], 2], false)?;
         distance2bbox(&p, distances, None)
-    }
-}
-
-fn promoted(a: Kind, b: Kind) -> Kind {
-    if a == Kind::Double || b == Kind::Double {
-        Kind::Double
-    } else {
-        a
     }
 }
 

@@ -9,7 +9,7 @@ use serde_json::Value;
 use tch::{Kind, Tensor};
 
 use super::{DenseHeadTargets, HeadTargets};
-use crate::task_modules::{bbox2distance, bbox_overlaps, distance2bbox};
+use crate::task_modules::{bbox2distance, bbox_overlaps, centres, distance2bbox};
 
 #[derive(Debug, Deserialize)]
 struct GflConfig {
@@ -150,21 +150,10 @@ impl GFLHeadTargets {
         );
         let dev = t.labels.device();
         let strides = self.targets.anchor_generator.strides();
-        let per_anchor = t
-            .num_level_anchors
-            .iter()
-            .zip(strides)
-            .map(|(&c, &(sw, _))| Tensor::f_full([c], sw, (t.anchors.kind(), dev)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let stride = Tensor::f_cat(&per_anchor, 0)?.f_view([1, n, 1])?;
-        let a = &t.anchors;
-        let centres = Tensor::f_stack(
-            &[
-                (a.select(-1, 2) + a.select(-1, 0)) / 2.0,
-                (a.select(-1, 3) + a.select(-1, 1)) / 2.0,
-            ],
-            -1,
-        )? / &stride;
+        let widths: Vec<f64> = strides.iter().map(|&(sw, _)| sw).collect();
+        let stride = super::level_values(&t.num_level_anchors, &widths, t.anchors.kind(), dev)?
+            .f_view([1, n, 1])?;
+        let centres = centres(&t.anchors) / &stride;
         let pos = t
             .labels
             .f_ge(0)?

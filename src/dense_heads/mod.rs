@@ -29,8 +29,8 @@ pub use rtmdet::{RTMDetHeadTargets, RtmdetTargets};
 pub use tood::{TOODHeadTargets, ToodTargets};
 
 use crate::task_modules::{
-    ATSSAssigner, AnchorGenerator, AssignResult, DeltaXYWHBBoxCoder, GtBatch, MaxIoUAssigner,
-    PseudoSampler, RandomSampler, SampleMode, Sampler, SamplingResult,
+    centres, ATSSAssigner, AnchorGenerator, AssignResult, DeltaXYWHBBoxCoder, GtBatch,
+    MaxIoUAssigner, PseudoSampler, RandomSampler, SampleMode, Sampler, SamplingResult,
 };
 
 /// The anchors of all levels `(N, 4)` float32, their valid flags per image `(B, N)` and the count
@@ -47,6 +47,16 @@ fn grid_anchors(
         generator.valid_flags(featmap_sizes, pad, device)
     })?;
     Ok((Tensor::f_cat(&levels, 0)?, flags, counts))
+}
+
+/// Per prior `(N,)`: the value of its level, for levels of `counts` priors.
+fn level_values(counts: &[i64], values: &[f64], kind: Kind, device: Device) -> Result<Tensor> {
+    let parts = counts
+        .iter()
+        .zip(values)
+        .map(|(&c, &v)| Tensor::f_full([c], v, (kind, device)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Tensor::f_cat(&parts, 0)?)
 }
 
 /// Each image's valid flags of all levels, `(B, N)`: `level_flags(pad_shape)` per image,
@@ -516,13 +526,9 @@ pub fn centerness_target(anchors: &Tensor, gts: &Tensor) -> Result<Tensor> {
         anchors.size(),
         gts.size()
     );
-    let (a, g) = (|j: i64| anchors.select(1, j), |j: i64| gts.select(1, j));
-    let cx = (a(2) + a(0)) / 2.0;
-    let cy = (a(3) + a(1)) / 2.0;
-    let lr = Tensor::f_stack(&[&cx - g(0), g(2) - &cx], 1)?;
-    let tb = Tensor::f_stack(&[&cy - g(1), g(3) - &cy], 1)?;
-    let ratio = |t: &Tensor| -> Result<Tensor> {
-        Ok(t.f_amin([-1i64].as_slice(), false)? / t.f_amax([-1i64].as_slice(), false)?)
-    };
-    Ok((ratio(&lr)? * ratio(&tb)?).f_sqrt()?)
+    // The anchor centre's distances to the box's sides, then FCOS's formula.
+    let c = centres(anchors);
+    let (cx, cy, g) = (c.select(1, 0), c.select(1, 1), |j: i64| gts.select(1, j));
+    let sides = Tensor::f_stack(&[&cx - g(0), &cy - g(1), g(2) - &cx, g(3) - &cy], 1)?;
+    fcos::centerness_target(&sides)
 }

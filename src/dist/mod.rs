@@ -175,8 +175,7 @@ fn ffi(f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<()> {
     if f(err.as_mut_ptr().cast(), err.len()) == 0 {
         return Ok(());
     }
-    let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-    let msg = String::from_utf8_lossy(&err[..end]).trim().to_string();
+    let msg = crate::abi::c_message(&err).trim().to_string();
     Err(anyhow!(if msg.is_empty() {
         "unknown c10d error".to_string()
     } else {
@@ -477,6 +476,15 @@ pub enum ReduceOp {
 }
 
 impl ReduceOp {
+    /// Every op.
+    const ALL: [ReduceOp; 5] = [
+        ReduceOp::Sum,
+        ReduceOp::Avg,
+        ReduceOp::Product,
+        ReduceOp::Min,
+        ReduceOp::Max,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             ReduceOp::Sum => "sum",
@@ -531,7 +539,8 @@ impl fmt::Debug for ProcessGroup {
 /// c10d's `RedOpType::BAND`, for the check of [`ProcessGroup::agree`] only.
 const BITWISE_AND: i32 = 5;
 
-/// The fingerprint of a collective's call, all-gathered before it: its op, argument and tensors.
+/// The length of a collective call's fingerprint (its op, argument and tensors; see
+/// [`ProcessGroup::agree`]).
 const PRINT_LEN: usize = 13;
 
 /// The dtypes a fingerprint names, with torch's names for the messages.
@@ -600,15 +609,10 @@ fn describe_print(p: &[i64]) -> String {
     let arg = match p[0] {
         0 | 1 => format!(
             "({})",
-            [
-                ReduceOp::Sum,
-                ReduceOp::Avg,
-                ReduceOp::Product,
-                ReduceOp::Min,
-                ReduceOp::Max
-            ]
-            .get(p[1] as usize)
-            .map_or("?", |o| o.name())
+            ReduceOp::ALL
+                .iter()
+                .find(|o| **o as i64 == p[1])
+                .map_or("?", |o| o.name())
         ),
         2 => format!(" from rank {}", p[1]),
         _ => String::new(),

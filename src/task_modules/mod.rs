@@ -91,6 +91,18 @@ pub fn build(config: &Value) -> Result<TaskModule> {
     })
 }
 
+pub(crate) use assigners::centres;
+
+/// The kind torch's type promotion gives MMDetection's mixed float32/float64 arithmetic here:
+/// float64 if any is, else the first.
+pub(crate) fn promote_kinds(kinds: &[Kind]) -> Kind {
+    if kinds.contains(&Kind::Double) {
+        Kind::Double
+    } else {
+        kinds[0]
+    }
+}
+
 /// A few values as a 1-D tensor made on `device` itself (one fill each): a copy from host memory
 /// would synchronise with a CUDA device, and these are made inside training steps.
 pub(crate) fn device_values(values: &[f64], kind: Kind, device: Device) -> Result<Tensor> {

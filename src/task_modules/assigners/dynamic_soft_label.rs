@@ -7,7 +7,7 @@ use serde_json::Value;
 use tch::{Kind, Tensor};
 
 use super::{
-    bbox_overlaps, check_predictions, check_topk_and_iou, gt_chunk, AssignResult, GtBatch,
+    bbox_overlaps, centres, check_predictions, check_topk_and_iou, gt_chunk, AssignResult, GtBatch,
     CHUNK_ELEMENTS,
 };
 use crate::registry::parse_config;
@@ -174,7 +174,7 @@ impl DynamicSoftLabelAssigner {
             let boxes = gt_boxes.narrow(1, g0, w);
             let valid_gt = gts.valid.narrow(1, g0, w).unsqueeze(1);
             let iou = bbox_overlaps(decoded, &boxes, false)?; // (B, N, w)
-            let gt_centre = ((boxes.narrow(-1, 0, 2) + boxes.narrow(-1, 2, 2)) / 2.0).unsqueeze(1);
+            let gt_centre = centres(&boxes).unsqueeze(1);
             let distance = (&centre - gt_centre)
                 .f_pow_tensor_scalar(2)?
                 .f_sum_dim_intlist(-1, false, None::<Kind>)?

@@ -10,6 +10,7 @@ use super::{
     AssignResult, GtBatch, CHUNK_ELEMENTS,
 };
 use crate::registry::parse_config;
+use crate::task_modules::promote_kinds;
 
 /// MMDetection's `INF` of the assigner: `max_overlaps` is `-INF` at every prior it leaves
 /// negative.
@@ -95,15 +96,8 @@ impl TaskAlignedAssigner {
         let (b, g, n, dev) = (st.b, st.g, st.n, st.dev);
         let classes = check_predictions("TaskAlignedAssigner", decoded, scores, b, n)?;
         // The dtypes torch's promotion gives MMDetection's overlaps and metrics.
-        let promote = |kinds: &[Kind]| {
-            if kinds.contains(&Kind::Double) {
-                Kind::Double
-            } else {
-                kinds[0]
-            }
-        };
-        let overlap_kind = promote(&[decoded.kind(), gts.bboxes.kind()]);
-        let metric_kind = promote(&[scores.kind(), overlap_kind]);
+        let overlap_kind = promote_kinds(&[decoded.kind(), gts.bboxes.kind()]);
+        let metric_kind = promote_kinds(&[scores.kind(), overlap_kind]);
         let mut best = Tensor::f_full([b, n], -INF, (overlap_kind, dev))?;
         let mut best_gt = Tensor::f_zeros([b, n], (Kind::Int64, dev))?;
         let mut metrics = Tensor::f_zeros([b, n], (metric_kind, dev))?;
