@@ -194,8 +194,10 @@ impl TOODHeadTargets {
             });
         }
         let idx = (&res.gt_inds - 1).f_clamp_min(0)?;
-        // Per ground truth, the largest metric and IoU over its positives (an amax index_reduce over
-        // (image, ground truth); the metrics and IoUs are >= 0, so 0 starts them).
+        // Per ground truth, the largest metric and IoU over its positives (an amax scatter-reduce
+        // over (image, ground truth); the metrics and IoUs are >= 0, so 0 starts them). tch names
+        // `torch::scatter_reduce(dim, index, src, reduce, include_self)` `internal_scatter_reduce`;
+        // `index_reduce`, the same here, would print libtorch's "beta API" warning.
         let metric = r
             .assign_metrics
             .f_to_kind(Kind::Float)?
@@ -207,7 +209,7 @@ impl TOODHeadTargets {
         let slot =
             (Tensor::f_arange(b, (Kind::Int64, dev))?.f_view([b, 1])? * g + &idx).f_view([-1])?;
         let per_gt = |x: &Tensor| -> Result<Tensor> {
-            let top = Tensor::f_zeros([b * g], (Kind::Float, dev))?.f_index_reduce(
+            let top = Tensor::f_zeros([b * g], (Kind::Float, dev))?.f_internal_scatter_reduce(
                 0,
                 &slot,
                 &x.f_view([-1])?,

@@ -148,21 +148,23 @@ impl GtBatch {
 /// `bbox_overlaps` of MMDetection (`mmdet/structures/bbox/bbox_overlaps.py`), not aligned:
 /// `(..., R, 4)` against `(..., C, 4)` gives `(..., R, C)`, with the union (or for `iof` the first
 /// box's area) clamped at `eps` = 1e-6.
+///
+/// The same elementwise operations as MMDetection's (so the same bits), one coordinate at a
+/// time: `(..., R, 1)` against `(..., 1, C)` planes, so that every pass runs along the last
+/// dimension of the result rather than along pairs of coordinates; the wide side belongs last.
 pub fn bbox_overlaps(b1: &Tensor, b2: &Tensor, iof: bool) -> Result<Tensor> {
-    let area =
-        |b: &Tensor| (b.select(-1, 2) - b.select(-1, 0)) * (b.select(-1, 3) - b.select(-1, 1));
-    let (a1, a2) = (area(b1), area(b2));
-    let lo1 = b1.narrow(-1, 0, 2).f_unsqueeze(-2)?;
-    let hi1 = b1.narrow(-1, 2, 2).f_unsqueeze(-2)?;
-    let lo2 = b2.narrow(-1, 0, 2).f_unsqueeze(-3)?;
-    let hi2 = b2.narrow(-1, 2, 2).f_unsqueeze(-3)?;
-    let wh = (hi1.f_minimum(&hi2)? - lo1.f_maximum(&lo2)?).f_clamp_min(0.0)?;
-    let overlap = wh.select(-1, 0) * wh.select(-1, 1);
-    let union = if iof {
-        a1.unsqueeze(-1)
-    } else {
-        a1.unsqueeze(-1) + a2.unsqueeze(-2) - &overlap
+    // Each box tensor as 4 contiguous coordinate planes.
+    let planes = |b: &Tensor| -> Result<Tensor> { Ok(b.f_movedim(-1, 0)?.f_contiguous()?) };
+    let (p1, p2) = (planes(b1)?, planes(b2)?);
+    let area = |p: &Tensor| (p.get(2) - p.get(0)) * (p.get(3) - p.get(1));
+    let (a1, a2) = (area(&p1).unsqueeze(-1), area(&p2).unsqueeze(-2));
+    let c1 = |j: i64| p1.get(j).unsqueeze(-1); // (..., R, 1)
+    let c2 = |j: i64| p2.get(j).unsqueeze(-2); // (..., 1, C)
+    let side = |lo: i64, hi: i64| -> Result<Tensor> {
+        Ok((c1(hi).f_minimum(&c2(hi))? - c1(lo).f_maximum(&c2(lo))?).f_clamp_min(0.0)?)
     };
+    let overlap = side(0, 2)? * side(1, 3)?;
+    let union = if iof { a1 } else { a1 + a2 - &overlap };
     let eps = Tensor::f_full([1], 1e-6, (union.kind(), union.device()))?;
     Ok(overlap / union.f_maximum(&eps)?)
 }
@@ -356,4 +358,62 @@ pub(crate) fn keep_better(
     *best = vals.f_where_self(&better, &*best)?;
     *best_gt = (idx + g0).f_where_self(&better, &*best_gt)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// MMDetection's composition, pairs of coordinates at a time.
+    fn by_pairs(b1: &Tensor, b2: &Tensor, iof: bool) -> Tensor {
+        let area =
+            |b: &Tensor| (b.select(-1, 2) - b.select(-1, 0)) * (b.select(-1, 3) - b.select(-1, 1));
+        let (a1, a2) = (area(b1), area(b2));
+        let lt = b1
+            .narrow(-1, 0, 2)
+            .unsqueeze(-2)
+            .maximum(&b2.narrow(-1, 0, 2).unsqueeze(-3));
+        let rb = b1
+            .narrow(-1, 2, 2)
+            .unsqueeze(-2)
+            .minimum(&b2.narrow(-1, 2, 2).unsqueeze(-3));
+        let wh = (rb - lt).clamp_min(0.0);
+        let overlap = wh.select(-1, 0) * wh.select(-1, 1);
+        let union = if iof {
+            a1.unsqueeze(-1)
+        } else {
+            a1.unsqueeze(-1) + a2.unsqueeze(-2) - &overlap
+        };
+        overlap / union.maximum(&Tensor::full([1], 1e-6, (union.kind(), union.device())))
+    }
+
+    #[test]
+    fn bbox_overlaps_by_planes_gives_the_pairs_composition_bit_for_bit() {
+        tch::manual_seed(4);
+        for kind in [Kind::Float, Kind::Double] {
+            let boxes = |shape: &[i64]| {
+                let lo = Tensor::rand(shape, (kind, Device::Cpu)) * 50.0;
+                // Some empty and some inverted boxes too.
+                let wh = Tensor::rand(shape, (kind, Device::Cpu)) * 30.0 - 3.0;
+                Tensor::cat(&[&lo, &(&lo + wh)], -1)
+            };
+            let (b1, b2) = (boxes(&[3, 40, 2]), boxes(&[3, 7, 2]));
+            for iof in [false, true] {
+                for (x, y) in [(&b1, &b2), (&b2, &b1)] {
+                    let (got, want) = (bbox_overlaps(x, y, iof).unwrap(), by_pairs(x, y, iof));
+                    assert_eq!(got.size(), want.size());
+                    let bits = |t: &Tensor| match kind {
+                        Kind::Float => t.view_dtype(Kind::Int),
+                        _ => t.view_dtype(Kind::Int64),
+                    };
+                    assert!(bits(&got).equal(&bits(&want)), "{kind:?} iof {iof}");
+                }
+                // Broadcast batch dimensions: (40, 4) against (3, 7, 4).
+                let got = bbox_overlaps(&b1.get(0).unsqueeze(0), &b2, iof).unwrap();
+                let want = by_pairs(&b1.get(0).unsqueeze(0), &b2, iof);
+                assert!(got.equal(&want));
+            }
+        }
+    }
 }
