@@ -1,5 +1,5 @@
-//! Evaluation on held-out images: MMDetection's ATSS test-time path (scores = sigmoid(class) ×
-//! sigmoid(centerness), the top 1,000 anchors above 0.05 per image, decoded, class-wise NMS at
+//! Evaluation on held-out images: MMDetection's dense-head test-time path (the head's scores, the
+//! top 1,000 (prior, class) pairs above 0.05 per image, their decoded boxes, class-wise NMS at
 //! IoU 0.6, at most 100 detections), then recall and average precision at IoU 0.5.
 
 use tch::{Kind, Tensor};
@@ -46,11 +46,11 @@ fn nms(boxes: &Tensor, scores: &Tensor, labels: &Tensor, iou_thr: f64, max_det: 
     keep
 }
 
-/// Detections of each image from flattened head outputs: class logits `(B, N, C)`, decoded boxes
-/// `(B, N, 4)` and centerness logits `(B, N)`.
-pub fn detect(cls: &Tensor, boxes: &Tensor, ctr: &Tensor) -> Vec<Detections> {
-    let (b, _, c) = (cls.size()[0], cls.size()[1], cls.size()[2]);
-    let scores = (cls.sigmoid() * ctr.sigmoid().unsqueeze(-1)).to_device(tch::Device::Cpu);
+/// Detections of each image from a head's test-time scores `(B, N, C)` and decoded boxes
+/// `(B, N, 4)`.
+pub fn detect(scores: &Tensor, boxes: &Tensor) -> Vec<Detections> {
+    let (b, _, c) = (scores.size()[0], scores.size()[1], scores.size()[2]);
+    let scores = scores.to_device(tch::Device::Cpu);
     let boxes = boxes.to_device(tch::Device::Cpu);
     (0..b)
         .map(|i| {

@@ -1,17 +1,18 @@
-//! Trains an ATSS detector on procedurally generated shapes, with MMDetection's loss pipeline
-//! from tch-detloss: ATSS assignment and head targets batched on the device, and the three losses
-//! built from MMDetection config dicts (FocalLoss, GIoULoss weighted by the centerness targets,
-//! sigmoid CrossEntropyLoss for centerness), fused by default.
+//! Trains a detector on procedurally generated shapes with MMDetection's loss pipeline from
+//! tch-detloss: one of five dense heads (`--head atss|gfl|fcos|rtmdet|tood`, see `heads`), each
+//! with its own branches, initialisation and decoding, its targets batched on the device, and its
+//! losses built from MMDetection config dicts, fused by default.
 //!
 //! ```sh
-//! make train                                    # the default run (CPU), about 10 minutes on 2 cores
-//! cargo run --release --example train_atss -- --help
+//! make train                                    # ATSS, the default run (CPU), 3 to 4 minutes on 2 cores
+//! make train HEAD=rtmdet                        # another head
+//! cargo run --release --example train -- --help
 //! ```
 //!
 //! Data-parallel, under torchrun from the set-up's Python environment (`make train-dist`):
 //!
 //! ```sh
-//! .venv/bin/torchrun --standalone --nproc-per-node 2 --no-python target/release/examples/train_atss
+//! .venv/bin/torchrun --standalone --nproc-per-node 2 --no-python target/release/examples/train
 //! ```
 //!
 //! Each rank then takes its share of every batch (the same images in the same order on every
@@ -27,6 +28,7 @@
 mod chart;
 mod data;
 mod eval;
+mod heads;
 mod model;
 
 use std::path::PathBuf;
@@ -37,12 +39,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
-use tch_detloss::dense_heads::{DenseHeadTargets, HeadTargets, ImageMeta};
 use tch_detloss::dist::{self, Backend, DdpOptions, DistributedDataParallel, GroupOptions};
 use tch_detloss::task_modules::GtBatch;
-use tch_detloss::{registry, Loss, LossArgs};
 
-const USAGE: &str = "usage: cargo run --release --example train_atss -- [OPTIONS]
+const USAGE: &str = "usage: cargo run --release --example train -- [OPTIONS]
+  --head H           atss, gfl, fcos, rtmdet or tood (default atss)
   --steps N          training steps (default 1500)
   --batch B          images per step, over all ranks (default 8)
   --size S           image side in pixels (default 128)
@@ -54,13 +55,14 @@ const USAGE: &str = "usage: cargo run --release --example train_atss -- [OPTIONS
   --eval N           held-out images to evaluate (default 200)
   --device D         cpu or cuda (default cpu)
   --seed S           data and initialisation seed (default 0)
-  --out DIR          where metrics.json and loss.png go (default target/train_atss)
+  --out DIR          where metrics.json and loss.png go (default target/train_<head>)
   --quiet            no progress bar
   --check            a short run that must learn (make test): 120 steps of 8 images, no plot;
                      fails unless the loss falls by 30 % and fused and unfused agree at step 0
 Under torchrun (WORLD_SIZE set), it trains data-parallel: Gloo on the CPU, NCCL with --device cuda.";
 
 struct Options {
+    head: String,
     steps: i64,
     batch: i64,
     size: i64,
@@ -71,7 +73,7 @@ struct Options {
     eval: i64,
     device: Device,
     seed: u64,
-    out: PathBuf,
+    out: Option<PathBuf>,
     quiet: bool,
     check: bool,
 }
@@ -79,6 +81,7 @@ struct Options {
 impl Options {
     fn parse() -> Result<Option<Self>> {
         let mut o = Options {
+            head: "atss".into(),
             steps: 1500,
             batch: 8,
             size: 128,
@@ -89,7 +92,7 @@ impl Options {
             eval: 200,
             device: Device::Cpu,
             seed: 0,
-            out: PathBuf::from("target/train_atss"),
+            out: None,
             quiet: false,
             check: false,
         };
@@ -97,6 +100,7 @@ impl Options {
         while let Some(a) = args.next() {
             let mut val = || args.next().with_context(|| format!("{a} needs a value"));
             match a.as_str() {
+                "--head" => o.head = val()?,
                 "--steps" => o.steps = val()?.parse()?,
                 "--batch" => o.batch = val()?.parse()?,
                 "--size" => o.size = val()?.parse()?,
@@ -114,140 +118,32 @@ impl Options {
                     }
                 }
                 "--seed" => o.seed = val()?.parse()?,
-                "--out" => o.out = PathBuf::from(val()?),
+                "--out" => o.out = Some(PathBuf::from(val()?)),
                 "--quiet" => o.quiet = true,
                 "--check" => {
                     (o.check, o.quiet) = (true, true);
                     (o.steps, o.batch, o.warmup, o.compare, o.eval) = (120, 8, 10, 1, 16);
-                    o.out = PathBuf::from("target/train_atss_check");
                 }
                 "--bench" => {}
                 "-h" | "--help" => return Ok(None),
                 _ => bail!("unknown option {a}\n{USAGE}"),
             }
         }
+        if !heads::NAMES.contains(&o.head.as_str()) {
+            bail!("unknown head {} ({})", o.head, heads::NAMES.join(", "));
+        }
         if o.steps < 1 || o.batch < 1 || o.size < 64 || o.size % 32 != 0 {
             bail!("need --steps >= 1, --batch >= 1 and --size a multiple of 32, at least 64");
         }
         Ok(Some(o))
     }
-}
 
-/// The head's config as an MMDetection user writes it (the layer keys are the model's business).
-fn head_config() -> Value {
-    json!({
-        "type": "ATSSHead", "num_classes": data::CLASSES.len(),
-        "anchor_generator": {"type": "AnchorGenerator", "ratios": [1.0], "octave_base_scale": 4,
-                             "scales_per_octave": 1, "strides": model::STRIDES},
-        "bbox_coder": {"type": "DeltaXYWHBBoxCoder", "target_means": [0.0, 0.0, 0.0, 0.0],
-                       "target_stds": [0.1, 0.1, 0.2, 0.2]},
-        "loss_cls": {"type": "FocalLoss", "use_sigmoid": true, "gamma": 2.0, "alpha": 0.25, "loss_weight": 1.0},
-        "loss_bbox": {"type": "GIoULoss", "loss_weight": 2.0},
-        "loss_centerness": {"type": "CrossEntropyLoss", "use_sigmoid": true, "loss_weight": 1.0},
-        "train_cfg": {"assigner": {"type": "ATSSAssigner", "topk": 9}, "allowed_border": -1, "pos_weight": -1}
-    })
-}
-
-/// Everything a training step needs besides the model.
-pub struct Pipeline {
-    head: DenseHeadTargets,
-    loss_cls: Box<dyn Loss>,
-    loss_bbox: Box<dyn Loss>,
-    loss_ctr: Box<dyn Loss>,
-    anchors: Tensor,
-    counts: Vec<i64>,
-    valid: Tensor,
-    metas: Vec<ImageMeta>,
-}
-
-impl Pipeline {
-    fn new(batch: i64, size: i64, device: Device) -> Result<Self> {
-        let cfg = head_config();
-        let head = DenseHeadTargets::from_config(&cfg)?;
-        let featmaps: Vec<(i64, i64)> = model::STRIDES
-            .iter()
-            .map(|s| (size / s, size / s))
-            .collect();
-        let metas = vec![
-            ImageMeta {
-                img_shape: (size, size),
-                pad_shape: (size, size)
-            };
-            batch as usize
-        ];
-        let (anchors, valid, counts) = head.anchors(&featmaps, &metas, device)?;
-        Ok(Self {
-            loss_cls: registry::build(&cfg["loss_cls"])?,
-            loss_bbox: registry::build(&cfg["loss_bbox"])?,
-            loss_ctr: registry::build(&cfg["loss_centerness"])?,
-            head,
-            anchors,
-            counts,
-            valid,
-            metas,
-        })
-    }
-
-    fn targets(&self, gts: &GtBatch) -> Result<HeadTargets> {
-        self.head.targets_for(
-            &self.anchors,
-            &self.counts,
-            &self.valid,
-            &self.metas,
-            gts,
-            None,
-        )
-    }
-
-    /// ATSSHead.loss_by_feat over all levels and images at once: the classification loss over all
-    /// anchors, the box and centerness losses over all anchors with zero weights off the
-    /// positives (which the fused box kernels treat as "contributes nothing"); no host read.
-    fn losses(&self, out: &model::Outputs, t: &HeadTargets, fused: bool) -> Result<[Tensor; 3]> {
-        let c = data::CLASSES.len() as i64;
-        let cls = model::flatten_levels(&out.cls).reshape([-1, c]);
-        let reg = model::flatten_levels(&out.reg).reshape([-1, 4]);
-        let ctr = model::flatten_levels(&out.ctr).reshape([-1]);
-        let labels = t.labels.reshape([-1]);
-        let label_weights = t.label_weights.reshape([-1]);
-        let pos = t.sampling.pos_mask.reshape([-1]);
-        let anchors = t.anchors.reshape([-1, 4]);
-        let targets = t.bbox_targets.reshape([-1, 4]);
-        let ctr_t = t.centerness.reshape([-1]);
-        let decoded = self.head.bbox_coder.decode(&anchors, &reg, None)?;
-        let call = |l: &dyn Loss, pred: &Tensor, target: &Tensor, args: &LossArgs| {
-            if fused {
-                l.forward(pred, target.into(), args)
-            } else {
-                l.forward_unfused(pred, target.into(), args)
-            }
-        };
-        // As ATSSHead: every rank divides by the mean over the ranks (the same number on all),
-        // so that DDP's average of the gradients is the gradient of the whole batch's loss.
-        let avg_factor = dist::reduce_mean(&t.avg_factor)?.clamp_min(1.0);
-        let loss_cls = call(
-            &*self.loss_cls,
-            &cls,
-            &labels,
-            &LossArgs::new()
-                .weight(&label_weights)
-                .avg_factor(&avg_factor),
-        )?;
-        // MMDetection divides the box loss by the centerness targets' sum, clamped at 1.
-        let bbox_avg = dist::reduce_mean(&ctr_t.sum(Kind::Float))?.clamp_min(1.0);
-        let loss_bbox = call(
-            &*self.loss_bbox,
-            &decoded,
-            &targets,
-            &LossArgs::new().weight(&ctr_t).avg_factor(1.0),
-        )? / bbox_avg;
-        let pos_w = pos.to_kind(Kind::Float);
-        let loss_ctr = call(
-            &*self.loss_ctr,
-            &ctr,
-            &ctr_t,
-            &LossArgs::new().weight(&pos_w).avg_factor(&avg_factor),
-        )?;
-        Ok([loss_cls, loss_bbox, loss_ctr])
+    /// Where the outputs go: `--out`, or `target/train_<head>` (`_check` for `--check`).
+    fn out_dir(&self) -> PathBuf {
+        let check = if self.check { "_check" } else { "" };
+        self.out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("target/train_{}{check}", self.head)))
     }
 }
 
@@ -302,12 +198,12 @@ fn step(
     net: &model::Detector,
     mut ddp: Option<&mut DistributedDataParallel>,
     opt: &mut nn::Optimizer,
-    pipe: &Pipeline,
     images: &Tensor,
     gts: &GtBatch,
+    s: i64,
     fused: bool,
     timed: bool,
-) -> Result<([f64; 3], Phases)> {
+) -> Result<(Vec<f64>, Phases)> {
     let dev = images.device();
     let sync = || {
         if timed {
@@ -321,14 +217,17 @@ fn step(
     if let Some(d) = ddp.as_deref_mut() {
         d.prepare_forward()?;
     }
-    let out = net.forward(images);
+    let out = net.forward_t(images, true);
     sync();
     let t1 = Instant::now();
-    let targets = pipe.targets(gts)?;
+    let targets = net.head.targets(&out, gts, s)?;
     sync();
     let t2 = Instant::now();
-    let [a, b, c] = pipe.losses(&out, &targets, fused)?;
-    let total = &a + &b + &c;
+    let terms = net.head.losses(&out, &targets, fused)?;
+    let total = terms
+        .iter()
+        .skip(1)
+        .fold(terms[0].shallow_clone(), |t, x| t + x);
     sync();
     let t3 = Instant::now();
     opt.zero_grad();
@@ -347,9 +246,8 @@ fn step(
         (ms(t0, t1), ms(t1, t2), ms(t2, t3), ms(t3, t4), ms(t4, t5));
     // The values are read after the step, for the log: averaged over the ranks, the loss of the
     // whole batch.
-    let terms = dist::reduce_mean(&Tensor::stack(&[a, b, c], 0).detach())?;
-    let v = Vec::<f64>::try_from(terms.to_kind(Kind::Double))?;
-    Ok(([v[0], v[1], v[2]], p))
+    let terms = dist::reduce_mean(&Tensor::stack(&terms, 0).detach())?;
+    Ok((Vec::<f64>::try_from(terms.to_kind(Kind::Double))?, p))
 }
 
 fn lr_at(o: &Options, s: i64) -> f64 {
@@ -370,7 +268,8 @@ fn lr_at(o: &Options, s: i64) -> f64 {
 }
 
 struct Run {
-    losses: Vec<[f64; 3]>,
+    names: &'static [&'static str],
+    losses: Vec<Vec<f64>>,
     step_ms: Vec<f64>,
     phases: Phases,
     timed_steps: usize,
@@ -379,9 +278,18 @@ struct Run {
 impl Run {
     /// Each step's loss terms and time, as metrics.json lists them.
     fn curve(&self) -> Value {
-        let steps = self.losses.iter().zip(&self.step_ms).enumerate().map(|(s, (l, ms))| {
-            json!({"step": s, "loss_cls": l[0], "loss_bbox": l[1], "loss_centerness": l[2], "step_ms": ms})
-        });
+        let steps = self
+            .losses
+            .iter()
+            .zip(&self.step_ms)
+            .enumerate()
+            .map(|(s, (l, ms))| {
+                let mut v = json!({"step": s, "step_ms": ms});
+                for (name, x) in self.names.iter().zip(l) {
+                    v[*name] = json!(x);
+                }
+                v
+            });
         Value::Array(steps.collect())
     }
 
@@ -401,7 +309,6 @@ fn train(
     o: &Options,
     vs: &nn::VarStore,
     net: &model::Detector,
-    pipe: &Pipeline,
     steps: i64,
     fused: bool,
     label: &str,
@@ -434,6 +341,7 @@ fn train(
     );
     bar.set_prefix(label.to_string());
     let mut run = Run {
+        names: net.head.loss_names(),
         losses: Vec::new(),
         step_ms: Vec::new(),
         phases: Phases::default(),
@@ -447,31 +355,25 @@ fn train(
         // The step profile skips the first steps (allocator and thread-pool warm-up).
         let timed = s >= 5;
         let start = Instant::now();
-        let (l, p) = step(
-            net,
-            ddp.as_mut(),
-            &mut opt,
-            pipe,
-            &images,
-            &gts,
-            fused,
-            timed,
-        )?;
+        let (l, p) = step(net, ddp.as_mut(), &mut opt, &images, &gts, s, fused, timed)?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
         if timed {
             run.phases.add(&p);
             run.timed_steps += 1;
         }
+        let terms: Vec<String> = run
+            .names
+            .iter()
+            .zip(&l)
+            .map(|(n, x)| format!("{} {x:.3}", n.trim_start_matches("loss_")))
+            .collect();
+        bar.set_message(format!(
+            "loss {:.3} ({}) {ms:.0} ms/step",
+            l.iter().sum::<f64>(),
+            terms.join(" ")
+        ));
         run.losses.push(l);
         run.step_ms.push(ms);
-        bar.set_message(format!(
-            "loss {:.3} (cls {:.3} bbox {:.3} ctr {:.3}) {:.0} ms/step",
-            l[0] + l[1] + l[2],
-            l[0],
-            l[1],
-            l[2],
-            ms
-        ));
         bar.inc(1);
     }
     bar.finish();
@@ -481,7 +383,7 @@ fn train(
     Ok(run)
 }
 
-fn evaluate(o: &Options, net: &model::Detector, pipe: &Pipeline) -> Result<(f64, f64)> {
+fn evaluate(o: &Options, net: &model::Detector) -> Result<(f64, f64)> {
     let _guard = tch::no_grad_guard();
     let mut dets = Vec::new();
     let (mut boxes, mut labels) = (Vec::new(), Vec::new());
@@ -490,17 +392,8 @@ fn evaluate(o: &Options, net: &model::Detector, pipe: &Pipeline) -> Result<(f64,
     while i < o.eval {
         let b = o.batch.min(o.eval - i);
         let (samples, images) = data::samples(eval_seed, i as u64, b, o.size, o.device);
-        let out = net.forward(&images);
-        let cls = model::flatten_levels(&out.cls);
-        let reg = model::flatten_levels(&out.reg);
-        let ctr = model::flatten_levels(&out.ctr).squeeze_dim(-1);
-        let anchors = pipe.anchors.unsqueeze(0).expand([b, -1, 4], false);
-        let decoded = pipe.head.bbox_coder.decode(
-            &anchors.reshape([-1, 4]),
-            &reg.reshape([-1, 4]),
-            Some(tch_detloss::task_modules::MaxShape::Image(o.size, o.size)),
-        )?;
-        dets.extend(eval::detect(&cls, &decoded.view([b, -1, 4]), &ctr));
+        let (scores, decoded) = net.head.predict(&net.forward_t(&images, false))?;
+        dets.extend(eval::detect(&scores, &decoded));
         boxes.extend(samples.iter().map(|s| s.boxes.shallow_clone()));
         labels.extend(samples.iter().map(|s| s.labels.shallow_clone()));
         i += b;
@@ -527,8 +420,8 @@ fn ema(xs: &[f64], k: f64) -> Vec<f64> {
 /// the first steps to the last, and fused and unfused give the same step-0 loss to float32
 /// rounding (the same weights and batch; sums of a few thousand terms).
 fn check(run: &Run, other: Option<&Run>) -> Result<()> {
-    let total = |l: &[f64; 3]| l.iter().sum::<f64>();
-    let mean = |xs: &[[f64; 3]]| xs.iter().map(total).sum::<f64>() / xs.len() as f64;
+    let total = |l: &Vec<f64>| l.iter().sum::<f64>();
+    let mean = |xs: &[Vec<f64>]| xs.iter().map(total).sum::<f64>() / xs.len() as f64;
     let n = run.losses.len();
     let (first, last) = (mean(&run.losses[..10]), mean(&run.losses[n - 10..]));
     let other = other.context("--check compares with the other kind of losses")?;
@@ -577,9 +470,15 @@ fn init_distributed(o: &mut Options) -> Result<()> {
     Ok(())
 }
 
-/// A checksum of the parameters, to show that every rank holds the same model.
+/// A checksum of the parameters, to show that every rank holds the same model (not of the
+/// buffers: the batch-norm statistics of the last step are each rank's own, as in PyTorch's DDP,
+/// which hands out rank 0's at the next forward).
 fn checksum(vs: &nn::VarStore) -> f64 {
-    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    let mut vars: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     vars.iter()
         .enumerate()
@@ -604,14 +503,28 @@ fn main() -> Result<()> {
             println!("{m}");
         }
     };
-    std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
+    let out_dir = o.out_dir();
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     tch::manual_seed(o.seed as i64);
-    let pipe = Pipeline::new(o.batch / world as i64, o.size, o.device)?;
+    let setup = heads::Setup {
+        batch: o.batch / world as i64,
+        size: o.size,
+        device: o.device,
+        // MMDetection's TOOD config trains its first 4 of 12 epochs on the initial targets.
+        initial_steps: o.steps / 3,
+    };
+    let classes = data::CLASSES.len() as i64;
+    let build = |vs: &nn::VarStore| -> Result<model::Detector> {
+        Ok(model::Detector {
+            body: model::Body::new(&vs.root()),
+            head: heads::build(&o.head, &vs.root(), classes, &setup)?,
+        })
+    };
     let mut vs = nn::VarStore::new(o.device);
-    let net = model::Detector::new(&vs.root(), data::CLASSES.len() as i64, 64);
+    let net = build(&vs)?;
     // The comparison run starts from the same weights.
     let mut start = nn::VarStore::new(o.device);
-    let _ = model::Detector::new(&start.root(), data::CLASSES.len() as i64, 64);
+    let _ = build(&start)?;
     start.copy(&vs)?;
     let fused = !o.unfused;
     let (main_name, other_name) = if fused {
@@ -629,11 +542,11 @@ fn main() -> Result<()> {
         String::new()
     };
     say(format!(
-        "train_atss: {} steps of {} images ({}x{} px, {} anchors each) on {:?}{ranks}, {} losses; {} threads",
-        o.steps, o.batch, o.size, o.size, pipe.anchors.size()[0], o.device, main_name, tch::get_num_threads()
+        "train {}: {} steps of {} images ({}x{} px, {} priors each) on {:?}{ranks}, {} losses; {} threads",
+        o.head, o.steps, o.batch, o.size, o.size, net.head.num_priors(), o.device, main_name, tch::get_num_threads()
     ));
     let t0 = Instant::now();
-    let run = train(&o, &vs, &net, &pipe, o.steps, fused, main_name)?;
+    let run = train(&o, &vs, &net, o.steps, fused, main_name)?;
     let train_s = t0.elapsed().as_secs_f64();
     if let Some(g) = dist::default_group() {
         // Every rank says it, and rank 0 checks that all of them hold one model.
@@ -652,7 +565,7 @@ fn main() -> Result<()> {
         say(format!("all {world} ranks hold the same parameters"));
     }
     let (recall, map) = if leader {
-        evaluate(&o, &net, &pipe)?
+        evaluate(&o, &net)?
     } else {
         (f64::NAN, f64::NAN)
     };
@@ -666,7 +579,6 @@ fn main() -> Result<()> {
             &o,
             &vs,
             &net,
-            &pipe,
             o.compare.min(o.steps),
             !fused,
             other_name,
@@ -674,7 +586,7 @@ fn main() -> Result<()> {
     }
     let share = |p: &Phases| (p.targets + p.losses) / p.total();
     let mut metrics = json!({
-        "steps": o.steps, "batch": o.batch, "size": o.size, "device": format!("{:?}", o.device),
+        "head": o.head, "steps": o.steps, "batch": o.batch, "size": o.size, "device": format!("{:?}", o.device),
         "world_size": world,
         "losses": main_name, "seed": o.seed, "train_seconds": train_s,
         "eval": {"images": o.eval, "recall_iou50": recall, "map_iou50": map},
@@ -711,7 +623,7 @@ fn main() -> Result<()> {
     if !leader {
         return Ok(());
     }
-    let path = o.out.join("metrics.json");
+    let path = out_dir.join("metrics.json");
     std::fs::write(&path, serde_json::to_string_pretty(&metrics)?)?;
     let mut series = vec![chart::Series {
         name: format!("{main_name} (total)"),
@@ -727,14 +639,15 @@ fn main() -> Result<()> {
     }
     let chart = chart::LineChart {
         title: format!(
-            "ATSS on shapes: training loss (EMA 0.9), recall@0.5 {recall:.2}, mAP@0.5 {map:.2}"
+            "{} on shapes: training loss (EMA 0.9), recall@0.5 {recall:.2}, mAP@0.5 {map:.2}",
+            heads::title(&o.head)
         ),
         x_label: "step".into(),
         y_label: "loss".into(),
         series,
         log_y: false,
     };
-    let png = o.out.join("loss.png");
+    let png = out_dir.join("loss.png");
     chart.save(&png, 800, 480)?;
     println!("wrote {} and {}", path.display(), png.display());
     Ok(())

@@ -1,26 +1,53 @@
-//! A small detector: a 5-stage convolutional backbone, a 3-level FPN and MMDetection's ATSS head
-//! (shared classification and regression towers with GroupNorm, the class, box and centerness
-//! convolutions, a learnable scale per level), initialised as MMDetection initialises ATSSHead:
-//! normal(0, 0.01) convolutions and the classification bias at prior probability 0.01.
+//! The detector's shared body, a 5-stage convolutional backbone and a 3-level FPN, and the layers
+//! the heads build from (`heads/`): convolutions initialised as MMDetection's `normal_init`,
+//! ConvModule-like conv + norm + activation blocks, the learnable per-level `Scale`, and the
+//! flattening of level outputs into MMDetection's prior order.
 
-use tch::nn;
+use tch::nn::{self, Module};
 use tch::Tensor;
 
-/// The pyramid strides, as the anchor generator's config lists them.
+/// The pyramid strides, as the prior generators' configs list them.
 pub const STRIDES: [i64; 3] = [8, 16, 32];
 
-fn conv(
+/// The FPN's (and every head's) channel width.
+pub const WIDTH: i64 = 64;
+
+/// `bias_init_with_prob(0.01)`: the classification bias at prior probability 0.01.
+pub fn prior_bias() -> f64 {
+    -((1.0 - 0.01f64) / 0.01).ln()
+}
+
+/// A `k`×`k` convolution with "same" padding; `std` gives `normal_init(std, bias)`, `None`
+/// libtorch's default initialisation (the backbone and FPN).
+pub fn conv(vs: nn::Path, i: i64, o: i64, k: i64, std: Option<f64>, bias: f64) -> nn::Conv2D {
+    conv_strided(vs, i, o, k, 1, std, Some(bias))
+}
+
+/// The same without a bias, as ConvModule builds a convolution that a norm follows.
+pub fn conv_no_bias(
     vs: nn::Path,
     i: i64,
     o: i64,
     k: i64,
     stride: i64,
     std: Option<f64>,
-    bias: f64,
+) -> nn::Conv2D {
+    conv_strided(vs, i, o, k, stride, std, None)
+}
+
+fn conv_strided(
+    vs: nn::Path,
+    i: i64,
+    o: i64,
+    k: i64,
+    stride: i64,
+    std: Option<f64>,
+    bias: Option<f64>,
 ) -> nn::Conv2D {
     let mut c = nn::ConvConfig {
         stride,
         padding: k / 2,
+        bias: bias.is_some(),
         ..Default::default()
     };
     if let Some(std) = std {
@@ -28,51 +55,56 @@ fn conv(
             mean: 0.0,
             stdev: std,
         };
-        c.bs_init = nn::Init::Const(bias);
+        c.bs_init = nn::Init::Const(bias.unwrap_or(0.0));
     }
     nn::conv2d(vs, i, o, k, c)
 }
 
-/// Conv, GroupNorm, ReLU.
-struct ConvGn {
+/// ConvModule with GroupNorm (8 groups) and ReLU, as the FCOS, ATSS, GFL and TOOD heads use it
+/// (`norm_cfg=dict(type='GN', ...)`; the conv has no bias under a norm).
+pub struct ConvGn {
     conv: nn::Conv2D,
     gn: nn::GroupNorm,
 }
 
 impl ConvGn {
-    fn new(vs: nn::Path, i: i64, o: i64, stride: i64, std: Option<f64>) -> Self {
-        let conv = conv(&vs / "conv", i, o, 3, stride, std, 0.0);
+    /// A `k`×`k` block, `normal_init(std)` of the convolution when `std` is given.
+    pub fn new(vs: nn::Path, i: i64, o: i64, k: i64, stride: i64, std: Option<f64>) -> Self {
+        let conv = conv_no_bias(&vs / "conv", i, o, k, stride, std);
         let gn = nn::group_norm(&vs / "gn", 8, o, Default::default());
         Self { conv, gn }
     }
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
         x.apply(&self.conv).apply(&self.gn).relu()
+    }
+    /// The block with another convolution in place of its own (TaskDecomposition computes the
+    /// convolution itself, then this block's norm and activation).
+    pub fn norm_act(&self, x: &Tensor) -> Tensor {
+        x.apply(&self.gn).relu()
+    }
+    /// The convolution's weight `(O, I, k, k)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.conv.ws
     }
 }
 
-/// The detector's raw outputs per level: class logits `(B, C, H, W)`, box deltas `(B, 4, H, W)`
-/// and centerness logits `(B, 1, H, W)`.
-pub struct Outputs {
-    pub cls: Vec<Tensor>,
-    pub reg: Vec<Tensor>,
-    pub ctr: Vec<Tensor>,
+/// `Scale`: one learnable factor, initialised at 1.
+pub fn scales(vs: nn::Path, n: usize) -> Vec<Tensor> {
+    (0..n)
+        .map(|l| vs.var(&format!("scale{l}"), &[], nn::Init::Const(1.0)))
+        .collect()
 }
 
-pub struct Detector {
+/// The backbone (strides 2 to 32) and the FPN over its last three stages: `(B, WIDTH, H/s, W/s)`
+/// for s in [`STRIDES`].
+pub struct Body {
     stem: Vec<ConvGn>,
     lateral: Vec<nn::Conv2D>,
     smooth: Vec<nn::Conv2D>,
-    cls_tower: Vec<ConvGn>,
-    reg_tower: Vec<ConvGn>,
-    atss_cls: nn::Conv2D,
-    atss_reg: nn::Conv2D,
-    atss_ctr: nn::Conv2D,
-    scales: Vec<Tensor>,
 }
 
-impl Detector {
-    pub fn new(vs: &nn::Path, num_classes: i64, width: i64) -> Self {
-        // Strides 2, 4, 8, 16, 32; the last three feed the pyramid.
+impl Body {
+    pub fn new(vs: &nn::Path) -> Self {
         let chans = [16, 32, 64, 96, 128];
         let mut stem = Vec::new();
         let mut prev = 3;
@@ -81,76 +113,29 @@ impl Detector {
                 vs / "backbone" / format!("stage{i}"),
                 prev,
                 c,
+                3,
                 2,
                 None,
             ));
             prev = c;
         }
+        let fpn = vs / "fpn";
         let lateral = chans[2..]
             .iter()
             .enumerate()
-            .map(|(l, &c)| {
-                conv(
-                    vs / "fpn" / format!("lateral{l}"),
-                    c,
-                    width,
-                    1,
-                    1,
-                    None,
-                    0.0,
-                )
-            })
+            .map(|(l, &c)| conv(&fpn / format!("lateral{l}"), c, WIDTH, 1, None, 0.0))
             .collect();
         let smooth = (0..3)
-            .map(|l| {
-                conv(
-                    vs / "fpn" / format!("smooth{l}"),
-                    width,
-                    width,
-                    3,
-                    1,
-                    None,
-                    0.0,
-                )
-            })
-            .collect();
-        let head = vs / "bbox_head";
-        let cls_tower = (0..2)
-            .map(|i| ConvGn::new(&head / format!("cls_convs{i}"), width, width, 1, Some(0.01)))
-            .collect();
-        let reg_tower = (0..2)
-            .map(|i| ConvGn::new(&head / format!("reg_convs{i}"), width, width, 1, Some(0.01)))
-            .collect();
-        // bias_init_with_prob(0.01)
-        let prior = -((1.0 - 0.01f64) / 0.01).ln();
-        let atss_cls = conv(
-            &head / "atss_cls",
-            width,
-            num_classes,
-            3,
-            1,
-            Some(0.01),
-            prior,
-        );
-        let atss_reg = conv(&head / "atss_reg", width, 4, 3, 1, Some(0.01), 0.0);
-        let atss_ctr = conv(&head / "atss_centerness", width, 1, 3, 1, Some(0.01), 0.0);
-        let scales = (0..3)
-            .map(|l| (&head / "scales").var(&format!("scale{l}"), &[], nn::Init::Const(1.0)))
+            .map(|l| conv(&fpn / format!("smooth{l}"), WIDTH, WIDTH, 3, None, 0.0))
             .collect();
         Self {
             stem,
             lateral,
             smooth,
-            cls_tower,
-            reg_tower,
-            atss_cls,
-            atss_reg,
-            atss_ctr,
-            scales,
         }
     }
 
-    pub fn forward(&self, images: &Tensor) -> Outputs {
+    pub fn forward(&self, images: &Tensor) -> Vec<Tensor> {
         let mut x = images.shallow_clone();
         let mut feats = Vec::new();
         for (i, s) in self.stem.iter().enumerate() {
@@ -170,34 +155,31 @@ impl Detector {
             let up = lat[l + 1].upsample_nearest2d([size[2], size[3]], None, None);
             lat[l] = &lat[l] + up;
         }
-        let pyramid: Vec<Tensor> = lat
-            .iter()
+        lat.iter()
             .zip(&self.smooth)
             .map(|(p, s)| p.apply(s))
-            .collect();
-        let mut out = Outputs {
-            cls: Vec::new(),
-            reg: Vec::new(),
-            ctr: Vec::new(),
-        };
-        for (l, p) in pyramid.iter().enumerate() {
-            let c = self
-                .cls_tower
-                .iter()
-                .fold(p.shallow_clone(), |x, m| m.forward(&x));
-            let r = self
-                .reg_tower
-                .iter()
-                .fold(p.shallow_clone(), |x, m| m.forward(&x));
-            out.cls.push(c.apply(&self.atss_cls));
-            out.reg.push(r.apply(&self.atss_reg) * &self.scales[l]);
-            out.ctr.push(r.apply(&self.atss_ctr));
-        }
-        out
+            .collect()
     }
 }
 
-/// Level outputs `(B, K, H, W)` as one `(B, Σ H W, K)` tensor in the anchors' order (levels, then
+/// ConvModule with BatchNorm and SiLU, as RTMDet's head builds it (`norm_cfg=dict(type='BN')`,
+/// `act_cfg=dict(type='SiLU')`); the convolution is passed in, so that levels can share it.
+pub struct BnSilu {
+    bn: nn::BatchNorm,
+}
+
+impl BnSilu {
+    pub fn new(vs: nn::Path, c: i64) -> Self {
+        Self {
+            bn: nn::batch_norm2d(vs, c, Default::default()),
+        }
+    }
+    pub fn forward_t(&self, conv: &nn::Conv2D, x: &Tensor, train: bool) -> Tensor {
+        conv.forward(x).apply_t(&self.bn, train).silu()
+    }
+}
+
+/// Level outputs `(B, K, H, W)` as one `(B, Σ H W, K)` tensor in the priors' order (levels, then
 /// rows, then columns): MMDetection's `permute(0, 2, 3, 1).reshape(B, -1, K)` per level.
 pub fn flatten_levels(levels: &[Tensor]) -> Tensor {
     let flat: Vec<Tensor> = levels
@@ -208,4 +190,17 @@ pub fn flatten_levels(levels: &[Tensor]) -> Tensor {
         })
         .collect();
     Tensor::cat(&flat, 1)
+}
+
+/// The whole detector: the body and one head.
+pub struct Detector {
+    pub body: Body,
+    pub head: Box<dyn crate::heads::Head>,
+}
+
+impl Detector {
+    /// The head's raw outputs for `images` (`train` selects batch statistics in BatchNorm).
+    pub fn forward_t(&self, images: &Tensor, train: bool) -> crate::heads::Outputs {
+        self.head.forward_t(&self.body.forward(images), train)
+    }
 }
