@@ -49,6 +49,7 @@ DL_NAMESPACE_BEGIN
   X(uint64_t, hist_counts)  /* histogram executor: [blocks, bins + 1] int32 per-block counts */       \
   X(uint64_t, hist_weights) /* histogram executor: [2 bins + 1] accumulation type: weights, edges */  \
   X(uint64_t, hist_state)   /* histogram executor: [bins] float32 momentum state (acc_sum) or 0 */     \
+  X(uint64_t, hist_tot)     /* histogram executor: 0, or [1] float32: the total as given (GHM-R) */    \
   X(uint64_t, aux)        /* a body's vector parameter, accumulation type (see the body) */            \
   X(uint64_t, shortcut)   /* FLAG_SHORTCUT: [1] accumulation type, 1 where no weight is > 0, else 0 */ \
   X(int64_t, n)                                                                                         \
@@ -88,8 +89,7 @@ struct ArgsField {
 
 // Flags. ACTIVATED: pred holds probabilities (focal family). IOU_WEIGHTED: VFL's option. ROW_SUM:
 // the loss of a row is the sum over its elements ('none' gives [n], 'mean' divides by n). STRICT_LABELS:
-// a label outside [0, C] is invalid. SIGMOID: CrossEntropyLoss's use_sigmoid. TOT_SUM: the histogram's
-// total is the sum of the weights (GHM-R), not the count of positive ones (GHM-C). SHORTCUT:
+// a label outside [0, C] is invalid. SIGMOID: CrossEntropyLoss's use_sigmoid. SHORTCUT:
 // MMDetection's zero-weight short-cut (L1, SmoothL1, the IoU family): where no weight is > 0 the
 // result is sum(pred * weight), unreduced and unscaled, and its gradient the weight. The forward
 // pass decides it on the device (partial slots below) and writes the decision to `shortcut`, where
@@ -100,7 +100,6 @@ enum : int32_t {
   FLAG_ROW_SUM = 4,
   FLAG_STRICT_LABELS = 8,
   FLAG_SIGMOID = 16,
-  FLAG_TOT_SUM = 32,
   FLAG_SHORTCUT = 64,
 };
 // What `target` holds: a dense [n, c] T tensor, [n] int64 class indices (with [n] T scores in
@@ -314,6 +313,19 @@ template <class A, class Edge> DL_HD int hist_bin(A g, int bins, A last, const E
   return in ? k : -1;
 }
 
+// A float32 product rounded on its own. Compilers contract `a * b + c` into one fma by default
+// (GCC's -ffp-contract=fast on FMA targets, nvcc's --fmad=true), which skips the rounding of the
+// product that torch's separate `mul` and `add` keep; a volatile store (host) or __fmul_rn
+// (device) is never contracted.
+DL_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  volatile float p = a * b;
+  return p;
+#endif
+}
+
 // The weight of a bin with `num` elements (before the division by the number of non-empty bins),
 // updating the float32 momentum state as MMDetection does, in float32: acc = m acc + (1 - m) num,
 // weight = float32(1 / acc) * float32(tot) (torch's `tot / acc_sum[i]`). Without momentum,
@@ -321,7 +333,9 @@ template <class A, class Edge> DL_HD int hist_bin(A g, int bins, A last, const E
 template <class A> DL_HD A hist_bin_weight(float* state, int b, int64_t num, double tot, double momentum) {
   if (num == 0) return A(0);
   if (momentum > 0 && state) {
-    const float acc = float(float(momentum) * state[b]) + float((1.0 - momentum) * double(num));
+    // MMDetection's `mmt * acc_sum[i] + (1 - mmt) * num_in_bin` on a float32 buffer: two float32
+    // ops, each with its Python float rounded to float32 first.
+    const float acc = mul_rn(float(momentum), state[b]) + float((1.0 - momentum) * double(num));
     state[b] = acc;
     return A((1.0f / acc) * float(tot));
   }

@@ -398,21 +398,17 @@ template <class E, class T, int TM, bool WELEM> void prepare(const Args& args) {
   }
   if constexpr (E::HISTOGRAM) {
     const int bins = args.bins;
-    // Pass 1: per-chunk counts of the elements with weight > 0 in each bin, their count and the
-    // weight sum; pass 2: the chunks added in order, the state updated, the bin weights written.
+    // Pass 1: per-chunk counts of the elements with weight > 0 in each bin and their count;
+    // pass 2: the chunks added in order, the state updated, the bin weights written.
     std::vector<int64_t> counts(size_t(L.n_chunks) * (bins + 1), 0);
-    std::vector<double> wsums(L.n_chunks, 0.0);
-    const bool tot_sum = (args.flags & FLAG_TOT_SUM) != 0;
     at::parallel_for(0, L.n_chunks, 1, [&](int64_t cb, int64_t ce) {
       // Per block of a row: the slots in a vector loop (bins: no bin; bins + 1: weight not
       // > 0), then the counts in a scalar one.
       alignas(64) int32_t slot[BLOCK];
-      alignas(64) A wbuf[BLOCK];
       alignas(64) A gbuf[BLOCK];
       std::vector<int64_t> local(size_t(bins) + 2);
       for (int64_t ch = cb; ch < ce; ++ch) {
         std::fill(local.begin(), local.end(), 0);
-        A ws = A(0);
         for (int64_t i = L.chunk_begin(ch); i < L.chunk_end(ch); ++i) {
           Row<T, A> r;
           L.template row<TM>(i, r);
@@ -420,27 +416,19 @@ template <class E, class T, int TM, bool WELEM> void prepare(const Args& args) {
             const int64_t m = std::min(BLOCK, c - j0);
             L.template hist_slots<E, TM, WELEM>(e, r, j0, m, gbuf, slot, bins, bins + 1);
             for (int64_t k = 0; k < m; ++k) local[slot[k]]++;
-            if (tot_sum) {
-              // Apart from the loop above, whose float sum would stop it vectorizing.
-              for (int64_t k = 0; k < m; ++k) wbuf[k] = WELEM ? ld<T, A>(r.w, j0 + k) : r.wr;
-              ws += lane_sum(wbuf, m);
-            }
           }
         }
         int64_t* cnt = counts.data() + ch * (bins + 1);
         for (int b = 0; b < bins; ++b) cnt[b] = local[b];
         cnt[bins] = std::accumulate(local.begin(), local.begin() + bins + 1, int64_t(0));
-        wsums[ch] = double(ws);
       }
     });
     int64_t valid = 0;
-    A wsum = A(0);
-    for (int64_t ch = 0; ch < L.n_chunks; ++ch) {
-      valid += counts[size_t(ch) * (bins + 1) + bins];
-      wsum += A(wsums[ch]);
-    }
-    // Over the label weights as given, before their broadcast (MMDetection's `valid.sum()`).
-    const double t = ((args.flags & FLAG_TOT_SUM) ? double(wsum) : double(valid)) / args.hist_replicas;
+    for (int64_t ch = 0; ch < L.n_chunks; ++ch) valid += counts[size_t(ch) * (bins + 1) + bins];
+    // The total given (GHM-R's), or the count over the label weights as given, before their
+    // broadcast (MMDetection's `valid.sum()`).
+    const double t = args.hist_tot ? double(*reinterpret_cast<const float*>(args.hist_tot))
+                                   : double(valid) / args.hist_replicas;
     const double tot = t > 1.0 ? t : 1.0;
     A* weights = reinterpret_cast<A*>(args.hist_weights);
     float* state = reinterpret_cast<float*>(args.hist_state);

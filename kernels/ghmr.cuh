@@ -3,7 +3,8 @@
 // g = |d / sqrt(mu^2 + d^2)| places it in a bin (float32 edges, the last at 1e3); where its label
 // weight is > 0 its weight is tot / (elements in its bin, or the momentum average), divided by the
 // number of non-empty bins; elsewhere 0 (and the element contributes exactly 0). tot =
-// max(sum of the label weights, 1) (FLAG_TOT_SUM) is the divisor of 'mean'. The bin weights carry
+// max(sum of the label weights, 1), summed by the caller as MMDetection sums it (float32, torch's
+// order: `label_weight.float().sum()`, Args::hist_tot), is the divisor of 'mean'. The bin weights carry
 // no gradient (MMDetection detaches g).
 //
 // Slots: p0 = mu, p1 = mu * mu (formed in double, as Python forms it).

@@ -453,7 +453,7 @@ template <class E, class T, class I> __device__ __forceinline__ void box_backwar
 }
 
 // ---- Histogram executor, pass 1: per-block counts of the elements with weight > 0 in each bin
-// (integer atomics in shared memory: exact in any order), their total count and weight sum.
+// (integer atomics in shared memory: exact in any order) and their total count.
 template <class E, class T, class I> __device__ __forceinline__ void histogram(const Args& a) {
   using A = typename AccOf<T>::type;
   if constexpr (E::HISTOGRAM) {
@@ -464,11 +464,9 @@ template <class E, class T, class I> __device__ __forceinline__ void histogram(c
     __syncthreads();
     const I c = I(a.c), total = I(a.n) * c;
     const T* pred = reinterpret_cast<const T*>(a.pred);
-    A wsum = A(0);
     for (GridPos<E::MASKED_WEIGHTS, I> pos(c); pos.k < total; pos.next()) {
       const I k = pos.k, i = pos.row(), j = pos.col();
       const A w = weight_at<A, T>(a, i, j);
-      wsum += w;
       if (w > A(0)) {
         const Tgt<A> t = target_at<E, A, T>(a, k, i, j);
         atomicAdd(&counts[bins], 1);
@@ -480,8 +478,6 @@ template <class E, class T, class I> __device__ __forceinline__ void histogram(c
     __syncthreads();
     int* dst = reinterpret_cast<int*>(a.hist_counts) + int64_t(blockIdx.x) * (bins + 1);
     for (int b = threadIdx.x; b <= bins; b += blockDim.x) dst[b] = counts[b];
-    wsum = block_sum(wsum);
-    if (threadIdx.x == 0) reinterpret_cast<A*>(a.partials)[blockIdx.x] = wsum;
   }
 }
 
@@ -569,19 +565,14 @@ template <class A> __device__ __forceinline__ void hist_finalize(const Args& a) 
   float* state = reinterpret_cast<float*>(a.hist_state);
   __shared__ double tot_s;
   __shared__ int nonempty_s;
-  // The total: the count of elements with weight > 0, or (TOT_SUM) the sum of the weights.
+  // The total: the one given (GHM-R's), or the count of elements with weight > 0.
   long long valid = 0;
-  A wsum = A(0);
-  for (int b = threadIdx.x; b < nb; b += THREADS) {
-    valid += counts[int64_t(b) * (bins + 1) + bins];
-    wsum += reinterpret_cast<const A*>(a.partials)[b];
-  }
+  for (int b = threadIdx.x; b < nb; b += THREADS) valid += counts[int64_t(b) * (bins + 1) + bins];
   valid = block_sum(valid);
-  __syncthreads();
-  wsum = block_sum(wsum);
   if (threadIdx.x == 0) {
     // Over the label weights as given, before their broadcast (MMDetection's `valid.sum()`).
-    const double t = ((a.flags & FLAG_TOT_SUM) ? double(wsum) : double(valid)) / a.hist_replicas;
+    const double t = a.hist_tot ? double(*reinterpret_cast<const float*>(a.hist_tot))
+                                : double(valid) / a.hist_replicas;
     tot_s = t > 1.0 ? t : 1.0;
   }
   __syncthreads();

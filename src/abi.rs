@@ -29,7 +29,6 @@ pub(crate) const FLAG_IOU_WEIGHTED: i32 = 2;
 pub(crate) const FLAG_ROW_SUM: i32 = 4;
 pub(crate) const FLAG_STRICT_LABELS: i32 = 8;
 pub(crate) const FLAG_SIGMOID: i32 = 16;
-pub(crate) const FLAG_TOT_SUM: i32 = 32;
 pub(crate) const FLAG_SHORTCUT: i32 = 64;
 
 // `TARGET_*`: what `target` (and `score`) hold.
@@ -71,6 +70,7 @@ pub(crate) struct DlArgs {
     pub hist_counts: u64,
     pub hist_weights: u64,
     pub hist_state: u64,
+    pub hist_tot: u64,
     pub aux: u64,
     pub shortcut: u64,
     pub n: i64,
@@ -167,6 +167,7 @@ mod tests {
             hist_counts,
             hist_weights,
             hist_state,
+            hist_tot,
             aux,
             shortcut,
             n,

@@ -93,6 +93,10 @@ pub(crate) struct Hist {
     /// The number of label weights as the loss was given them (before broadcasting), over which
     /// MMDetection's total runs.
     pub weight_numel: i64,
+    /// The total (before its clamp at 1) as the loss computes it, a 0-dim float32 tensor on
+    /// pred's device (GHM-R: the sum of the label weights); None: the count of the elements whose
+    /// label weight is > 0.
+    pub tot: Option<Tensor>,
 }
 
 /// The target as the kernels read it.
@@ -469,6 +473,15 @@ fn prepare(
                 h.bins
             );
             args.hist_state = ptr(st);
+        }
+        if let Some(tot) = &h.tot {
+            ensure!(
+                tot.kind() == Kind::Float && tot.device() == device && tot.numel() == 1,
+                "{name}: the histogram's total must be one float32 value on pred's device"
+            );
+            let tot = tot.f_contiguous()?;
+            args.hist_tot = ptr(&tot);
+            buffers.push(tot);
         }
     }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::{begin, pred_shape, single_target};
-use crate::abi::{FLAG_TOT_SUM, MAX_BINS};
+use crate::abi::MAX_BINS;
 use crate::checks::broadcast_shapes;
 use crate::fused::{self, Body, Hist, KTarget, Shape, Spec};
 use crate::reduction::{weight_reduce_loss, AvgFactor, Reduction, SUM_WITH_AVG_FACTOR};
@@ -219,6 +219,7 @@ impl Loss for GHMC {
             momentum: self.momentum,
             last_edge: Self::last_edge(),
             state,
+            tot: None,
             // With class indices MMDetection expands the label weight to (N, C) first.
             weight_numel: if matches!(kt, KTarget::Labels(_)) {
                 n * c
@@ -362,6 +363,28 @@ fn unfused_bin_weights(
         weights = weights.f_div_scalar(nonempty)?;
     }
     Ok(weights)
+}
+
+/// GHMR's total, MMDetection's `label_weight.float().sum()` (a float32 sum, on the device), the
+/// same whatever torch's thread count. Below torch's grain size (32,768 elements) torch's CPU sum
+/// runs on one thread, in the order of MMDetection's own call; a larger CPU sum in torch depends on
+/// the thread count, so it is taken as rows of 16,384 elements (a row each on one thread), then
+/// their sums likewise. CUDA's sum is deterministic as it is.
+fn float32_total(lw: &Tensor) -> Result<Tensor> {
+    const GRAIN: i64 = 32_768;
+    const ROW: i64 = 16_384;
+    let mut t = lw.f_to_kind(Kind::Float)?.f_reshape([-1])?;
+    if t.device() == Device::Cpu {
+        while t.numel() as i64 >= GRAIN {
+            let n = t.numel() as i64;
+            let rows = (n + ROW - 1) / ROW;
+            t = t
+                .f_constant_pad_nd([0, rows * ROW - n])?
+                .f_view([rows, ROW])?
+                .f_sum_dim_intlist(1, false, Kind::Float)?;
+        }
+    }
+    Ok(t.f_sum(Kind::Float)?)
 }
 
 /// [`Loss::state`] of a GHM loss: a copy of `acc_sum` (zeros before the first call), or nothing
@@ -538,12 +561,12 @@ impl Loss for GHMR {
             self.loss_weight,
         );
         spec.params = [self.mu, self.mu * self.mu, 0.0, 0.0];
-        spec.flags = FLAG_TOT_SUM;
         spec.hist = Some(Hist {
             bins: self.bins,
             momentum: self.momentum,
             last_edge: 1e3,
             state,
+            tot: Some(float32_total(&lw)?),
             weight_numel: label_weight.numel() as i64,
         });
         fused::run(spec, pred, KTarget::Dense(target), Some(&lw), None)
