@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use crate::losses::{
     BalancedL1Loss, CIoULoss, CrossEntropyLoss, DIoULoss, DistributionFocalLoss, FocalLoss,
-    GIoULoss, IoULoss, L1Loss, QualityFocalLoss, SmoothL1Loss, VarifocalLoss, GHMC, GHMR,
+    GIoULoss, IoULoss, L1Loss, MSELoss, QualityFocalLoss, SmoothL1Loss, VarifocalLoss, GHMC, GHMR,
 };
 use crate::Loss;
 
@@ -51,6 +51,7 @@ static REGISTRY: LazyLock<RwLock<BTreeMap<String, Builder>>> = LazyLock::new(|| 
         "DIoULoss" => DIoULoss,
         "CIoULoss" => CIoULoss,
         "GHMR" => GHMR,
+        "MSELoss" => MSELoss,
     }
     RwLock::new(m)
 });

@@ -75,7 +75,7 @@ fn valid_call(ty: &str) -> Call {
             weight,
             avg_factor,
         },
-        "L1Loss" | "SmoothL1Loss" | "BalancedL1Loss" => Call {
+        "L1Loss" | "SmoothL1Loss" | "BalancedL1Loss" | "MSELoss" => Call {
             pred,
             target: Tensor::randn([N, C], opts),
             scores: None,

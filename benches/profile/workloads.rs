@@ -146,6 +146,15 @@ pub const WORKLOADS: &[Workload] = &[
         cuda_kinds: F32,
         inputs: anchor_deltas,
     },
+    // An MSE regression head on the same deltas.
+    Workload {
+        name: "MSELoss",
+        config: r#"{"type": "MSELoss"}"#,
+        cpu_shape: BOX_ANCHORS.0,
+        cuda_shape: BOX_ANCHORS.1,
+        cuda_kinds: F32,
+        inputs: anchor_deltas,
+    },
     // GHM RetinaNet's box branch on its sampled anchors.
     Workload {
         name: "GHMR",

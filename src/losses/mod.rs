@@ -2,7 +2,8 @@
 //! (`gfocal_loss.py`: QualityFocalLoss, DistributionFocalLoss), `varifocal`
 //! (`varifocal_loss.py`), `cross_entropy` (`cross_entropy_loss.py`), `ghm` (`ghm_loss.py`: GHMC,
 //! GHMR), `smooth_l1` (`smooth_l1_loss.py`: SmoothL1Loss, L1Loss), `balanced_l1`
-//! (`balanced_l1_loss.py`), `iou` (`iou_loss.py`: IoULoss, GIoULoss, DIoULoss, CIoULoss); and
+//! (`balanced_l1_loss.py`), `iou` (`iou_loss.py`: IoULoss, GIoULoss, DIoULoss, CIoULoss), `mse`
+//! (`mse_loss.py`: MSELoss); and
 //! `shortcut`, the zero-weight short-cut that L1, SmoothL1 and the IoU family share.
 //!
 //! Each struct's fields and defaults are the MMDetection class's constructor arguments; each
@@ -14,6 +15,7 @@ pub mod focal;
 pub mod gfocal;
 pub mod ghm;
 pub mod iou;
+pub mod mse;
 mod shortcut;
 pub mod smooth_l1;
 pub mod varifocal;
@@ -24,6 +26,7 @@ pub use focal::FocalLoss;
 pub use gfocal::{DistributionFocalLoss, QualityFocalLoss};
 pub use ghm::{GHMC, GHMR};
 pub use iou::{CIoULoss, DIoULoss, GIoULoss, IoULoss};
+pub use mse::MSELoss;
 pub use smooth_l1::{L1Loss, SmoothL1Loss};
 pub use varifocal::VarifocalLoss;
 

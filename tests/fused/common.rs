@@ -188,6 +188,12 @@ pub const VARIANTS: &[Variant] = &[
         Tgt::Deltas,
     ),
     v("balanced_l1", r#"{"type": "BalancedL1Loss"}"#, Tgt::Deltas),
+    v("mse", r#"{"type": "MSELoss"}"#, Tgt::Deltas),
+    v(
+        "mse_sum_lw0.5",
+        r#"{"type": "MSELoss", "reduction": "sum", "loss_weight": 0.5}"#,
+        Tgt::Deltas,
+    ),
     v(
         "balanced_l1_a0.3_g2_b0.5",
         r#"{"type": "BalancedL1Loss", "alpha": 0.3, "gamma": 2.0, "beta": 0.5}"#,

@@ -46,6 +46,7 @@ fn emulated_device_matches_unfused(
         "l1",
         "smooth_l1_b0.11_lw2",
         "balanced_l1",
+        "mse",
         "iou_log",
         "giou",
         "diou",

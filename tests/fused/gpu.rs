@@ -59,6 +59,8 @@ fn cuda_matches_unfused(
         "smooth_l1_b0.11_lw2",
         "balanced_l1",
         "balanced_l1_a0.3_g2_b0.5",
+        "mse",
+        "mse_sum_lw0.5",
         "iou_log",
         "iou_linear",
         "iou_square_eps0.01",
@@ -202,6 +204,7 @@ fn fused_steps_never_synchronize() {
         "l1",
         "smooth_l1_b0.11_lw2",
         "balanced_l1",
+        "mse",
         "iou_log",
         "giou",
         "diou",
@@ -215,6 +218,7 @@ fn fused_steps_never_synchronize() {
             let (n, c) = if v.config.contains("L1Loss")
                 || v.config.contains("IoULoss")
                 || v.config.contains("GHMR")
+                || v.config.contains("MSELoss")
             {
                 (257, 4)
             } else {

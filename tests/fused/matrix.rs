@@ -64,6 +64,8 @@ fn distribution_focal_loss_and_ghmc(
 #[case::smooth_l1_b0_11_lw2("smooth_l1_b0.11_lw2")]
 #[case::balanced_l1("balanced_l1")]
 #[case::balanced_l1_a0_3_g2_b0_5("balanced_l1_a0.3_g2_b0.5")]
+#[case::mse("mse")]
+#[case::mse_sum_lw0_5("mse_sum_lw0.5")]
 #[case::ghmr("ghmr")]
 #[case::ghmr_mu0_1_bins5_mom0_7("ghmr_mu0.1_bins5_mom0.7")]
 fn l1_family_and_ghmr(

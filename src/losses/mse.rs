@@ -1,0 +1,149 @@
+//! mmdet/models/losses/mse_loss.py: [`MSELoss`] (kernel body `kernels/mse.cuh`).
+
+use anyhow::{anyhow, Result};
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::{begin, single_target};
+use crate::checks::broadcast_shapes;
+use crate::fused::{self, Body, KTarget, Shape, Spec};
+use crate::reduction::{weight_reduce_loss, Reduction};
+use crate::{Loss, LossArgs, Target};
+
+const NAME: &str = "MSELoss";
+
+/// MMDetection's `MSELoss`: `F.mse_loss(pred, target, reduction='none')`, `(pred - target)^2`
+/// element-wise, through `weighted_loss` (the weight multiplies the element loss, then the
+/// reduction with `avg_factor`, then `loss_weight`).
+///
+/// The fused kernel takes a target of pred's shape and a weight that broadcasts against pred
+/// without growing it (any such weight for a 2-D pred, none or one of pred's shape otherwise).
+/// Other calls that MMDetection accepts (a target torch broadcasts against pred, a weight that
+/// grows the loss, an empty pred) run the stock composition, as MMDetection computes them.
+///
+/// ```
+/// use tch::{Device, Kind, Tensor};
+/// use tch_detloss::{registry, LossArgs};
+/// let loss = registry::build_str(r#"{"type": "MSELoss", "loss_weight": 0.5}"#)?;
+/// let pred = Tensor::randn([8, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+/// let target = Tensor::randn([8, 4], (Kind::Float, Device::Cpu));
+/// loss.forward(&pred, (&target).into(), &LossArgs::new().avg_factor(8.0))?.backward();
+/// # anyhow::Ok(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MSELoss {
+    /// The default reduction.
+    pub reduction: Reduction,
+    /// Multiplies the result.
+    pub loss_weight: f64,
+}
+
+impl Default for MSELoss {
+    fn default() -> Self {
+        Self {
+            reduction: Reduction::Mean,
+            loss_weight: 1.0,
+        }
+    }
+}
+
+impl MSELoss {
+    /// MMDetection's constructor checks (there are none).
+    pub fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// torch's broadcasts that MMDetection's call makes (target against pred, the weight against
+    /// the loss), as errors that name the argument.
+    fn check_shapes(pred: &Tensor, target: &Tensor, weight: Option<&Tensor>) -> Result<()> {
+        let loss = broadcast_shapes(&pred.size(), &target.size()).map_err(|e| {
+            anyhow!(
+                "{NAME}: pred of shape {:?} and target of shape {:?} do not broadcast: {e}",
+                pred.size(),
+                target.size()
+            )
+        })?;
+        if let Some(w) = weight {
+            broadcast_shapes(&loss, &w.size()).map_err(|e| {
+                anyhow!(
+                    "{NAME}: weight of shape {:?} does not broadcast against the loss of shape \
+                     {loss:?}: {e}",
+                    w.size()
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The `(rows, columns)` view the fused kernel runs on, or None for the stock composition.
+    fn fused_view(pred: &Tensor, target: &Tensor, weight: Option<&Tensor>) -> Option<[i64; 2]> {
+        let shape = pred.size();
+        if target.size() != shape || pred.numel() == 0 || shape.is_empty() {
+            return None;
+        }
+        let last = *shape.last()?;
+        let fits = |w: &Tensor| match shape.len() {
+            2 => broadcast_shapes(&shape, &w.size()).is_ok_and(|out| out == shape),
+            _ => w.size() == shape,
+        };
+        weight
+            .is_none_or(fits)
+            .then(|| [pred.numel() as i64 / last, last])
+    }
+}
+
+impl Loss for MSELoss {
+    fn type_name(&self) -> &str {
+        NAME
+    }
+
+    fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
+        let reduction = begin(NAME, pred, target, args, self.reduction)?;
+        let t = single_target(NAME, target)?;
+        Self::check_shapes(pred, t, args.weight)?;
+        let Some(view) = Self::fused_view(pred, t, args.weight) else {
+            return self.forward_unfused(pred, target, args);
+        };
+        let spec = Spec::new(Body::Mse, NAME, Shape::Element, reduction, self.loss_weight);
+        if pred.dim() == 2 {
+            return fused::run(
+                spec,
+                pred,
+                KTarget::Dense(t),
+                args.weight,
+                args.avg_factor.as_ref(),
+            );
+        }
+        let w = args.weight.map(|w| w.reshape(view));
+        let out = fused::run(
+            spec,
+            &pred.f_reshape(view)?,
+            KTarget::Dense(&t.f_reshape(view)?),
+            w.as_ref(),
+            args.avg_factor.as_ref(),
+        )?;
+        Ok(match reduction {
+            Reduction::None => out.f_reshape(pred.size())?,
+            _ => out,
+        })
+    }
+
+    /// `mse_loss` in stock ops: `F.mse_loss(pred, target, reduction='none')`, then
+    /// `weight_reduce_loss` and `loss_weight`.
+    fn forward_unfused(
+        &self,
+        pred: &Tensor,
+        target: Target<'_>,
+        args: &LossArgs<'_>,
+    ) -> Result<Tensor> {
+        let reduction = begin(NAME, pred, target, args, self.reduction)?;
+        let t = single_target(NAME, target)?;
+        Self::check_shapes(pred, t, args.weight)?;
+        let loss = pred.f_mse_loss(&t.f_type_as(pred)?, tch::Reduction::None)?;
+        Ok(
+            weight_reduce_loss(&loss, args.weight, reduction, args.avg_factor.as_ref())?
+                * self.loss_weight,
+        )
+    }
+}
