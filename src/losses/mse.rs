@@ -115,7 +115,7 @@ impl Loss for MSELoss {
                 args.avg_factor.as_ref(),
             );
         }
-        let w = args.weight.map(|w| w.reshape(view));
+        let w = args.weight.map(|w| w.f_reshape(view)).transpose()?;
         let out = fused::run(
             spec,
             &pred.f_reshape(view)?,

@@ -218,3 +218,44 @@ fn bad_box_inputs_are_errors() {
         .unwrap_err();
     assert!(format!("{e:#}").contains("pred's shape"), "{e:#}");
 }
+
+/// MSELoss fuses any rank (viewed as rows of the last dimension) and gives the stock
+/// composition's result and gradient, in pred's shape for 'none'; a target that torch broadcasts
+/// against pred takes the stock composition and still agrees with it.
+#[test]
+fn mse_any_rank_and_broadcasts() {
+    let _g = rng_lock();
+    tch::manual_seed(11);
+    let f = (Kind::Double, Device::Cpu);
+    for reduction in ["none", "mean", "sum"] {
+        let cfg =
+            format!(r#"{{"type": "MSELoss", "reduction": "{reduction}", "loss_weight": 1.5}}"#);
+        let loss = registry::build_str(&cfg).unwrap();
+        for (shape, tshape) in [
+            (vec![2i64, 3, 5], vec![2i64, 3, 5]),
+            (vec![7], vec![7]),
+            (vec![4, 6], vec![6]),
+        ] {
+            let pred = Tensor::randn(shape.as_slice(), f);
+            let target = Tensor::randn(tshape.as_slice(), f);
+            let weight = Tensor::rand(shape.as_slice(), f);
+            let run = |fused: bool| {
+                let p = pred.copy().set_requires_grad(true);
+                let args = LossArgs::new().weight(&weight);
+                let out = if fused {
+                    loss.forward(&p, (&target).into(), &args)
+                } else {
+                    loss.forward_unfused(&p, (&target).into(), &args)
+                }
+                .unwrap();
+                out.sum(Kind::Double).backward();
+                (out, p.grad())
+            };
+            let ((out, grad), (want, want_grad)) = (run(true), run(false));
+            let what = format!("{reduction} {shape:?} vs {tshape:?}");
+            assert_eq!(out.size(), want.size(), "{what}");
+            assert_close(&out, &want, Kind::Double, &format!("{what}: loss"));
+            assert_close(&grad, &want_grad, Kind::Double, &format!("{what}: grad"));
+        }
+    }
+}
