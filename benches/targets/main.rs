@@ -295,6 +295,18 @@ struct Assigned {
 }
 
 impl Assigned {
+    /// The baseline's call per image, `f(image)`, as `multi_apply` makes it, stacked.
+    fn per_image(
+        batch: &Batch,
+        f: impl Fn(usize) -> Result<mmdet::ImageResult>,
+    ) -> Result<Assigned> {
+        Assigned::stack(
+            (0..batch.gt_bboxes.len())
+                .map(f)
+                .collect::<Result<Vec<_>>>()?,
+        )
+    }
+
     fn stack(images: Vec<mmdet::ImageResult>) -> Result<Assigned> {
         let field = |f: &dyn Fn(&mmdet::ImageResult) -> Tensor| -> Result<Tensor> {
             Ok(Tensor::f_stack(
@@ -361,19 +373,15 @@ fn dsl_case(batch: &Batch) -> Result<Case<'_>> {
         name: "DynamicSoftLabelAssigner",
         config: DSL_CONFIG,
         baseline: Box::new(move || {
-            let images = (0..batch.gt_bboxes.len())
-                .map(|i| {
-                    let i64_i = i as i64;
-                    base.assign(
-                        &batch.priors,
-                        &batch.decoded.get(i64_i),
-                        &batch.logits.get(i64_i),
-                        &batch.gt_bboxes[i],
-                        &batch.gt_labels[i],
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Assigned::stack(images)
+            Assigned::per_image(batch, |i| {
+                base.assign(
+                    &batch.priors,
+                    &batch.decoded.get(i as i64),
+                    &batch.logits.get(i as i64),
+                    &batch.gt_bboxes[i],
+                    &batch.gt_labels[i],
+                )
+            })
         }),
         fast: Box::new(move || {
             let gts = GtBatch::pad(&batch.gt_bboxes, &batch.gt_labels)?;
@@ -395,21 +403,17 @@ fn tal_case(batch: &Batch) -> Result<Case<'_>> {
         name: "TaskAlignedAssigner",
         config: TAL_CONFIG,
         baseline: Box::new(move || {
-            let images = (0..batch.gt_bboxes.len())
-                .map(|i| {
-                    let i64_i = i as i64;
-                    base.assign(
-                        &batch.priors,
-                        &batch.decoded.get(i64_i),
-                        &batch.probs.get(i64_i),
-                        &batch.gt_bboxes[i],
-                        &batch.gt_labels[i],
-                        ALPHA,
-                        BETA,
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Assigned::stack(images)
+            Assigned::per_image(batch, |i| {
+                base.assign(
+                    &batch.priors,
+                    &batch.decoded.get(i as i64),
+                    &batch.probs.get(i as i64),
+                    &batch.gt_bboxes[i],
+                    &batch.gt_labels[i],
+                    ALPHA,
+                    BETA,
+                )
+            })
         }),
         fast: Box::new(move || {
             let gts = GtBatch::pad(&batch.gt_bboxes, &batch.gt_labels)?;

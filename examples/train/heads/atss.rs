@@ -8,9 +8,9 @@ use serde_json::{json, Value};
 use tch::{nn, Kind, Tensor};
 use tch_detloss::dense_heads::{DenseHeadTargets, ImageMeta};
 use tch_detloss::task_modules::{GtBatch, MaxShape};
-use tch_detloss::{dist, registry, Loss, LossArgs};
+use tch_detloss::{registry, Loss, LossArgs};
 
-use super::{call, flat, Head, Outputs, Setup, Targets};
+use super::{call, divisor, flat, Head, Outputs, Setup, Targets};
 use crate::model::{conv, prior_bias, scales, ConvGn, STRIDES, WIDTH};
 
 /// The head's config as an MMDetection user writes it (the layer keys are the model's business);
@@ -152,9 +152,8 @@ impl Head for Atss {
         let targets = t.bbox_targets.reshape([-1, 4]);
         let ctr_t = t.centerness.reshape([-1]);
         let decoded = self.targets.bbox_coder.decode(&anchors, &reg, None)?;
-        // As ATSSHead: every rank divides by the mean over the ranks (the same number on all),
-        // so that DDP's average of the gradients is the gradient of the whole batch's loss.
-        let avg_factor = dist::reduce_mean(&t.avg_factor)?.clamp_min(1.0);
+        // As ATSSHead, both divisors are means over the ranks.
+        let avg_factor = divisor(&t.avg_factor)?;
         let loss_cls = call(
             &*self.loss_cls,
             fused,
@@ -165,7 +164,7 @@ impl Head for Atss {
                 .avg_factor(&avg_factor),
         )?;
         // MMDetection divides the box loss by the centerness targets' sum, clamped at 1.
-        let bbox_avg = dist::reduce_mean(&ctr_t.sum(Kind::Float))?.clamp_min(1.0);
+        let bbox_avg = divisor(&ctr_t.sum(Kind::Float))?;
         let loss_bbox = call(
             &*self.loss_bbox,
             fused,

@@ -8,10 +8,10 @@ use serde_json::{json, Value};
 use tch::{nn, Tensor};
 use tch_detloss::dense_heads::{GFLHeadTargets, ImageMeta};
 use tch_detloss::task_modules::{distance2bbox, GtBatch, MaxShape};
-use tch_detloss::{dist, registry, Loss, LossArgs};
+use tch_detloss::{registry, Loss, LossArgs};
 
 use super::atss::Towers;
-use super::{call, flat, prior_strides, Head, Outputs, Setup, Targets};
+use super::{call, divisor, flat, prior_strides, Head, Outputs, Setup, Targets};
 use crate::model::{conv, prior_bias, scales, STRIDES, WIDTH};
 
 const REG_MAX: i64 = 16;
@@ -117,7 +117,7 @@ impl Head for Gfl {
         };
         let c = out.cls.size()[2];
         let inputs = self.head.loss_inputs(t, &out.cls, &out.reg)?;
-        let avg_factor = dist::reduce_mean(&t.avg_factor)?.clamp_min(1.0);
+        let avg_factor = divisor(&t.avg_factor)?;
         let labels = t.labels.reshape([-1]);
         let scores = inputs.scores.reshape([-1]);
         let loss_cls = call(

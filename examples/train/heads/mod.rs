@@ -138,6 +138,13 @@ fn call(
     }
 }
 
+/// MMDetection's divisor of a loss over the batch, `reduce_mean(x).clamp(min=1)`: the mean over
+/// the ranks (the same number on all, so that DDP's average of the gradients is the gradient of
+/// the whole batch's loss), on the device.
+fn divisor(x: &Tensor) -> Result<Tensor> {
+    Ok(tch_detloss::dist::reduce_mean(x)?.clamp_min(1.0))
+}
+
 /// The stride of each prior `(N, 1)` float32, from the per-level counts.
 fn prior_strides(counts: &[i64], device: Device) -> Tensor {
     let per: Vec<Tensor> = counts

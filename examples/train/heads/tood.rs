@@ -12,9 +12,9 @@ use serde_json::{json, Value};
 use tch::{nn, Kind, Tensor};
 use tch_detloss::dense_heads::{DenseHeadTargets, ImageMeta, TOODHeadTargets};
 use tch_detloss::task_modules::{distance2bbox, GtBatch};
-use tch_detloss::{dist, registry, Loss, LossArgs};
+use tch_detloss::{registry, Loss, LossArgs};
 
-use super::{call, flat, prior_strides, Head, Outputs, Setup, Targets};
+use super::{call, divisor, flat, prior_strides, Head, Outputs, Setup, Targets};
 use crate::model::{conv, prior_bias, scales, ConvGn, STRIDES, WIDTH};
 
 /// The task-interactive convolutions (`stacked_convs`).
@@ -273,7 +273,7 @@ impl Head for Tood {
         let (loss_cls, weight, target) = match t {
             Targets::Anchor(t) => {
                 let labels = t.labels.reshape([-1]);
-                let cls_avg = dist::reduce_mean(&t.avg_factor)?.clamp_min(1.0);
+                let cls_avg = divisor(&t.avg_factor)?;
                 let l = call(
                     &*self.initial_loss_cls,
                     fused,
@@ -288,7 +288,7 @@ impl Head for Tood {
             Targets::Tood(t) => {
                 let labels = t.labels.reshape([-1]);
                 let metrics = t.alignment_metrics.reshape([-1]);
-                let cls_avg = dist::reduce_mean(&metrics.sum(Kind::Float))?.clamp_min(1.0);
+                let cls_avg = divisor(&metrics.sum(Kind::Float))?;
                 let l = call(
                     &*self.loss_cls,
                     fused,
@@ -307,7 +307,7 @@ impl Head for Tood {
             "TOODHead: targets for other anchors"
         );
         let target = (target / &self.strides).reshape([-1, 4]);
-        let bbox_avg = dist::reduce_mean(&weight.sum(Kind::Float))?.clamp_min(1.0);
+        let bbox_avg = divisor(&weight.sum(Kind::Float))?;
         let loss_bbox = call(
             &*self.loss_bbox,
             fused,
