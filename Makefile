@@ -26,7 +26,6 @@ test: setup
 	cargo run --release -p dependent
 	cargo run --release --example golden -- tests/data/mmdet_cases.json
 	cargo run --release --example golden -- tests/data/loss_cases.json
-	cargo run --release --example golden -- tests/data/ghm_momentum_cases.json
 	cargo build --release --example train
 	for h in atss gfl fcos rtmdet tood; do target/release/examples/train --head $$h --check || exit 1; done
 	for h in atss rtmdet; do GLOO_SOCKET_IFNAME=lo .venv/bin/torchrun --standalone --nproc-per-node 2 --no-python target/release/examples/train --head $$h --check || exit 1; done
@@ -34,7 +33,6 @@ test: setup
 golden: setup
 	cargo run --release --example golden -- tests/data/mmdet_cases.json
 	cargo run --release --example golden -- tests/data/loss_cases.json
-	cargo run --release --example golden -- tests/data/ghm_momentum_cases.json
 
 # Trains a detector on generated shapes (fused losses; HEAD=atss, gfl, fcos, rtmdet or tood,
 # ARGS for more options): metrics.json and loss.png in target/train_$(HEAD).
