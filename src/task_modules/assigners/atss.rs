@@ -6,7 +6,8 @@ use serde_json::Value;
 use tch::{Kind, Tensor};
 
 use super::{
-    bbox_overlaps, centres, gt_chunk, keep_better, setup, AssignResult, GtBatch, CHUNK_ELEMENTS,
+    bbox_overlaps, centres, gt_chunk, inside_gap, keep_better, setup, AssignResult, GtBatch,
+    CHUNK_ELEMENTS,
 };
 use crate::registry::parse_config;
 
@@ -186,12 +187,7 @@ impl ATSSAssigner {
             c.pc.select(1, 1)
                 .f_index_select(0, &flat)?
                 .f_view_as(&cand)?;
-        let side = |j: i64| boxes.select(2, j).unsqueeze(1);
-        let sides = Tensor::f_stack(
-            &[&px - side(0), &py - side(1), side(2) - &px, side(3) - &py],
-            0,
-        )?;
-        is_pos = is_pos.f_logical_and(&sides.f_amin([0i64].as_slice(), false)?.f_gt(0.01)?)?;
+        is_pos = is_pos.f_logical_and(&inside_gap(&px, &py, &boxes, 1)?.f_gt(0.01)?)?;
         is_pos = is_pos.f_logical_and(&valid.unsqueeze(1))?;
         if let Some(ok) = usable {
             is_pos = is_pos.f_logical_and(&ok)?;

@@ -7,8 +7,8 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use super::{
-    bbox_overlaps, centres, check_predictions, check_topk_and_iou, gt_chunk, AssignResult, GtBatch,
-    CHUNK_ELEMENTS,
+    bbox_overlaps, centres, check_predictions, check_topk_and_iou, gt_chunk, inside_gap,
+    AssignResult, GtBatch, CHUNK_ELEMENTS,
 };
 use crate::registry::parse_config;
 use crate::task_modules::promote_kinds;
@@ -243,13 +243,7 @@ impl DynamicSoftLabelAssigner {
         while g0 < g {
             let w = chunk.min(g - g0);
             let boxes = gts.bboxes.narrow(1, g0, w);
-            let side = |j: i64| boxes.select(2, j).unsqueeze(2); // (B, w, 1)
-                                                                 // The smallest of the four distances to the sides, (B, w, N).
-            let gap = (&px - side(0))
-                .f_minimum(&(&py - side(1)))?
-                .f_minimum(&(side(2) - &px))?
-                .f_minimum(&(side(3) - &py))?;
-            let inside = gap
+            let inside = inside_gap(&px, &py, &boxes, 2)? // (B, w, N)
                 .f_gt(0.0)?
                 .f_logical_and(&gts.valid.narrow(1, g0, w).unsqueeze(2))?;
             candidate = candidate.f_logical_or(&inside.f_any_dim(1, false)?)?;

@@ -222,6 +222,17 @@ pub(crate) fn check_predictions(
 }
 
 /// The ground-truth chunk size for `(B, N, chunk)` intermediates of at most `elements`.
+/// The smallest of the four distances from points `(px, py)` to the sides of `boxes` `(B, w, 4)`
+/// (positive strictly inside), the boxes' dimension of the points being `dim` (1 or 2): the
+/// centre-inside test of ATSS, TaskAligned and DynamicSoftLabel assignment.
+pub(crate) fn inside_gap(px: &Tensor, py: &Tensor, boxes: &Tensor, dim: i64) -> Result<Tensor> {
+    let side = |j: i64| boxes.select(2, j).unsqueeze(dim);
+    Ok((px - side(0))
+        .f_minimum(&(py - side(1)))?
+        .f_minimum(&(side(2) - px))?
+        .f_minimum(&(side(3) - py))?)
+}
+
 pub(crate) fn gt_chunk(b: i64, n: i64, g: i64, elements: i64) -> i64 {
     (elements / (b * n).max(1)).clamp(1, g.max(1))
 }

@@ -6,8 +6,8 @@ use serde_json::Value;
 use tch::{Kind, Tensor};
 
 use super::{
-    bbox_overlaps, centres, check_predictions, check_topk_and_iou, gt_chunk, setup, AssignResult,
-    GtBatch, CHUNK_ELEMENTS,
+    bbox_overlaps, centres, check_predictions, check_topk_and_iou, gt_chunk, inside_gap, setup,
+    AssignResult, GtBatch, CHUNK_ELEMENTS,
 };
 use crate::registry::parse_config;
 use crate::task_modules::promote_kinds;
@@ -165,14 +165,9 @@ impl TaskAlignedAssigner {
                     .select(1, 1)
                     .f_index_select(0, &cand.f_flatten(0, -1)?)?
                     .f_view_as(&cand)?;
-                let side = |j: i64| boxes.select(2, j).unsqueeze(2); // (B, w, 1)
-                let gap = (&px - side(0))
-                    .f_minimum(&(&py - side(1)))?
-                    .f_minimum(&(side(2) - &px))?
-                    .f_minimum(&(side(3) - &py))?;
                 let is_pos = cand_metric
                     .f_gt(0.0)?
-                    .f_logical_and(&gap.f_gt(0.01)?)?
+                    .f_logical_and(&inside_gap(&px, &py, &boxes, 2)?.f_gt(0.01)?)?
                     .f_logical_and(&valid.unsqueeze(2))?;
                 // Per prior, the largest IoU among the positives that claim it, the first ground
                 // truth on ties: an amax over the claims, then an amin of the ground truths
