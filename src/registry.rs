@@ -19,10 +19,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::losses::{
-    BalancedL1Loss, CIoULoss, CrossEntropyLoss, DIoULoss, DistributionFocalLoss, FocalLoss,
-    GIoULoss, IoULoss, L1Loss, MSELoss, QualityFocalLoss, SmoothL1Loss, VarifocalLoss, GHMC, GHMR,
-};
 use crate::Loss;
 
 /// Turns a config dict (with its `type`) into a loss.
@@ -30,29 +26,9 @@ pub type Builder = Box<dyn Fn(&Value) -> Result<Box<dyn Loss>> + Send + Sync>;
 
 static REGISTRY: LazyLock<RwLock<BTreeMap<String, Builder>>> = LazyLock::new(|| {
     let mut m: BTreeMap<String, Builder> = BTreeMap::new();
-    // The built-in losses, one line each: a config struct with MMDetection's keys and its checks.
-    macro_rules! builtin {
-        ($($name:literal => $ty:ty),* $(,)?) => {
-            $(m.insert($name.into(), config_builder(|l: $ty| l.validate().map(|_| l)));)*
-        };
-    }
-    builtin! {
-        "FocalLoss" => FocalLoss,
-        "QualityFocalLoss" => QualityFocalLoss,
-        "VarifocalLoss" => VarifocalLoss,
-        "CrossEntropyLoss" => CrossEntropyLoss,
-        "DistributionFocalLoss" => DistributionFocalLoss,
-        "GHMC" => GHMC,
-        "L1Loss" => L1Loss,
-        "SmoothL1Loss" => SmoothL1Loss,
-        "BalancedL1Loss" => BalancedL1Loss,
-        "IoULoss" => IoULoss,
-        "GIoULoss" => GIoULoss,
-        "DIoULoss" => DIoULoss,
-        "CIoULoss" => CIoULoss,
-        "GHMR" => GHMR,
-        "MSELoss" => MSELoss,
-    }
+    crate::losses::register_builtins(&mut |name, builder| {
+        m.insert(name.into(), builder);
+    });
     RwLock::new(m)
 });
 
@@ -71,7 +47,7 @@ pub fn parse_config<T: DeserializeOwned>(config: &Value) -> Result<T> {
     serde_json::from_value(Value::Object(obj)).with_context(|| format!("invalid {ty} config"))
 }
 
-fn config_builder<T, F>(check: F) -> Builder
+pub(crate) fn config_builder<T, F>(check: F) -> Builder
 where
     T: DeserializeOwned + Loss + 'static,
     F: Fn(T) -> Result<T> + Send + Sync + 'static,

@@ -233,7 +233,10 @@ impl Loss for CrossEntropyLoss {
                 tch::Reduction::None,
                 ignore,
                 0.0,
-            )?;
+            )
+            .map_err(|e| {
+                anyhow::anyhow!("{NAME}: class-index target outside [0, {}) and not the ignore_index {ignore}: {e}", pred.size()[1])
+            })?;
             if count {
                 let ignored = label.f_eq(ignore)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
                 avg_factor = Some(AvgFactor::Value((label.numel() as i64 - ignored) as f64));

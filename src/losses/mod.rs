@@ -30,6 +30,34 @@ pub use mse::MSELoss;
 pub use smooth_l1::{L1Loss, SmoothL1Loss};
 pub use varifocal::VarifocalLoss;
 
+/// The built-in losses, config `type` => struct, one line each: what the registry starts with.
+/// Each struct is a config with MMDetection's keys and defaults and a `validate` of its
+/// constructor's checks.
+pub(crate) fn register_builtins(add: &mut dyn FnMut(&'static str, crate::registry::Builder)) {
+    macro_rules! builtin {
+        ($($name:literal => $ty:ty),* $(,)?) => {
+            $(add($name, crate::registry::config_builder(|l: $ty| l.validate().map(|_| l)));)*
+        };
+    }
+    builtin! {
+        "FocalLoss" => FocalLoss,
+        "QualityFocalLoss" => QualityFocalLoss,
+        "VarifocalLoss" => VarifocalLoss,
+        "CrossEntropyLoss" => CrossEntropyLoss,
+        "DistributionFocalLoss" => DistributionFocalLoss,
+        "GHMC" => GHMC,
+        "L1Loss" => L1Loss,
+        "SmoothL1Loss" => SmoothL1Loss,
+        "BalancedL1Loss" => BalancedL1Loss,
+        "IoULoss" => IoULoss,
+        "GIoULoss" => GIoULoss,
+        "DIoULoss" => DIoULoss,
+        "CIoULoss" => CIoULoss,
+        "GHMR" => GHMR,
+        "MSELoss" => MSELoss,
+    }
+}
+
 use anyhow::{bail, Result};
 use tch::Tensor;
 

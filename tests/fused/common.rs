@@ -51,9 +51,9 @@ pub struct Variant {
     pub ref_f32: bool,
 }
 
-const fn v(name: &'static str, config: &'static str, tgt: Tgt) -> Variant {
+const fn v(config: &'static str, tgt: Tgt) -> Variant {
     Variant {
-        name,
+        name: "",
         config,
         tgt,
         prob: false,
@@ -62,183 +62,97 @@ const fn v(name: &'static str, config: &'static str, tgt: Tgt) -> Variant {
     }
 }
 
-pub const VARIANTS: &[Variant] = &[
-    v("focal", r#"{"type": "FocalLoss"}"#, Tgt::Labels),
-    v(
-        "focal_g1.5_a0.5",
-        r#"{"type": "FocalLoss", "gamma": 1.5, "alpha": 0.5}"#,
-        Tgt::Labels,
-    ),
-    v(
-        "focal_g0",
-        r#"{"type": "FocalLoss", "gamma": 0.0}"#,
-        Tgt::Labels,
-    ),
-    v(
-        "focal_dense_lw0.5",
-        r#"{"type": "FocalLoss", "gamma": 2.0, "loss_weight": 0.5}"#,
-        Tgt::Dense,
-    ),
-    Variant {
+/// Defines `VARIANTS` from `name => Variant` rows, and `for_each_variant!(cb)`, which calls
+/// `cb! { name ... }` with every row's name: the per-variant tests of the CPU matrix, the
+/// emulated device and the GPU are generated from this one table, so a new loss is one row here
+/// (and a `Tgt` where its target is new).
+macro_rules! variant_table {
+    ($d:tt $($name:ident => $v:expr,)*) => {
+        pub const VARIANTS: &[Variant] = &[$(Variant { name: stringify!($name), ..$v }),*];
+
+        macro_rules! for_each_variant {
+            ($d cb:ident) => { $d cb! { $($name)* } };
+        }
+    };
+}
+
+variant_table! { $
+    focal => v(r#"{"type": "FocalLoss"}"#, Tgt::Labels),
+    focal_g1_5_a0_5 => v(r#"{"type": "FocalLoss", "gamma": 1.5, "alpha": 0.5}"#, Tgt::Labels),
+    focal_g0 => v(r#"{"type": "FocalLoss", "gamma": 0.0}"#, Tgt::Labels),
+    focal_dense_lw0_5 => v(r#"{"type": "FocalLoss", "gamma": 2.0, "loss_weight": 0.5}"#, Tgt::Dense),
+    focal_activated => Variant {
         prob: true,
-        ..v(
-            "focal_activated",
-            r#"{"type": "FocalLoss", "activated": true}"#,
-            Tgt::Labels,
-        )
+        ..v(r#"{"type": "FocalLoss", "activated": true}"#, Tgt::Labels)
     },
-    Variant {
+    focal_activated_dense_g1_5 => Variant {
         prob: true,
-        ..v(
-            "focal_activated_dense_g1.5",
-            r#"{"type": "FocalLoss", "activated": true, "gamma": 1.5}"#,
-            Tgt::Dense,
-        )
+        ..v(r#"{"type": "FocalLoss", "activated": true, "gamma": 1.5}"#, Tgt::Dense)
     },
-    v("qfl", r#"{"type": "QualityFocalLoss"}"#, Tgt::LabelsScores),
-    v(
-        "qfl_dense_b1_lw2",
-        r#"{"type": "QualityFocalLoss", "beta": 1.0, "loss_weight": 2.0}"#,
-        Tgt::Dense,
-    ),
-    Variant {
+    qfl => v(r#"{"type": "QualityFocalLoss"}"#, Tgt::LabelsScores),
+    qfl_dense_b1_lw2 => v(r#"{"type": "QualityFocalLoss", "beta": 1.0, "loss_weight": 2.0}"#, Tgt::Dense),
+    qfl_activated => Variant {
         prob: true,
-        ..v(
-            "qfl_activated",
-            r#"{"type": "QualityFocalLoss", "activated": true}"#,
-            Tgt::LabelsScores,
-        )
+        ..v(r#"{"type": "QualityFocalLoss", "activated": true}"#, Tgt::LabelsScores)
     },
-    Variant {
+    qfl_activated_dense_b1_5 => Variant {
         prob: true,
-        ..v(
-            "qfl_activated_dense_b1.5",
-            r#"{"type": "QualityFocalLoss", "activated": true, "beta": 1.5}"#,
-            Tgt::Dense,
-        )
+        ..v(r#"{"type": "QualityFocalLoss", "activated": true, "beta": 1.5}"#, Tgt::Dense)
     },
-    v("vfl", r#"{"type": "VarifocalLoss"}"#, Tgt::Dense),
-    v(
-        "vfl_plain_g1.5_a0.5",
-        r#"{"type": "VarifocalLoss", "iou_weighted": false, "gamma": 1.5, "alpha": 0.5}"#,
-        Tgt::Dense,
-    ),
-    v(
-        "ce_softmax",
-        r#"{"type": "CrossEntropyLoss"}"#,
-        Tgt::ClassIdx(-100),
-    ),
-    v(
-        "ce_softmax_cw_ignore255_avgnonignore_lw2",
-        r#"{"type": "CrossEntropyLoss", "class_weight": CLASS_WEIGHT, "ignore_index": 255, "avg_non_ignore": true, "loss_weight": 2.0}"#,
-        Tgt::ClassIdx(255),
-    ),
-    Variant {
+    vfl => v(r#"{"type": "VarifocalLoss"}"#, Tgt::Dense),
+    vfl_plain_g1_5_a0_5 => v(r#"{"type": "VarifocalLoss", "iou_weighted": false, "gamma": 1.5, "alpha": 0.5}"#, Tgt::Dense),
+    ce_softmax => v(r#"{"type": "CrossEntropyLoss"}"#, Tgt::ClassIdx(-100)),
+    ce_softmax_cw_ignore255_avgnonignore_lw2 => v(r#"{"type": "CrossEntropyLoss", "class_weight": CLASS_WEIGHT, "ignore_index": 255, "avg_non_ignore": true, "loss_weight": 2.0}"#, Tgt::ClassIdx(255)),
+    ce_sigmoid_labels_ignore255_avgnonignore => Variant {
         ref_f32: true,
-        ..v(
-            "ce_sigmoid_labels_ignore255_avgnonignore",
-            r#"{"type": "CrossEntropyLoss", "use_sigmoid": true, "ignore_index": 255, "avg_non_ignore": true}"#,
-            Tgt::LabelsIgnore(255),
-        )
+        ..v(r#"{"type": "CrossEntropyLoss", "use_sigmoid": true, "ignore_index": 255, "avg_non_ignore": true}"#, Tgt::LabelsIgnore(255))
     },
-    Variant {
+    ce_sigmoid_dense_cw => Variant {
         ref_f32: true,
-        ..v(
-            "ce_sigmoid_dense_cw",
-            r#"{"type": "CrossEntropyLoss", "use_sigmoid": true, "class_weight": CLASS_WEIGHT}"#,
-            Tgt::DenseIgnore(-100),
-        )
+        ..v(r#"{"type": "CrossEntropyLoss", "use_sigmoid": true, "class_weight": CLASS_WEIGHT}"#, Tgt::DenseIgnore(-100))
     },
-    Variant {
+    ce_sigmoid_column => Variant {
         ref_f32: true,
-        ..v(
-            "ce_sigmoid_column",
-            r#"{"type": "CrossEntropyLoss", "use_sigmoid": true, "avg_non_ignore": true}"#,
-            Tgt::Column,
-        )
+        ..v(r#"{"type": "CrossEntropyLoss", "use_sigmoid": true, "avg_non_ignore": true}"#, Tgt::Column)
     },
-    v(
-        "dfl",
-        r#"{"type": "DistributionFocalLoss"}"#,
-        Tgt::Distances,
-    ),
-    v(
-        "dfl_lw0.25",
-        r#"{"type": "DistributionFocalLoss", "loss_weight": 0.25, "reduction": "sum"}"#,
-        Tgt::Distances,
-    ),
-    Variant {
+    dfl => v(r#"{"type": "DistributionFocalLoss"}"#, Tgt::Distances),
+    dfl_lw0_25 => v(r#"{"type": "DistributionFocalLoss", "loss_weight": 0.25, "reduction": "sum"}"#, Tgt::Distances),
+    ghmc => Variant {
         bins: 10,
         ref_f32: true,
-        ..v("ghmc", r#"{"type": "GHMC"}"#, Tgt::Labels)
+        ..v(r#"{"type": "GHMC"}"#, Tgt::Labels)
     },
-    Variant {
+    ghmc_bins30_mom0_75_dense => Variant {
         bins: 30,
         ref_f32: true,
-        ..v(
-            "ghmc_bins30_mom0.75_dense",
-            r#"{"type": "GHMC", "bins": 30, "momentum": 0.75, "loss_weight": 2.0}"#,
-            Tgt::Binary,
-        )
+        ..v(r#"{"type": "GHMC", "bins": 30, "momentum": 0.75, "loss_weight": 2.0}"#, Tgt::Binary)
     },
-    v("l1", r#"{"type": "L1Loss"}"#, Tgt::Deltas),
-    v(
-        "smooth_l1_b0.11_lw2",
-        r#"{"type": "SmoothL1Loss", "beta": 0.11, "loss_weight": 2.0}"#,
-        Tgt::Deltas,
-    ),
-    v("balanced_l1", r#"{"type": "BalancedL1Loss"}"#, Tgt::Deltas),
-    v("mse", r#"{"type": "MSELoss"}"#, Tgt::Deltas),
-    v(
-        "mse_sum_lw0.5",
-        r#"{"type": "MSELoss", "reduction": "sum", "loss_weight": 0.5}"#,
-        Tgt::Deltas,
-    ),
-    v(
-        "balanced_l1_a0.3_g2_b0.5",
-        r#"{"type": "BalancedL1Loss", "alpha": 0.3, "gamma": 2.0, "beta": 0.5}"#,
-        Tgt::Deltas,
-    ),
-    v("iou_log", r#"{"type": "IoULoss"}"#, Tgt::Boxes),
-    v(
-        "iou_linear",
-        r#"{"type": "IoULoss", "mode": "linear"}"#,
-        Tgt::Boxes,
-    ),
-    v(
-        "iou_square_eps0.01",
-        r#"{"type": "IoULoss", "mode": "square", "eps": 0.01}"#,
-        Tgt::Boxes,
-    ),
-    v("giou", r#"{"type": "GIoULoss"}"#, Tgt::Boxes),
-    v(
-        "giou_eps0.01_lw5",
-        r#"{"type": "GIoULoss", "eps": 0.01, "loss_weight": 5.0}"#,
-        Tgt::Boxes,
-    ),
-    v("diou", r#"{"type": "DIoULoss"}"#, Tgt::Boxes),
-    v("ciou", r#"{"type": "CIoULoss"}"#, Tgt::Boxes),
-    v(
-        "ciou_eps0.01",
-        r#"{"type": "CIoULoss", "eps": 0.01}"#,
-        Tgt::Boxes,
-    ),
+    l1 => v(r#"{"type": "L1Loss"}"#, Tgt::Deltas),
+    smooth_l1_b0_11_lw2 => v(r#"{"type": "SmoothL1Loss", "beta": 0.11, "loss_weight": 2.0}"#, Tgt::Deltas),
+    balanced_l1 => v(r#"{"type": "BalancedL1Loss"}"#, Tgt::Deltas),
+    mse => v(r#"{"type": "MSELoss"}"#, Tgt::Deltas),
+    mse_sum_lw0_5 => v(r#"{"type": "MSELoss", "reduction": "sum", "loss_weight": 0.5}"#, Tgt::Deltas),
+    balanced_l1_a0_3_g2_b0_5 => v(r#"{"type": "BalancedL1Loss", "alpha": 0.3, "gamma": 2.0, "beta": 0.5}"#, Tgt::Deltas),
+    iou_log => v(r#"{"type": "IoULoss"}"#, Tgt::Boxes),
+    iou_linear => v(r#"{"type": "IoULoss", "mode": "linear"}"#, Tgt::Boxes),
+    iou_square_eps0_01 => v(r#"{"type": "IoULoss", "mode": "square", "eps": 0.01}"#, Tgt::Boxes),
+    giou => v(r#"{"type": "GIoULoss"}"#, Tgt::Boxes),
+    giou_eps0_01_lw5 => v(r#"{"type": "GIoULoss", "eps": 0.01, "loss_weight": 5.0}"#, Tgt::Boxes),
+    diou => v(r#"{"type": "DIoULoss"}"#, Tgt::Boxes),
+    ciou => v(r#"{"type": "CIoULoss"}"#, Tgt::Boxes),
+    ciou_eps0_01 => v(r#"{"type": "CIoULoss", "eps": 0.01}"#, Tgt::Boxes),
     // MMDetection's total is a float32 sum of the label weights.
-    Variant {
+    ghmr => Variant {
         bins: 10,
         ref_f32: true,
-        ..v("ghmr", r#"{"type": "GHMR"}"#, Tgt::GhmDeltas)
+        ..v(r#"{"type": "GHMR"}"#, Tgt::GhmDeltas)
     },
-    Variant {
+    ghmr_mu0_1_bins5_mom0_7 => Variant {
         bins: 5,
         ref_f32: true,
-        ..v(
-            "ghmr_mu0.1_bins5_mom0.7",
-            r#"{"type": "GHMR", "mu": 0.1, "bins": 5, "momentum": 0.7, "loss_weight": 2.0}"#,
-            Tgt::GhmDeltas,
-        )
+        ..v(r#"{"type": "GHMR", "mu": 0.1, "bins": 5, "momentum": 0.7, "loss_weight": 2.0}"#, Tgt::GhmDeltas)
     },
-];
+}
 
 /// MMDetection's default mu of the GHMR variants (`ghmr_mu0.1...` uses 0.1).
 fn ghmr_mu(v: &Variant) -> f64 {
@@ -295,6 +209,22 @@ pub fn box_pairs(n: i64, identical: bool) -> (Tensor, Tensor) {
     );
     pred = pred.where_self(&degenerate.logical_not(), &flat);
     (pred, target)
+}
+
+/// The column count of a variant's inputs: 4 for a target of one row per box or per box's
+/// deltas, `c` otherwise.
+pub fn columns(v: &Variant, c: i64) -> i64 {
+    match v.tgt {
+        Tgt::Deltas | Tgt::GhmDeltas | Tgt::Boxes => 4,
+        _ => c,
+    }
+}
+
+/// The config `type` of a variant.
+pub fn variant_type(v: &Variant) -> String {
+    let cfg: serde_json::Value =
+        serde_json::from_str(&config(v, 1)).expect("a variant's config is JSON");
+    cfg["type"].as_str().unwrap_or_default().to_string()
 }
 
 /// The variant of that name.

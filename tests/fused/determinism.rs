@@ -12,11 +12,11 @@ use crate::common::{config, inputs, rng_lock, variant, weights};
 #[case::row_ce_softmax("ce_softmax_cw_ignore255_avgnonignore_lw2", 3000, 1204)]
 #[case::element_ce_sigmoid("ce_sigmoid_labels_ignore255_avgnonignore", 5000, 80)]
 #[case::row_dfl("dfl", 40000, 17)]
-#[case::histogram_ghmc("ghmc_bins30_mom0.75_dense", 5000, 80)]
-#[case::element_smooth_l1("smooth_l1_b0.11_lw2", 60000, 4)]
+#[case::histogram_ghmc("ghmc_bins30_mom0_75_dense", 5000, 80)]
+#[case::element_smooth_l1("smooth_l1_b0_11_lw2", 60000, 4)]
 #[case::box_giou("giou", 60000, 4)]
 #[case::box_ciou("ciou", 60000, 4)]
-#[case::histogram_ghmr("ghmr_mu0.1_bins5_mom0.7", 60000, 4)]
+#[case::histogram_ghmr("ghmr_mu0_1_bins5_mom0_7", 60000, 4)]
 fn cpu_result_is_bitwise_independent_of_threads(
     #[case] name: &str,
     #[case] n: i64,

@@ -18,47 +18,23 @@ fn on<R>(d: EmulatedDevice, f: impl FnOnce() -> R) -> R {
 }
 
 /// Every variant of `common::VARIANTS`, fused on the emulated device against the unfused
-/// composition: the element, row, box and histogram device executors, every dtype.
-#[rstest]
-fn emulated_device_matches_unfused(
-    #[values(
-        "focal",
-        "focal_g1.5_a0.5",
-        "focal_g0",
-        "focal_dense_lw0.5",
-        "focal_activated",
-        "focal_activated_dense_g1.5",
-        "qfl",
-        "qfl_dense_b1_lw2",
-        "qfl_activated",
-        "qfl_activated_dense_b1.5",
-        "vfl",
-        "vfl_plain_g1.5_a0.5",
-        "ce_softmax",
-        "ce_softmax_cw_ignore255_avgnonignore_lw2",
-        "ce_sigmoid_labels_ignore255_avgnonignore",
-        "ce_sigmoid_dense_cw",
-        "ce_sigmoid_column",
-        "dfl",
-        "dfl_lw0.25",
-        "ghmc",
-        "ghmc_bins30_mom0.75_dense",
-        "l1",
-        "smooth_l1_b0.11_lw2",
-        "balanced_l1",
-        "mse",
-        "iou_log",
-        "giou",
-        "diou",
-        "ciou",
-        "ghmr_mu0.1_bins5_mom0.7"
-    )]
-    name: &str,
-    #[values(Kind::Double, Kind::Float, Kind::Half, Kind::BFloat16)] kind: Kind,
-) {
-    on(EmulatedDevice::default(), || {
-        check_variant(name, kind, Device::Cpu)
-    });
+/// composition: the element, row, box and histogram device executors, every dtype; one test per
+/// variant (`emulated::device::<variant>`).
+mod device {
+    use super::*;
+
+    macro_rules! emulated {
+        ($($name:ident)*) => {$(
+            #[rstest]
+            fn $name(#[values(Kind::Double, Kind::Float, Kind::Half, Kind::BFloat16)] kind: Kind) {
+                on(EmulatedDevice::default(), || {
+                    check_variant(stringify!($name), kind, Device::Cpu)
+                });
+            }
+        )*};
+    }
+
+    for_each_variant!(emulated);
 }
 
 /// Every entry point the launch plan can name exists on the emulated device, which compiles
@@ -119,7 +95,7 @@ fn entry_points_orders_and_grids_agree(
         "ce_softmax_cw_ignore255_avgnonignore_lw2",
         "ce_sigmoid_labels_ignore255_avgnonignore",
         "dfl",
-        "ghmc_bins30_mom0.75_dense"
+        "ghmc_bins30_mom0_75_dense"
     )]
     name: &str,
     #[values(Kind::Float, Kind::Double, Kind::BFloat16)] kind: Kind,

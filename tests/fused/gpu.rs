@@ -31,51 +31,21 @@ fn two_images(d: Device) -> tch_detloss::task_modules::GtBatch {
     tch_detloss::task_modules::GtBatch::pad(&boxes, &labels).unwrap()
 }
 
-#[rstest]
-fn cuda_matches_unfused(
-    #[values(
-        "focal",
-        "focal_g1.5_a0.5",
-        "focal_g0",
-        "focal_dense_lw0.5",
-        "focal_activated",
-        "focal_activated_dense_g1.5",
-        "qfl",
-        "qfl_dense_b1_lw2",
-        "qfl_activated",
-        "qfl_activated_dense_b1.5",
-        "vfl",
-        "vfl_plain_g1.5_a0.5",
-        "ce_softmax",
-        "ce_softmax_cw_ignore255_avgnonignore_lw2",
-        "ce_sigmoid_labels_ignore255_avgnonignore",
-        "ce_sigmoid_dense_cw",
-        "ce_sigmoid_column",
-        "dfl",
-        "dfl_lw0.25",
-        "ghmc",
-        "ghmc_bins30_mom0.75_dense",
-        "l1",
-        "smooth_l1_b0.11_lw2",
-        "balanced_l1",
-        "balanced_l1_a0.3_g2_b0.5",
-        "mse",
-        "mse_sum_lw0.5",
-        "iou_log",
-        "iou_linear",
-        "iou_square_eps0.01",
-        "giou",
-        "giou_eps0.01_lw5",
-        "diou",
-        "ciou",
-        "ciou_eps0.01",
-        "ghmr",
-        "ghmr_mu0.1_bins5_mom0.7"
-    )]
-    name: &str,
-    #[values(Kind::Double, Kind::Float, Kind::Half, Kind::BFloat16)] kind: Kind,
-) {
-    check_variant(name, kind, cuda());
+/// Every variant of `common::VARIANTS` on the GPU against the float64 composition on the CPU,
+/// every dtype; one test per variant (`gpu::matches_unfused::<variant>`).
+mod matches_unfused {
+    use super::*;
+
+    macro_rules! on_cuda {
+        ($($name:ident)*) => {$(
+            #[rstest]
+            fn $name(#[values(Kind::Double, Kind::Float, Kind::Half, Kind::BFloat16)] kind: Kind) {
+                check_variant(stringify!($name), kind, cuda());
+            }
+        )*};
+    }
+
+    for_each_variant!(on_cuda);
 }
 
 /// RetinaNet-sized input: fused CUDA against the float64 composition, and bitwise
@@ -193,37 +163,12 @@ fn cuda_bad_labels_give_nan() {
 fn fused_steps_never_synchronize() {
     use tch_detloss::cuda::{sync_debug, SyncDebugMode};
     let d = cuda();
-    let names = [
-        "focal",
-        "qfl",
-        "vfl",
-        "ce_softmax_cw_ignore255_avgnonignore_lw2",
-        "ce_sigmoid_labels_ignore255_avgnonignore",
-        "dfl",
-        "ghmc_bins30_mom0.75_dense",
-        "l1",
-        "smooth_l1_b0.11_lw2",
-        "balanced_l1",
-        "mse",
-        "iou_log",
-        "giou",
-        "diou",
-        "ciou",
-        "ghmr_mu0.1_bins5_mom0.7",
-    ];
-    let prepared: Vec<_> = names
+    // Every variant of the table, each with its head's column count.
+    let prepared: Vec<_> = crate::common::VARIANTS
         .iter()
-        .map(|name| {
-            let v = variant(name);
-            let (n, c) = if v.config.contains("L1Loss")
-                || v.config.contains("IoULoss")
-                || v.config.contains("GHMR")
-                || v.config.contains("MSELoss")
-            {
-                (257, 4)
-            } else {
-                (257, 80)
-            };
+        .map(|v| {
+            let name = v.name;
+            let (n, c) = (257, crate::common::columns(v, 80));
             let loss = tch_detloss::registry::build_str(&crate::common::config(v, c)).unwrap();
             let inp = inputs(v, n, c, Kind::Float, false).to_device(d);
             // The last weight that is not all zeros: the zero-weight short-cut is decided on the

@@ -5,9 +5,12 @@
 //! determinism; the compiled CUDA kernels; the device executor on the emulated device; and, behind
 //! the `gpu-tests` feature, on a GPU.
 
+#[macro_use]
+mod common;
+mod bad_inputs;
 mod boxes;
 mod classification;
-mod common;
+
 mod determinism;
 mod emulated;
 mod focal;

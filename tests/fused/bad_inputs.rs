@@ -1,4 +1,4 @@
-//! Bad and unusual inputs: every registered loss, fused and unfused, returns an error (never a
+//! Bad and unusual inputs: every registered loss (in its first variant of `common::VARIANTS`), fused and unfused, returns an error (never a
 //! panic) for every layout, kind and dimension count in every argument position; the two paths
 //! agree on what they accept; the autograd node keeps autograd's guarantees (version counters,
 //! double backward); messages name what the user passed.
@@ -10,102 +10,43 @@ use tch_detloss::losses::{FocalLoss, QualityFocalLoss};
 use tch_detloss::testing::meta_like;
 use tch_detloss::{registry, AvgFactor, Loss, LossArgs, Reduction, Target};
 
-/// One call's tensors: `target` is class indices, a dense target or QFL's labels.
+use crate::common::{columns, config, inputs, rng_lock, variant_type, weights, VARIANTS};
+
+/// One call's tensors: `target` is class indices, a dense target, boxes or QFL's labels.
 struct Call {
     pred: Tensor,
     target: Tensor,
     scores: Option<Tensor>,
-    weight: Tensor,
+    weight: Option<Tensor>,
     avg_factor: Tensor,
 }
 
 const N: i64 = 6;
 const C: i64 = 4;
 
-/// A valid call of each registered loss. A new loss must add its own here, which is what makes
-/// it inherit every check below.
-fn valid_call(ty: &str) -> Call {
+/// A valid call of a registered loss: the first variant of `common::VARIANTS` of its type, with
+/// that variant's inputs and first weight. Every built-in type must have one, which is what
+/// makes a new loss inherit every check below.
+fn valid_call(ty: &str) -> (String, Call) {
+    let v = VARIANTS
+        .iter()
+        .find(|v| variant_type(v) == ty)
+        .unwrap_or_else(|| panic!("{ty} has no variant in tests/fused/common.rs"));
     tch::manual_seed(3);
-    let opts = (Kind::Float, Device::Cpu);
-    let pred = Tensor::randn([N, C], opts);
-    let labels = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 0]);
-    let dense = Tensor::rand([N, C], opts).gt(0.6).to_kind(Kind::Float);
-    let weight = Tensor::rand([N], opts) + 0.5;
-    let avg_factor = Tensor::from(3.0f32);
-    match ty {
-        "FocalLoss" => Call {
-            pred,
-            target: labels,
-            scores: None,
-            weight,
-            avg_factor,
-        },
-        "QualityFocalLoss" => Call {
-            pred,
-            target: labels,
-            scores: Some(Tensor::rand([N], opts)),
-            weight,
-            avg_factor,
-        },
-        "VarifocalLoss" => Call {
-            pred,
-            target: dense * Tensor::rand([N, C], opts),
-            scores: None,
-            weight: Tensor::rand([N, C], opts),
-            avg_factor,
-        },
-        "CrossEntropyLoss" => Call {
-            pred,
-            target: Tensor::from_slice(&[0i64, 1, 2, 3, 0, 1]),
-            scores: None,
-            weight,
-            avg_factor,
-        },
-        "DistributionFocalLoss" => Call {
-            pred,
-            target: Tensor::rand([N], opts) * (C - 1) as f64 * 0.99,
-            scores: None,
-            weight,
-            avg_factor,
-        },
-        "GHMC" => Call {
-            pred,
-            target: labels,
-            scores: None,
-            weight,
-            avg_factor,
-        },
-        "L1Loss" | "SmoothL1Loss" | "BalancedL1Loss" | "MSELoss" => Call {
-            pred,
-            target: Tensor::randn([N, C], opts),
-            scores: None,
-            weight: Tensor::rand([N, C], opts) + 0.5,
-            avg_factor,
-        },
-        "IoULoss" | "GIoULoss" | "DIoULoss" | "CIoULoss" => Call {
-            pred: boxes(),
-            target: boxes(),
-            scores: None,
-            weight,
-            avg_factor,
-        },
-        "GHMR" => Call {
-            pred,
-            target: Tensor::randn([N, C], opts),
-            scores: None,
-            weight: Tensor::rand([N, C], opts).gt(0.3).to_kind(Kind::Float),
-            avg_factor,
-        },
-        other => panic!("add a valid call of {other} to tests/bad_inputs.rs"),
-    }
-}
-
-/// N random xyxy boxes (C = 4 coordinates).
-fn boxes() -> Tensor {
-    let opts = (Kind::Float, Device::Cpu);
-    let lo = Tensor::rand([N, 2], opts) * 10.0;
-    let hi = &lo + Tensor::rand([N, 2], opts) * 5.0 + 0.5;
-    Tensor::cat(&[lo, hi], 1)
+    let c = columns(v, C);
+    let inp = inputs(v, N, c, Kind::Float, false);
+    let weight = weights(v, N, c)
+        .into_iter()
+        .find_map(|(_, w)| w)
+        .map(|w| w.to_kind(Kind::Float));
+    let call = Call {
+        pred: inp.pred,
+        target: inp.target,
+        scores: inp.scores,
+        weight,
+        avg_factor: Tensor::from(3.0f32),
+    };
+    (config(v, c), call)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -143,9 +84,10 @@ fn call(loss: &dyn Loss, c: &Call, fused: bool) -> Outcome {
             },
             None => Target::Tensor(&c.target),
         };
-        let args = LossArgs::new()
-            .weight(&c.weight)
-            .avg_factor(AvgFactor::Tensor(c.avg_factor.shallow_clone()));
+        let mut args = LossArgs::new().avg_factor(AvgFactor::Tensor(c.avg_factor.shallow_clone()));
+        if let Some(w) = &c.weight {
+            args = args.weight(w);
+        }
         let r = if fused {
             loss.forward(&c.pred, target, &args)
         } else {
@@ -229,9 +171,9 @@ fn with(c: &Call, pos: Pos, t: Tensor) -> Call {
             (s, _) => s.as_ref().map(Tensor::shallow_clone),
         },
         weight: if pos == Pos::Weight {
-            t.shallow_clone()
+            Some(t.shallow_clone())
         } else {
-            c.weight.shallow_clone()
+            c.weight.as_ref().map(Tensor::shallow_clone)
         },
         avg_factor: if pos == Pos::AvgFactor {
             t
@@ -246,7 +188,7 @@ fn original(c: &Call, pos: Pos) -> &Tensor {
         Pos::Pred => &c.pred,
         Pos::Target => &c.target,
         Pos::Scores => c.scores.as_ref().unwrap(),
-        Pos::Weight => &c.weight,
+        Pos::Weight => c.weight.as_ref().unwrap(),
         Pos::AvgFactor => &c.avg_factor,
     }
 }
@@ -256,9 +198,10 @@ fn original(c: &Call, pos: Pos) -> &Tensor {
 fn every_layout_kind_and_position_is_an_error_or_a_result_never_a_panic() {
     let mut problems = Vec::new();
     let mut calls = 0;
+    let _rng = rng_lock();
     for ty in registry::registered_types() {
-        let loss = registry::build_str(&format!(r#"{{"type": "{ty}"}}"#)).unwrap();
-        let base = valid_call(&ty);
+        let (config, base) = valid_call(&ty);
+        let loss = registry::build_str(&config).unwrap();
         for fused in [true, false] {
             assert!(
                 matches!(call(loss.as_ref(), &base, fused), Ok(Ok(_))),
@@ -273,7 +216,8 @@ fn every_layout_kind_and_position_is_an_error_or_a_result_never_a_panic() {
             Pos::Weight,
             Pos::AvgFactor,
         ] {
-            if pos == Pos::Scores && !has_scores {
+            if (pos == Pos::Scores && !has_scores) || (pos == Pos::Weight && base.weight.is_none())
+            {
                 continue;
             }
             let word = pos.word(has_scores);
