@@ -1,4 +1,4 @@
-// What the IoU family's kernel bodies share (iou.cuh, giou.cuh, diou.cuh, ciou.cuh): forward-mode
+// What the IoU family's kernel bodies share (iou.cuh, giou.cuh, diou.cuh, ciou.cuh, eiou.cuh, siou.cuh): forward-mode
 // dual numbers over the 4 coordinates of a predicted xyxy box, so that one source gives the loss
 // and its gradient, and the geometry of a box pair built from them.
 //
@@ -158,6 +158,53 @@ template <class A, int K> DL_HD Dual<A, K> dual_log(const Dual<A, K>& a) {
   Dual<A, K> r;
   r.v = dl_log(a.v);
   for (int k = 0; k < K; ++k) r.d[k] = a.d[k] / a.v;
+  return r;
+}
+
+template <class A, int K> DL_HD Dual<A, K> dual_exp(const Dual<A, K>& a) {
+  Dual<A, K> r;
+  r.v = dl_exp(a.v);
+  for (int k = 0; k < K; ++k) r.d[k] = a.d[k] * r.v;
+  return r;
+}
+// torch.pow(a, 0.5), which torch computes as sqrt, with pow's backward 0.5 a^-0.5 (its rsqrt).
+template <class A, int K> DL_HD Dual<A, K> dual_sqrt(const Dual<A, K>& a) {
+  const A r_v = dl_sqrt(a.v);
+  const A s = A(0.5) * (A(1) / r_v);
+  Dual<A, K> r;
+  r.v = r_v;
+  for (int k = 0; k < K; ++k) r.d[k] = a.d[k] * s;
+  return r;
+}
+// torch.abs: the gradient is sign(a), 0 at 0.
+template <class A, int K> DL_HD Dual<A, K> dual_abs(const Dual<A, K>& a) {
+  const A s = dl_sign(a.v);
+  Dual<A, K> r;
+  r.v = dl_abs(a.v);
+  for (int k = 0; k < K; ++k) r.d[k] = a.d[k] * s;
+  return r;
+}
+template <class A, int K> DL_HD Dual<A, K> dual_asin(const Dual<A, K>& a) {
+  const A s = A(1) / dl_sqrt(A(1) - a.v * a.v);
+  Dual<A, K> r;
+  r.v = dl_asin(a.v);
+  for (int k = 0; k < K; ++k) r.d[k] = a.d[k] * s;
+  return r;
+}
+template <class A, int K> DL_HD Dual<A, K> dual_cos(const Dual<A, K>& a) {
+  const A s = -dl_sin(a.v);
+  Dual<A, K> r;
+  r.v = dl_cos(a.v);
+  for (int k = 0; k < K; ++k) r.d[k] = a.d[k] * s;
+  return r;
+}
+// where(take_b, b, a): the taken side's value and gradient, as torch.where; a blend by 0/1 (which
+// vectorizes) for finite sides.
+template <class A, int K> DL_HD Dual<A, K> dual_select(bool take_b, const Dual<A, K>& b, const Dual<A, K>& a) {
+  const A w = A(take_b);
+  Dual<A, K> r;
+  r.v = b.v * w + a.v * (A(1) - w);
+  for (int k = 0; k < K; ++k) r.d[k] = b.d[k] * w + a.d[k] * (A(1) - w);
   return r;
 }
 

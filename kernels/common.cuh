@@ -168,6 +168,12 @@ DL_HD float dl_sqrt(float x) { return sqrtf(x); }
 DL_HD double dl_sqrt(double x) { return sqrt(x); }
 DL_HD float dl_atan(float x) { return atanf(x); }
 DL_HD double dl_atan(double x) { return atan(x); }
+DL_HD float dl_asin(float x) { return asinf(x); }
+DL_HD double dl_asin(double x) { return asin(x); }
+DL_HD float dl_sin(float x) { return sinf(x); }
+DL_HD double dl_sin(double x) { return sin(x); }
+DL_HD float dl_cos(float x) { return cosf(x); }
+DL_HD double dl_cos(double x) { return cos(x); }
 
 template <class A> DL_HD A dl_min(A a, A b) { return a < b ? a : b; }
 template <class A> DL_HD A dl_max(A a, A b) { return a > b ? a : b; }

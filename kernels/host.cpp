@@ -14,10 +14,16 @@ float expf(float) noexcept __attribute__((simd("notinbranch")));
 float logf(float) noexcept __attribute__((simd("notinbranch")));
 float powf(float, float) noexcept __attribute__((simd("notinbranch")));
 float atanf(float) noexcept __attribute__((simd("notinbranch")));
+float asinf(float) noexcept __attribute__((simd("notinbranch")));
+float sinf(float) noexcept __attribute__((simd("notinbranch")));
+float cosf(float) noexcept __attribute__((simd("notinbranch")));
 double exp(double) noexcept __attribute__((simd("notinbranch")));
 double log(double) noexcept __attribute__((simd("notinbranch")));
 double pow(double, double) noexcept __attribute__((simd("notinbranch")));
 double atan(double) noexcept __attribute__((simd("notinbranch")));
+double asin(double) noexcept __attribute__((simd("notinbranch")));
+double sin(double) noexcept __attribute__((simd("notinbranch")));
+double cos(double) noexcept __attribute__((simd("notinbranch")));
 }
 #endif
 

@@ -121,6 +121,22 @@ pub const WORKLOADS: &[Workload] = &[
         cuda_kinds: F32,
         inputs: positive_boxes,
     },
+    Workload {
+        name: "EIoULoss positives",
+        config: r#"{"type": "EIoULoss"}"#,
+        cpu_shape: POSITIVE_BOXES,
+        cuda_shape: POSITIVE_BOXES,
+        cuda_kinds: F32,
+        inputs: positive_boxes,
+    },
+    Workload {
+        name: "SIoULoss positives",
+        config: r#"{"type": "SIoULoss"}"#,
+        cpu_shape: POSITIVE_BOXES,
+        cuda_shape: POSITIVE_BOXES,
+        cuda_kinds: F32,
+        inputs: positive_boxes,
+    },
     // RetinaNet's box branch: deltas of every anchor, bbox_weights 1 on the positives.
     Workload {
         name: "SmoothL1Loss",

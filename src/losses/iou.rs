@@ -1,6 +1,7 @@
-//! mmdet/models/losses/iou_loss.py: [`IoULoss`], [`GIoULoss`], [`DIoULoss`] and [`CIoULoss`] on
-//! the box executor, a thread per box pair (kernel bodies `kernels/iou.cuh`, `giou.cuh`,
-//! `diou.cuh`, `ciou.cuh`, over the dual numbers of `kernels/box.cuh`).
+//! mmdet/models/losses/iou_loss.py: [`IoULoss`], [`GIoULoss`], [`DIoULoss`], [`CIoULoss`],
+//! [`EIoULoss`] and [`SIoULoss`] on the box executor, a thread per box pair (kernel bodies
+//! `kernels/iou.cuh`, `giou.cuh`, `diou.cuh`, `ciou.cuh`, `eiou.cuh`, `siou.cuh`, over the dual
+//! numbers of `kernels/box.cuh`).
 
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
@@ -18,8 +19,10 @@ use crate::{Loss, LossArgs, Target};
 struct BoxCall {
     name: &'static str,
     body: Body,
-    /// The body's slot p0 (eps) and i0 (IoULoss's mode).
+    /// The body's slots p0 (eps), p1 (EIoU's smooth point) and i0 (IoULoss's mode, SIoU's
+    /// neg_gamma).
     eps: f64,
+    p1: f64,
     mode: i64,
     /// IoULoss skips the short-cut for reduction 'none'; the others take it whatever the reduction.
     shortcut_for_none: bool,
@@ -87,7 +90,7 @@ impl BoxCall {
             reduction,
             self.loss_weight,
         );
-        spec.params = [self.eps, 0.0, 0.0, 0.0];
+        spec.params = [self.eps, self.p1, 0.0, 0.0];
         spec.int_param = self.mode;
         spec
     }
@@ -339,6 +342,7 @@ impl IoULoss {
             name: "IoULoss",
             body: Body::Iou,
             eps: self.eps,
+            p1: 0.0,
             mode: self.mode_code()?,
             shortcut_for_none: false,
             reduction: self.reduction,
@@ -455,7 +459,7 @@ pub struct CIoULoss {
 eps_loss_common!(CIoULoss);
 
 macro_rules! eps_loss {
-    ($ty:ident, $name:literal, $body:expr, $unfused:expr) => {
+    ($ty:ident, $name:literal, $body:expr, $slots:expr, $unfused:expr) => {
         impl $ty {
             /// MMDetection's constructor checks (there are none).
             pub fn validate(&self) -> Result<()> {
@@ -463,11 +467,13 @@ macro_rules! eps_loss {
             }
 
             fn call(&self) -> BoxCall {
+                let (p1, mode): (f64, i64) = $slots(self);
                 BoxCall {
                     name: $name,
                     body: $body,
                     eps: self.eps,
-                    mode: 0,
+                    p1,
+                    mode,
                     shortcut_for_none: true,
                     reduction: self.reduction,
                     loss_weight: self.loss_weight,
@@ -496,9 +502,8 @@ macro_rules! eps_loss {
                 target: Target<'_>,
                 args: &LossArgs<'_>,
             ) -> Result<Tensor> {
-                let eps = self.eps;
                 self.call()
-                    .unfused(pred, target, args, |p, t| $unfused(p, t, eps))
+                    .unfused(pred, target, args, |p, t| $unfused(p, t, self))
             }
         }
     };
@@ -508,8 +513,11 @@ eps_loss!(
     GIoULoss,
     "GIoULoss",
     Body::Giou,
-    |p: &Tensor, t: &Tensor, eps: f64| {
-        let gious = in_f32(p, |p| bbox_overlaps_aligned(p, &t.f_type_as(p)?, true, eps))?;
+    |_: &GIoULoss| (0.0, 0),
+    |p: &Tensor, t: &Tensor, s: &GIoULoss| {
+        let gious = in_f32(p, |p| {
+            bbox_overlaps_aligned(p, &t.f_type_as(p)?, true, s.eps)
+        })?;
         Ok::<_, anyhow::Error>(gious.f_neg()?.f_add_scalar(1.0)?)
     }
 );
@@ -517,8 +525,9 @@ eps_loss!(
     DIoULoss,
     "DIoULoss",
     Body::Diou,
-    |p: &Tensor, t: &Tensor, eps: f64| {
-        let (ious, dist) = diou_terms(p, t, eps)?;
+    |_: &DIoULoss| (0.0, 0),
+    |p: &Tensor, t: &Tensor, s: &DIoULoss| {
+        let (ious, dist) = diou_terms(p, t, s.eps)?;
         Ok::<_, anyhow::Error>(ious.f_sub(&dist)?.f_neg()?.f_add_scalar(1.0)?)
     }
 );
@@ -526,7 +535,9 @@ eps_loss!(
     CIoULoss,
     "CIoULoss",
     Body::Ciou,
-    |p: &Tensor, t: &Tensor, eps: f64| {
+    |_: &CIoULoss| (0.0, 0),
+    |p: &Tensor, t: &Tensor, s: &CIoULoss| {
+        let eps = s.eps;
         let (ious, dist) = diou_terms(p, t, eps)?;
         let [x1, y1, x2, y2] = cols(p)?;
         let [u1, v1, u2, v2] = cols(t)?;
@@ -551,3 +562,209 @@ eps_loss!(
         Ok::<_, anyhow::Error>(cious.f_clamp(-1.0, 1.0)?.f_neg()?.f_add_scalar(1.0)?)
     }
 );
+
+/// MMDetection's `EIoULoss` (from libfacedetection): the smooth loss of `u = 1 - I / union`,
+/// `0.5 u^2 / smooth_point` below `smooth_point` and `u - 0.5 smooth_point` above, where `I` is
+/// libfacedetection's intersection (the true one for overlapping boxes, negative without a clamp
+/// for disjoint ones) and `eps` is added to the union. 'none' gives `(N,)`; the weight is `(N,)`
+/// or exactly `(N, 4)` (averaged over each box).
+///
+/// ```
+/// use tch::{Device, Kind, Tensor};
+/// use tch_detloss::{registry, LossArgs};
+/// let loss = registry::build_str(r#"{"type": "EIoULoss", "smooth_point": 0.1}"#)?;
+/// let pred = Tensor::from_slice(&[0.0f32, 0.0, 2.0, 2.0]).view([1, 4]).set_requires_grad(true);
+/// let target = Tensor::from_slice(&[1.0f32, 0.0, 3.0, 2.0]).view([1, 4]);
+/// loss.forward(&pred, (&target).into(), &LossArgs::new())?.backward();
+/// # anyhow::Ok(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EIoULoss {
+    /// Added to the union.
+    pub eps: f64,
+    /// The default reduction.
+    pub reduction: Reduction,
+    /// Multiplies the result.
+    pub loss_weight: f64,
+    /// Where the loss turns from quadratic to linear in `u`.
+    pub smooth_point: f64,
+}
+
+impl Default for EIoULoss {
+    fn default() -> Self {
+        Self {
+            eps: 1e-6,
+            reduction: Reduction::Mean,
+            loss_weight: 1.0,
+            smooth_point: 0.1,
+        }
+    }
+}
+
+/// MMDetection's `SIoULoss` (from YOLOv6): `1 - clamp(IoU - 0.5 (distance + shape), -1, 1)` with
+/// the angle-dependent distance cost and the shape cost of the SIoU paper, `eps` added where
+/// MMDetection adds it. With the default `neg_gamma = false` the distance cost's exponent is
+/// positive (MMDetection's choice, more stable than the paper's, which `neg_gamma = true` gives).
+/// 'none' gives `(N,)`; the weight is `(N,)` or exactly `(N, 4)`.
+///
+/// ```
+/// use tch::{Device, Kind, Tensor};
+/// use tch_detloss::{registry, LossArgs};
+/// let loss = registry::build_str(r#"{"type": "SIoULoss", "neg_gamma": true}"#)?;
+/// let pred = Tensor::from_slice(&[0.0f32, 0.0, 2.0, 2.0]).view([1, 4]).set_requires_grad(true);
+/// let target = Tensor::from_slice(&[1.0f32, 0.5, 3.0, 2.5]).view([1, 4]);
+/// loss.forward(&pred, (&target).into(), &LossArgs::new())?.backward();
+/// # anyhow::Ok(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SIoULoss {
+    /// Added to the union, the centre offsets and the heights; the enclosing extents' lower clamp.
+    pub eps: f64,
+    /// The default reduction.
+    pub reduction: Reduction,
+    /// Multiplies the result.
+    pub loss_weight: f64,
+    /// The paper's negative exponent in the distance cost.
+    pub neg_gamma: bool,
+}
+
+impl Default for SIoULoss {
+    fn default() -> Self {
+        Self {
+            eps: 1e-6,
+            reduction: Reduction::Mean,
+            loss_weight: 1.0,
+            neg_gamma: false,
+        }
+    }
+}
+
+eps_loss!(
+    EIoULoss,
+    "EIoULoss",
+    Body::Eiou,
+    |s: &EIoULoss| (s.smooth_point, 0),
+    |p: &Tensor, t: &Tensor, s: &EIoULoss| eiou_loss(p, t, s.smooth_point, s.eps)
+);
+eps_loss!(
+    SIoULoss,
+    "SIoULoss",
+    Body::Siou,
+    |s: &SIoULoss| (0.0, i64::from(s.neg_gamma)),
+    |p: &Tensor, t: &Tensor, s: &SIoULoss| siou_loss(p, t, s.eps, s.neg_gamma)
+);
+
+/// `eiou_loss` in stock ops, op for op.
+fn eiou_loss(pred: &Tensor, target: &Tensor, smooth_point: f64, eps: f64) -> Result<Tensor> {
+    let [px1, py1, px2, py2] = cols(pred)?;
+    let [tx1, ty1, tx2, ty2] = cols(target)?;
+    let (ex1, ey1) = (px1.f_minimum(&tx1)?, py1.f_minimum(&ty1)?);
+    let (ix1, iy1) = (px1.f_maximum(&tx1)?, py1.f_maximum(&ty1)?);
+    let (ix2, iy2) = (px2.f_minimum(&tx2)?, py2.f_minimum(&ty2)?);
+    let (xmin, ymin) = (ix1.f_minimum(&ix2)?, iy1.f_minimum(&iy2)?);
+    let (xmax, ymax) = (ix1.f_maximum(&ix2)?, iy1.f_maximum(&iy2)?);
+    let term =
+        |a: &Tensor, b: &Tensor| -> Result<Tensor> { Ok(a.f_sub(&ex1)?.f_mul(&b.f_sub(&ey1)?)?) };
+    let intersection = term(&ix2, &iy2)?
+        .f_add(&term(&xmin, &ymin)?)?
+        .f_sub(&term(&ix1, &ymax)?)?
+        .f_sub(&term(&xmax, &iy1)?)?;
+    let union = px2
+        .f_sub(&px1)?
+        .f_mul(&py2.f_sub(&py1)?)?
+        .f_add(&tx2.f_sub(&tx1)?.f_mul(&ty2.f_sub(&ty1)?)?)?
+        .f_sub(&intersection)?
+        .f_add_scalar(eps)?;
+    let ious = intersection.f_div(&union)?.f_neg()?.f_add_scalar(1.0)?;
+    let sign = ious
+        .f_lt(smooth_point)?
+        .f_detach()?
+        .f_to_kind(Kind::Float)?;
+    let quadratic = sign
+        .f_mul_scalar(0.5)?
+        .f_mul(&ious.f_pow_tensor_scalar(2)?)?
+        .f_div_scalar(smooth_point)?;
+    let linear = sign
+        .f_neg()?
+        .f_add_scalar(1.0)?
+        .f_mul(&ious.f_sub_scalar(0.5 * smooth_point)?)?;
+    Ok(quadratic.f_add(&linear)?)
+}
+
+/// `siou_loss` in stock ops, op for op.
+fn siou_loss(pred: &Tensor, target: &Tensor, eps: f64, neg_gamma: bool) -> Result<Tensor> {
+    let lt = pred
+        .f_narrow(1, 0, 2)?
+        .f_maximum(&target.f_narrow(1, 0, 2)?)?;
+    let rb = pred
+        .f_narrow(1, 2, 2)?
+        .f_minimum(&target.f_narrow(1, 2, 2)?)?;
+    let wh = rb.f_sub(&lt)?.f_clamp_min(0.0)?;
+    let overlap = wh.f_select(1, 0)?.f_mul(&wh.f_select(1, 1)?)?;
+    let [b1x1, b1y1, b1x2, b1y2] = cols(pred)?;
+    let [b2x1, b2y1, b2x2, b2y2] = cols(target)?;
+    let ap = b1x2.f_sub(&b1x1)?.f_mul(&b1y2.f_sub(&b1y1)?)?;
+    let ag = b2x2.f_sub(&b2x1)?.f_mul(&b2y2.f_sub(&b2y1)?)?;
+    let union = ap.f_add(&ag)?.f_sub(&overlap)?.f_add_scalar(eps)?;
+    let ious = overlap.f_div(&union)?;
+    let e1 = pred
+        .f_narrow(1, 0, 2)?
+        .f_minimum(&target.f_narrow(1, 0, 2)?)?;
+    let e2 = pred
+        .f_narrow(1, 2, 2)?
+        .f_maximum(&target.f_narrow(1, 2, 2)?)?;
+    let enclose_wh = e2.f_sub(&e1)?.f_clamp_min(eps)?;
+    let (cw, ch) = (enclose_wh.f_select(1, 0)?, enclose_wh.f_select(1, 1)?);
+    let (w1, h1) = (b1x2.f_sub(&b1x1)?, b1y2.f_sub(&b1y1)?.f_add_scalar(eps)?);
+    let (w2, h2) = (b2x2.f_sub(&b2x1)?, b2y2.f_sub(&b2y1)?.f_add_scalar(eps)?);
+    let offset = |a1: &Tensor, a2: &Tensor, c1: &Tensor, c2: &Tensor| -> Result<Tensor> {
+        Ok(a1
+            .f_add(a2)?
+            .f_sub(c1)?
+            .f_sub(c2)?
+            .f_mul_scalar(0.5)?
+            .f_add_scalar(eps)?)
+    };
+    let s_cw = offset(&b2x1, &b2x2, &b1x1, &b1x2)?;
+    let s_ch = offset(&b2y1, &b2y2, &b1y1, &b1y2)?;
+    let sigma = s_cw
+        .f_pow_tensor_scalar(2)?
+        .f_add(&s_ch.f_pow_tensor_scalar(2)?)?
+        .f_pow_tensor_scalar(0.5)?;
+    let sin1 = s_cw.f_abs()?.f_div(&sigma)?;
+    let sin2 = s_ch.f_abs()?.f_div(&sigma)?;
+    let threshold = 2f64.powf(0.5) / 2.0;
+    let sin_alpha = sin2.f_where_self(&sin1.f_gt(threshold)?, &sin1)?;
+    let angle = sin_alpha
+        .f_asin()?
+        .f_mul_scalar(2.0)?
+        .f_sub_scalar(std::f64::consts::PI / 2.0)?
+        .f_cos()?;
+    let rho_x = s_cw.f_div(&cw)?.f_pow_tensor_scalar(2)?;
+    let rho_y = s_ch.f_div(&ch)?.f_pow_tensor_scalar(2)?;
+    let gamma = if neg_gamma {
+        angle.f_sub_scalar(2.0)?
+    } else {
+        angle.f_neg()?.f_add_scalar(2.0)?
+    };
+    let distance = gamma
+        .f_mul(&rho_x)?
+        .f_exp()?
+        .f_neg()?
+        .f_add_scalar(2.0)?
+        .f_sub(&gamma.f_mul(&rho_y)?.f_exp()?)?;
+    let shape_term = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
+        let omega = a.f_sub(b)?.f_abs()?.f_div(&a.f_maximum(b)?)?;
+        Ok(omega
+            .f_mul_scalar(-1.0)?
+            .f_exp()?
+            .f_neg()?
+            .f_add_scalar(1.0)?
+            .f_pow_tensor_scalar(4)?)
+    };
+    let shape = shape_term(&w1, &w2)?.f_add(&shape_term(&h1, &h2)?)?;
+    let sious = ious.f_sub(&distance.f_add(&shape)?.f_mul_scalar(0.5)?)?;
+    Ok(sious.f_clamp(-1.0, 1.0)?.f_neg()?.f_add_scalar(1.0)?)
+}

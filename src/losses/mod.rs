@@ -2,7 +2,7 @@
 //! (`gfocal_loss.py`: QualityFocalLoss, DistributionFocalLoss), `varifocal`
 //! (`varifocal_loss.py`), `cross_entropy` (`cross_entropy_loss.py`), `ghm` (`ghm_loss.py`: GHMC,
 //! GHMR), `smooth_l1` (`smooth_l1_loss.py`: SmoothL1Loss, L1Loss), `balanced_l1`
-//! (`balanced_l1_loss.py`), `iou` (`iou_loss.py`: IoULoss, GIoULoss, DIoULoss, CIoULoss), `mse`
+//! (`balanced_l1_loss.py`), `iou` (`iou_loss.py`: IoULoss, GIoULoss, DIoULoss, CIoULoss, EIoULoss, SIoULoss), `mse`
 //! (`mse_loss.py`: MSELoss); and
 //! `shortcut`, the zero-weight short-cut that L1, SmoothL1 and the IoU family share.
 //!
@@ -25,7 +25,7 @@ pub use cross_entropy::CrossEntropyLoss;
 pub use focal::FocalLoss;
 pub use gfocal::{DistributionFocalLoss, QualityFocalLoss};
 pub use ghm::{GHMC, GHMR};
-pub use iou::{CIoULoss, DIoULoss, GIoULoss, IoULoss};
+pub use iou::{CIoULoss, DIoULoss, EIoULoss, GIoULoss, IoULoss, SIoULoss};
 pub use mse::MSELoss;
 pub use smooth_l1::{L1Loss, SmoothL1Loss};
 pub use varifocal::VarifocalLoss;
@@ -55,6 +55,8 @@ pub(crate) fn register_builtins(add: &mut dyn FnMut(&'static str, crate::registr
         "CIoULoss" => CIoULoss,
         "GHMR" => GHMR,
         "MSELoss" => MSELoss,
+        "EIoULoss" => EIoULoss,
+        "SIoULoss" => SIoULoss,
     }
 }
 

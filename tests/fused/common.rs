@@ -141,6 +141,10 @@ variant_table! { $
     diou => v(r#"{"type": "DIoULoss"}"#, Tgt::Boxes),
     ciou => v(r#"{"type": "CIoULoss"}"#, Tgt::Boxes),
     ciou_eps0_01 => v(r#"{"type": "CIoULoss", "eps": 0.01}"#, Tgt::Boxes),
+    eiou => v(r#"{"type": "EIoULoss"}"#, Tgt::Boxes),
+    eiou_sp0_3_eps0_01_lw2 => v(r#"{"type": "EIoULoss", "smooth_point": 0.3, "eps": 0.01, "loss_weight": 2.0}"#, Tgt::Boxes),
+    siou => v(r#"{"type": "SIoULoss"}"#, Tgt::Boxes),
+    siou_neg_gamma_eps1e_3 => v(r#"{"type": "SIoULoss", "neg_gamma": true, "eps": 0.001}"#, Tgt::Boxes),
     // MMDetection's total is a float32 sum of the label weights.
     ghmr => Variant {
         bins: 10,
@@ -225,6 +229,19 @@ pub fn variant_type(v: &Variant) -> String {
     let cfg: serde_json::Value =
         serde_json::from_str(&config(v, 1)).expect("a variant's config is JSON");
     cfg["type"].as_str().unwrap_or_default().to_string()
+}
+
+/// SIoU picks its angle's sine by `|s_cw| / sigma > sqrt(2) / 2`, and at `|s_cw| == |s_ch|` (on a
+/// coordinate grid, common) that comparison falls either way by the last bit of the dtype, with
+/// gradients of opposite sign on its two sides: pred is moved by 1/16 in x there (exact in every
+/// dtype), so that below float64 the fused loss and the float64 reference take the same side.
+fn off_siou_ties(pred: &Tensor, target: &Tensor) -> Tensor {
+    let centre = |b: &Tensor, k: i64| b.select(1, k) + b.select(1, k + 2);
+    let dx = (centre(target, 0) - centre(pred, 0)).abs();
+    let dy = (centre(target, 1) - centre(pred, 1)).abs();
+    let tie = (dx - dy).abs().lt(1e-9).unsqueeze(1).to_kind(Kind::Double);
+    let shift = Tensor::from_slice(&[1.0 / 16.0, 0.0, 1.0 / 16.0, 0.0]).view([1, 4]);
+    pred + tie * shift
 }
 
 /// The variant of that name.
@@ -390,7 +407,10 @@ pub fn inputs(v: &Variant, n: i64, c: i64, kind: Kind, transposed: bool) -> Inpu
             (t.to_kind(kind), None)
         }
         Tgt::Boxes => {
-            let (p, t) = box_pairs(n, kind == Kind::Double || !v.config.contains("CIoU"));
+            let (mut p, t) = box_pairs(n, kind == Kind::Double || !v.config.contains("CIoU"));
+            if kind != Kind::Double && v.config.contains("SIoU") {
+                p = off_siou_ties(&p, &t);
+            }
             let p = p.to_kind(kind);
             pred = if transposed {
                 p.t_copy().contiguous().t_()
