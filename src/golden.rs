@@ -248,6 +248,15 @@ pub fn run_case(case: &Case) -> Outcome {
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_string();
+            // A case without inputs is a constructor error: the build itself must fail.
+            if case.inputs.is_empty() {
+                return Ok(match loss {
+                    Err(e) => Outcome::Rejected(format!("{e:#}")),
+                    Ok(_) => Outcome::Fail(format!(
+                        "built a config that MMDetection rejects ({expected})"
+                    )),
+                });
+            }
             let outcome = loss.and_then(|l| call(l.as_ref(), &case.call, &case.inputs));
             return Ok(match outcome {
                 Err(e) => Outcome::Rejected(format!("{e:#}")),

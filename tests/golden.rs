@@ -95,3 +95,46 @@ fn cases_fail(cases: &[&Case], errors: &[&Case]) -> Vec<String> {
     }
     failures
 }
+
+/// The classifier helpers of the custom-channel losses (`get_cls_channels`, `get_activation`)
+/// against the extras of their MMDetection cases.
+#[test]
+fn custom_loss_helpers_match_mmdetection() {
+    use tch_detloss::golden::CaseTensor;
+    use tch_detloss::losses::{CrossEntropyCustomLoss, FocalCustomLoss};
+    use tch_detloss::registry::parse_config;
+    let file = CaseFile::load(&data_dir().join("loss_cases.json")).unwrap();
+    let tensor = |v: &serde_json::Value| {
+        serde_json::from_value::<CaseTensor>(v.clone())
+            .unwrap()
+            .to_tensor()
+            .unwrap()
+    };
+    let mut checked = 0;
+    for case in &file.cases {
+        let Some(out) = &case.outputs else { continue };
+        let Some(want) = out.get("get_activation") else {
+            continue;
+        };
+        let pred = tensor(&case.inputs["pred"]);
+        let (got, channels) = match case.loss.as_str() {
+            "FocalCustomLoss" => {
+                let l: FocalCustomLoss = parse_config(&case.config).unwrap();
+                (l.get_activation(&pred).unwrap(), l.get_cls_channels(4).ok())
+            }
+            "CrossEntropyCustomLoss" => {
+                let l: CrossEntropyCustomLoss = parse_config(&case.config).unwrap();
+                (l.get_activation(&pred).unwrap(), l.get_cls_channels(4).ok())
+            }
+            _ => continue,
+        };
+        let err = tch_detloss::golden::rel_err(&got, &tensor(want)).unwrap();
+        assert!(err <= 1e-12, "{}: get_activation off by {err:e}", case.name);
+        if let Some(want) = out.get("get_cls_channels") {
+            let want = tensor(want).int64_value(&[]);
+            assert_eq!(channels, Some(want), "{}: get_cls_channels", case.name);
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 4, "cases with get_activation");
+}

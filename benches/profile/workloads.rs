@@ -70,6 +70,23 @@ pub const WORKLOADS: &[Workload] = &[
         cuda_kinds: F32,
         inputs: labelled_anchors,
     },
+    // V3Det's custom-channel forms: the same kernels as FocalLoss and CrossEntropyLoss.
+    Workload {
+        name: "FocalCustomLoss",
+        config: r#"{"type": "FocalCustomLoss", "num_classes": 80}"#,
+        cpu_shape: ANCHORS.0,
+        cuda_shape: ANCHORS.1,
+        cuda_kinds: F32,
+        inputs: labelled_anchors,
+    },
+    Workload {
+        name: "CrossEntropyCustomLoss",
+        config: r#"{"type": "CrossEntropyCustomLoss", "num_classes": 1203}"#,
+        cpu_shape: (8_192, 1_204),
+        cuda_shape: (8_192, 1_204),
+        cuda_kinds: F32,
+        inputs: roi_classes,
+    },
     // GFL's box branch: 4 sides per anchor, reg_max 16.
     Workload {
         name: "DistributionFocalLoss",

@@ -14,6 +14,8 @@ use crate::reduction::{weight_reduce_loss, AvgFactor, Reduction};
 use crate::{Loss, LossArgs, Target};
 
 pub(crate) const NAME: &str = "CrossEntropyLoss";
+/// What the names of the classes that take a call-time `ignore_index` begin with.
+pub(crate) const NAME_STEM: &str = "CrossEntropy";
 
 /// MMDetection's `CrossEntropyLoss`.
 ///
@@ -122,13 +124,37 @@ impl Loss for CrossEntropyLoss {
     }
 
     fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
+        self.forward_named(NAME, pred, target, args)
+    }
+
+    /// `cross_entropy` or `binary_cross_entropy` in stock ops, with MMDetection's host reads
+    /// (`avg_non_ignore`'s count, `nonzero` in the one-hot expansion).
+    fn forward_unfused(
+        &self,
+        pred: &Tensor,
+        target: Target<'_>,
+        args: &LossArgs<'_>,
+    ) -> Result<Tensor> {
+        self.forward_unfused_named(NAME, pred, target, args)
+    }
+}
+
+impl CrossEntropyLoss {
+    /// [`Loss::forward`] with errors that name the class `name` (a class built on this one).
+    pub(crate) fn forward_named(
+        &self,
+        name: &'static str,
+        pred: &Tensor,
+        target: Target<'_>,
+        args: &LossArgs<'_>,
+    ) -> Result<Tensor> {
         self.validate()?;
-        let reduction = begin(NAME, pred, target, args, self.reduction)?;
-        let t = single_target(NAME, target)?;
+        let reduction = begin(name, pred, target, args, self.reduction)?;
+        let t = single_target(name, target)?;
         let ignore = self.ignore_index(args);
         let mut spec = Spec::new(
             Body::CrossEntropy,
-            NAME,
+            name,
             Shape::Row,
             reduction,
             self.loss_weight,
@@ -142,9 +168,9 @@ impl Loss for CrossEntropyLoss {
         let weight = args.weight.map(|w| w.f_to_kind(Kind::Float)).transpose()?;
 
         if !self.use_sigmoid {
-            let (n, _) = pred_shape(NAME, pred)?;
+            let (n, _) = pred_shape(name, pred)?;
             spec.valid_targets = Some("class indices in [0, C), or ignore_index");
-            let weight = weight.map(|w| row_weight(NAME, &w, n)).transpose()?;
+            let weight = weight.map(|w| row_weight(name, &w, n)).transpose()?;
             return fused::run(spec, pred, KTarget::Labels(t), weight.as_ref(), avg_factor);
         }
 
@@ -152,7 +178,7 @@ impl Loss for CrossEntropyLoss {
         spec.flags = FLAG_SIGMOID;
         if pred.dim() != t.dim() {
             // Class indices, expanded to one-hot rows by the kernels.
-            let (n, c) = pred_shape(NAME, pred)?;
+            let (n, c) = pred_shape(name, pred)?;
             spec.class_param = pos_weight(spec.class_param, c)?;
             // `label_weights.view(-1, 1).repeat(1, C)`.
             let weight = weight
@@ -171,13 +197,13 @@ impl Loss for CrossEntropyLoss {
         } else {
             (pred.shallow_clone(), t.shallow_clone())
         };
-        let (_, c) = pred_shape(NAME, &pred2)?;
+        let (_, c) = pred_shape(name, &pred2)?;
         spec.class_param = pos_weight(spec.class_param, c)?;
         let weight = weight
             .map(|w| -> Result<Tensor> {
                 // `weight * valid_mask`, then `loss * weight`.
                 broadcast_shapes(&w.size(), &t.size())?;
-                check_weight_shape(NAME, &w, &pred.size())?;
+                check_weight_shape(name, &w, &pred.size())?;
                 Ok(if column {
                     w.f_expand(pred.size(), false)?.f_unsqueeze(1)?
                 } else {
@@ -203,26 +229,27 @@ impl Loss for CrossEntropyLoss {
 
     /// `cross_entropy` or `binary_cross_entropy` in stock ops, with MMDetection's host reads
     /// (`avg_non_ignore`'s count, `nonzero` in the one-hot expansion).
-    fn forward_unfused(
+    pub(crate) fn forward_unfused_named(
         &self,
+        name: &'static str,
         pred: &Tensor,
         target: Target<'_>,
         args: &LossArgs<'_>,
     ) -> Result<Tensor> {
         self.validate()?;
-        let reduction = begin(NAME, pred, target, args, self.reduction)?;
-        let label = single_target(NAME, target)?;
+        let reduction = begin(name, pred, target, args, self.reduction)?;
+        let label = single_target(name, target)?;
         let ignore = self.ignore_index(args);
         let class_weight = self.class_weight(pred)?;
         let mut avg_factor = args.avg_factor.clone();
         let count = avg_factor.is_none() && self.avg_non_ignore && reduction == Reduction::Mean;
 
         if !self.use_sigmoid {
-            let (n, _) = pred_shape(NAME, pred)?;
-            crate::checks::integer(NAME, "target", label)?;
+            let (n, _) = pred_shape(name, pred)?;
+            crate::checks::integer(name, "target", label)?;
             ensure!(
                 label.dim() == 1 && label.size()[0] == n,
-                "{NAME}: class-index target must be ({n},) for pred of shape {:?}, got {:?}",
+                "{name}: class-index target must be ({n},) for pred of shape {:?}, got {:?}",
                 pred.size(),
                 label.size()
             );
@@ -235,7 +262,7 @@ impl Loss for CrossEntropyLoss {
                 0.0,
             )
             .map_err(|e| {
-                anyhow::anyhow!("{NAME}: class-index target outside [0, {}) and not the ignore_index {ignore}: {e}", pred.size()[1])
+                anyhow::anyhow!("{name}: class-index target outside [0, {}) and not the ignore_index {ignore}: {e}", pred.size()[1])
             })?;
             if count {
                 let ignored = label.f_eq(ignore)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
@@ -243,7 +270,7 @@ impl Loss for CrossEntropyLoss {
             }
             let weight = args.weight.map(|w| w.f_to_kind(Kind::Float)).transpose()?;
             if let Some(w) = &weight {
-                check_weight_shape(NAME, w, &loss.size())?;
+                check_weight_shape(name, w, &loss.size())?;
             }
             return Ok(
                 weight_reduce_loss(&loss, weight.as_ref(), reduction, avg_factor.as_ref())?
@@ -253,11 +280,11 @@ impl Loss for CrossEntropyLoss {
 
         let (label, weight, valid_mask) = if pred.dim() != label.dim() {
             // `_expand_onehot_labels`.
-            crate::checks::integer(NAME, "target", label)?;
-            let (n, c) = pred_shape(NAME, pred)?;
+            crate::checks::integer(name, "target", label)?;
+            let (n, c) = pred_shape(name, pred)?;
             ensure!(
                 label.dim() == 1 && label.size()[0] == n,
-                "{NAME}: class-index target must be ({n},), got {:?}",
+                "{name}: class-index target must be ({n},), got {:?}",
                 label.size()
             );
             let labels = label.f_to_kind(Kind::Int64)?;
@@ -293,7 +320,7 @@ impl Loss for CrossEntropyLoss {
             class_weight,
             tch::Reduction::None,
         )?;
-        check_weight_shape(NAME, &weight, &loss.size())?;
+        check_weight_shape(name, &weight, &loss.size())?;
         Ok(
             weight_reduce_loss(&loss, Some(&weight), reduction, avg_factor.as_ref())?
                 * self.loss_weight,
@@ -312,5 +339,170 @@ fn pos_weight(cw: Option<Tensor>, c: i64) -> Result<Option<Tensor>> {
             )
         }
         other => Ok(other),
+    }
+}
+
+/// MMDetection's `CrossEntropyCustomLoss` (V3Det): [`CrossEntropyLoss`] with a required
+/// `num_classes` and the classifier helpers of a custom-channel loss (`get_cls_channels`,
+/// `get_activation`); its loss is CrossEntropyLoss's, rule for rule.
+///
+/// ```
+/// use tch_detloss::{registry, LossArgs};
+/// let loss = registry::build_str(r#"{"type": "CrossEntropyCustomLoss", "num_classes": 3}"#)?;
+/// let pred = tch::Tensor::randn([4, 4], (tch::Kind::Float, tch::Device::Cpu));
+/// let labels = tch::Tensor::from_slice(&[0i64, 2, 3, 1]);
+/// let l = loss.forward(&pred, (&labels).into(), &LossArgs::new())?;
+/// # anyhow::Ok(())
+/// ```
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CrossEntropyCustomLoss {
+    /// BCE-with-logits per class instead of a softmax over the classes.
+    pub use_sigmoid: bool,
+    /// `mask_cross_entropy`: not supported.
+    pub use_mask: bool,
+    /// The default reduction.
+    pub reduction: Reduction,
+    /// The class count; required (MMDetection asserts it is not -1).
+    pub num_classes: i64,
+    /// A weight per class.
+    pub class_weight: Option<Vec<f64>>,
+    /// The label to ignore; `None` means -100.
+    pub ignore_index: Option<i64>,
+    /// Multiplies the result.
+    pub loss_weight: f64,
+    /// 'mean' without `avg_factor` averages over the non-ignored labels only.
+    pub avg_non_ignore: bool,
+    /// The CrossEntropyLoss of these fields, kept between calls for its device copy of
+    /// `class_weight` (rebuilt when a field changes).
+    #[serde(skip)]
+    base: std::sync::Mutex<Option<CrossEntropyLoss>>,
+}
+
+impl Default for CrossEntropyCustomLoss {
+    fn default() -> Self {
+        let base = CrossEntropyLoss::default();
+        Self {
+            use_sigmoid: base.use_sigmoid,
+            use_mask: base.use_mask,
+            reduction: base.reduction,
+            num_classes: -1,
+            class_weight: None,
+            ignore_index: None,
+            loss_weight: base.loss_weight,
+            avg_non_ignore: base.avg_non_ignore,
+            base: Default::default(),
+        }
+    }
+}
+
+impl Clone for CrossEntropyCustomLoss {
+    fn clone(&self) -> Self {
+        Self {
+            class_weight: self.class_weight.clone(),
+            base: Default::default(),
+            ..*self
+        }
+    }
+}
+
+const CUSTOM: &str = "CrossEntropyCustomLoss";
+
+impl CrossEntropyCustomLoss {
+    /// MMDetection's constructor checks.
+    pub fn validate(&self) -> Result<()> {
+        self.as_base()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{CUSTOM}: {e}"))?;
+        ensure!(
+            self.num_classes != -1,
+            "{CUSTOM}: num_classes is required (got -1)"
+        );
+        Ok(())
+    }
+
+    fn as_base(&self) -> CrossEntropyLoss {
+        CrossEntropyLoss {
+            use_sigmoid: self.use_sigmoid,
+            use_mask: self.use_mask,
+            reduction: self.reduction,
+            class_weight: self.class_weight.clone(),
+            ignore_index: self.ignore_index,
+            loss_weight: self.loss_weight,
+            avg_non_ignore: self.avg_non_ignore,
+            class_weight_copy: Default::default(),
+        }
+    }
+
+    fn with_base<R>(&self, f: impl FnOnce(&CrossEntropyLoss) -> Result<R>) -> Result<R> {
+        self.validate()?;
+        let mut base = self
+            .base
+            .lock()
+            .map_err(|_| anyhow::anyhow!("{CUSTOM}: a lock is poisoned"))?;
+        let wanted = self.as_base();
+        if base.as_ref() != Some(&wanted) {
+            *base = Some(wanted);
+        }
+        f(base.as_ref().expect("set above"))
+    }
+
+    /// `get_cls_channels(num_classes)`: `num_classes + 1` for the softmax, `num_classes` for
+    /// the sigmoid.
+    pub fn get_cls_channels(&self, num_classes: i64) -> Result<i64> {
+        ensure!(
+            num_classes == self.num_classes,
+            "{CUSTOM}: get_cls_channels({num_classes}) of a loss of {} classes",
+            self.num_classes
+        );
+        Ok(if self.use_sigmoid {
+            num_classes
+        } else {
+            num_classes + 1
+        })
+    }
+
+    /// `get_activation(cls_score)`: softmax: the softmax over the first `num_classes` columns
+    /// and the last one (columns between them are dropped, as in MMDetection); sigmoid: the
+    /// sigmoid of the first `num_classes` columns and `clamp(1 - their sum, 0, 1)`.
+    pub fn get_activation(&self, cls_score: &Tensor) -> Result<Tensor> {
+        ensure!(
+            cls_score.dim() == 2 && cls_score.size()[1] > 0,
+            "{CUSTOM}: get_activation takes (N, C) scores, got shape {:?}",
+            cls_score.size()
+        );
+        let c = cls_score.size()[1];
+        let fine = cls_score.f_narrow(1, 0, self.num_classes.clamp(0, c))?;
+        if !self.use_sigmoid {
+            let bg = cls_score.f_narrow(1, c - 1, 1)?;
+            return Ok(Tensor::f_cat(&[fine, bg], -1)?.f_softmax(-1, None::<Kind>)?);
+        }
+        let classes = fine.f_sigmoid()?;
+        let neg = classes
+            .f_sum_dim_intlist(1, true, None::<Kind>)?
+            .f_neg()?
+            .f_add_scalar(1.0)?
+            .f_clamp(0.0, 1.0)?;
+        Ok(Tensor::f_cat(&[classes, neg], 1)?)
+    }
+}
+
+impl Loss for CrossEntropyCustomLoss {
+    fn type_name(&self) -> &str {
+        CUSTOM
+    }
+
+    fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
+        self.with_base(|b| b.forward_named(CUSTOM, pred, target, args))
+    }
+
+    /// CrossEntropyLoss's stock-op composition.
+    fn forward_unfused(
+        &self,
+        pred: &Tensor,
+        target: Target<'_>,
+        args: &LossArgs<'_>,
+    ) -> Result<Tensor> {
+        self.with_base(|b| b.forward_unfused_named(CUSTOM, pred, target, args))
     }
 }

@@ -1,6 +1,8 @@
-//! The losses, one module per MMDetection loss file: `focal` (`focal_loss.py`), `gfocal`
+//! The losses, one module per MMDetection loss file: `focal` (`focal_loss.py`: FocalLoss,
+//! FocalCustomLoss), `gfocal`
 //! (`gfocal_loss.py`: QualityFocalLoss, DistributionFocalLoss), `varifocal`
-//! (`varifocal_loss.py`), `cross_entropy` (`cross_entropy_loss.py`), `ghm` (`ghm_loss.py`: GHMC,
+//! (`varifocal_loss.py`), `cross_entropy` (`cross_entropy_loss.py`:
+//! CrossEntropyLoss, CrossEntropyCustomLoss), `ghm` (`ghm_loss.py`: GHMC,
 //! GHMR), `smooth_l1` (`smooth_l1_loss.py`: SmoothL1Loss, L1Loss), `balanced_l1`
 //! (`balanced_l1_loss.py`), `iou` (`iou_loss.py`: IoULoss, GIoULoss, DIoULoss, CIoULoss, EIoULoss, SIoULoss), `mse`
 //! (`mse_loss.py`: MSELoss); and
@@ -21,8 +23,8 @@ pub mod smooth_l1;
 pub mod varifocal;
 
 pub use balanced_l1::BalancedL1Loss;
-pub use cross_entropy::CrossEntropyLoss;
-pub use focal::FocalLoss;
+pub use cross_entropy::{CrossEntropyCustomLoss, CrossEntropyLoss};
+pub use focal::{FocalCustomLoss, FocalLoss};
 pub use gfocal::{DistributionFocalLoss, QualityFocalLoss};
 pub use ghm::{GHMC, GHMR};
 pub use iou::{CIoULoss, DIoULoss, EIoULoss, GIoULoss, IoULoss, SIoULoss};
@@ -57,6 +59,8 @@ pub(crate) fn register_builtins(add: &mut dyn FnMut(&'static str, crate::registr
         "MSELoss" => MSELoss,
         "EIoULoss" => EIoULoss,
         "SIoULoss" => SIoULoss,
+        "FocalCustomLoss" => FocalCustomLoss,
+        "CrossEntropyCustomLoss" => CrossEntropyCustomLoss,
     }
 }
 
@@ -77,7 +81,7 @@ pub(crate) fn begin(
     configured: Reduction,
 ) -> Result<Reduction> {
     check_tensors(name, pred, target, args)?;
-    if args.ignore_index.is_some() && name != cross_entropy::NAME {
+    if args.ignore_index.is_some() && !name.starts_with(cross_entropy::NAME_STEM) {
         bail!("{name} takes no ignore_index (CrossEntropyLoss's call argument)");
     }
     let reduction = args.reduction_override.unwrap_or(configured);

@@ -115,6 +115,13 @@ variant_table! { $
         ref_f32: true,
         ..v(r#"{"type": "CrossEntropyLoss", "use_sigmoid": true, "avg_non_ignore": true}"#, Tgt::Column)
     },
+    focal_custom => v(r#"{"type": "FocalCustomLoss", "num_classes": NUM_CLASSES}"#, Tgt::Labels),
+    focal_custom_g1_5_a0_5_lw2 => v(r#"{"type": "FocalCustomLoss", "num_classes": NUM_CLASSES, "gamma": 1.5, "alpha": 0.5, "loss_weight": 2.0}"#, Tgt::Labels),
+    ce_custom_softmax_ignore255 => v(r#"{"type": "CrossEntropyCustomLoss", "num_classes": NUM_CLASSES, "ignore_index": 255, "avg_non_ignore": true}"#, Tgt::ClassIdx(255)),
+    ce_custom_sigmoid_cw => Variant {
+        ref_f32: true,
+        ..v(r#"{"type": "CrossEntropyCustomLoss", "num_classes": NUM_CLASSES, "use_sigmoid": true, "class_weight": CLASS_WEIGHT}"#, Tgt::LabelsIgnore(-100))
+    },
     dfl => v(r#"{"type": "DistributionFocalLoss"}"#, Tgt::Distances),
     dfl_lw0_25 => v(r#"{"type": "DistributionFocalLoss", "loss_weight": 0.25, "reduction": "sum"}"#, Tgt::Distances),
     ghmc => Variant {
@@ -252,13 +259,14 @@ pub fn variant(name: &str) -> &'static Variant {
         .unwrap_or_else(|| panic!("no variant {name}"))
 }
 
-/// The variant's config for C classes.
+/// The variant's config for C classes (`CLASS_WEIGHT` and `NUM_CLASSES` filled in).
 pub fn config(v: &Variant, c: i64) -> String {
     let cw: Vec<String> = (0..c)
         .map(|k| format!("{}", 0.5 + 0.25 * (k % 7) as f64))
         .collect();
     v.config
         .replace("CLASS_WEIGHT", &format!("[{}]", cw.join(", ")))
+        .replace("NUM_CLASSES", &c.to_string())
 }
 
 pub struct Inputs {
@@ -469,7 +477,7 @@ pub fn weights(v: &Variant, n: i64, c: i64) -> Vec<(&'static str, Option<Tensor>
                 out.push(("(N,1) mask", mask(&[n, 1])));
             }
         }
-        _ if ty.contains("\"FocalLoss\"") => {
+        _ if ty.contains("\"FocalLoss\"") || ty.contains("\"FocalCustomLoss\"") => {
             out.push(("(N,)", w(&[n])));
             out.push(("(N*C,)", w(&[n * c])));
             out.push(("(N,C)", w(&[n, c])));
