@@ -151,10 +151,20 @@ fn call(
         (_, Some("inputs.label_weight")) => input(inputs, "label_weight")?,
         _ => None,
     };
+    // GaussianFocalLoss's positives.
+    let named = |key: &str| -> Result<Option<Tensor>> {
+        match call.get(key).and_then(Value::as_str) {
+            Some(r) => input(inputs, r.trim_start_matches("inputs.")),
+            None => Ok(None),
+        }
+    };
+    let (pos_inds, pos_labels) = (named("pos_inds")?, named("pos_labels")?);
     let mut args = LossArgs::new();
     if let Some(w) = &weight {
         args = args.weight(w);
     }
+    args.pos_inds = pos_inds.as_ref();
+    args.pos_labels = pos_labels.as_ref();
     if let Some(af) = call.get("avg_factor").and_then(Value::as_f64) {
         args = args.avg_factor(AvgFactor::Value(af));
     }

@@ -56,6 +56,11 @@ pub struct LossArgs<'a> {
     /// Overrides the configured `ignore_index` for this call (CrossEntropyLoss's call-time
     /// `ignore_index`); other losses reject it.
     pub ignore_index: Option<i64>,
+    /// GaussianFocalLoss's `pos_inds` `(M,)`: the rows of the positives (with
+    /// [`LossArgs::pos_labels`]); other losses reject it.
+    pub pos_inds: Option<&'a Tensor>,
+    /// GaussianFocalLoss's `pos_labels` `(M,)`: the class of each positive row.
+    pub pos_labels: Option<&'a Tensor>,
 }
 
 impl<'a> LossArgs<'a> {
@@ -76,6 +81,12 @@ impl<'a> LossArgs<'a> {
     /// Sets `reduction_override`.
     pub fn reduction(mut self, reduction: Reduction) -> Self {
         self.reduction_override = Some(reduction);
+        self
+    }
+    /// Sets GaussianFocalLoss's positives: their rows and classes.
+    pub fn positives(mut self, pos_inds: &'a Tensor, pos_labels: &'a Tensor) -> Self {
+        self.pos_inds = Some(pos_inds);
+        self.pos_labels = Some(pos_labels);
         self
     }
     /// Sets the call-time `ignore_index`.

@@ -87,6 +87,16 @@ pub const WORKLOADS: &[Workload] = &[
         cuda_kinds: F32,
         inputs: roi_classes,
     },
+    // CenterNet's heatmap: 2 images x 80 classes x 128 x 128 on the CPU (16 on CUDA), as rows of
+    // 128; the kernel sees any rank as rows.
+    Workload {
+        name: "GaussianFocalLoss",
+        config: r#"{"type": "GaussianFocalLoss", "loss_weight": 1.0}"#,
+        cpu_shape: (2 * 80 * 128, 128),
+        cuda_shape: (16 * 80 * 128, 128),
+        cuda_kinds: F32,
+        inputs: heatmaps,
+    },
     // GFL's box branch: 4 sides per anchor, reg_max 16.
     Workload {
         name: "DistributionFocalLoss",
@@ -320,6 +330,28 @@ fn varifocal_anchors(n: i64, c: i64, kind: Kind, device: Device) -> Result<Input
     x.target = TargetData::One(dense);
     x.weight = None;
     Ok(x)
+}
+
+/// CenterNet's heatmap head: sigmoid probabilities against gaussian peaks (mostly near 0, one
+/// peak of exactly 1 in about 5,000 pixels), avg_factor the peak count.
+fn heatmaps(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    let pred = logits(n, c, kind, device, -2.0)?
+        .f_sigmoid()?
+        .f_clamp(1e-4, 1.0 - 1e-4)?
+        .f_detach()?
+        .f_set_requires_grad(true)?;
+    let u = Tensor::f_rand([n, c], (Kind::Float, device))?;
+    let peaks = u.f_gt(1.0 - 2e-4)?;
+    let heat = u
+        .f_pow_tensor_scalar(12)?
+        .f_where_scalarother(&peaks.f_logical_not()?, 1.0)?;
+    Ok(Inputs {
+        kind,
+        pred,
+        target: TargetData::One(heat.f_to_kind(kind)?),
+        weight: None,
+        avg_factor: Some(peaks.f_sum(Kind::Float)?.f_clamp_min(1.0)?),
+    })
 }
 
 /// A RoI head's softmax classifier: logits around 0, a class per RoI (a quarter background,

@@ -2,7 +2,7 @@
 //! FocalCustomLoss), `gfocal`
 //! (`gfocal_loss.py`: QualityFocalLoss, DistributionFocalLoss), `varifocal`
 //! (`varifocal_loss.py`), `cross_entropy` (`cross_entropy_loss.py`:
-//! CrossEntropyLoss, CrossEntropyCustomLoss), `ghm` (`ghm_loss.py`: GHMC,
+//! CrossEntropyLoss, CrossEntropyCustomLoss), `gaussian_focal` (`gaussian_focal_loss.py`), `ghm` (`ghm_loss.py`: GHMC,
 //! GHMR), `smooth_l1` (`smooth_l1_loss.py`: SmoothL1Loss, L1Loss), `balanced_l1`
 //! (`balanced_l1_loss.py`), `iou` (`iou_loss.py`: IoULoss, GIoULoss, DIoULoss, CIoULoss, EIoULoss, SIoULoss), `mse`
 //! (`mse_loss.py`: MSELoss); and
@@ -14,6 +14,7 @@
 pub mod balanced_l1;
 pub mod cross_entropy;
 pub mod focal;
+pub mod gaussian_focal;
 pub mod gfocal;
 pub mod ghm;
 pub mod iou;
@@ -25,6 +26,7 @@ pub mod varifocal;
 pub use balanced_l1::BalancedL1Loss;
 pub use cross_entropy::{CrossEntropyCustomLoss, CrossEntropyLoss};
 pub use focal::{FocalCustomLoss, FocalLoss};
+pub use gaussian_focal::GaussianFocalLoss;
 pub use gfocal::{DistributionFocalLoss, QualityFocalLoss};
 pub use ghm::{GHMC, GHMR};
 pub use iou::{CIoULoss, DIoULoss, EIoULoss, GIoULoss, IoULoss, SIoULoss};
@@ -61,6 +63,7 @@ pub(crate) fn register_builtins(add: &mut dyn FnMut(&'static str, crate::registr
         "SIoULoss" => SIoULoss,
         "FocalCustomLoss" => FocalCustomLoss,
         "CrossEntropyCustomLoss" => CrossEntropyCustomLoss,
+        "GaussianFocalLoss" => GaussianFocalLoss,
     }
 }
 
@@ -83,6 +86,9 @@ pub(crate) fn begin(
     check_tensors(name, pred, target, args)?;
     if args.ignore_index.is_some() && !name.starts_with(cross_entropy::NAME_STEM) {
         bail!("{name} takes no ignore_index (CrossEntropyLoss's call argument)");
+    }
+    if (args.pos_inds.is_some() || args.pos_labels.is_some()) && name != gaussian_focal::NAME {
+        bail!("{name} takes no pos_inds or pos_labels (GaussianFocalLoss's call arguments)");
     }
     let reduction = args.reduction_override.unwrap_or(configured);
     check_avg_factor(name, reduction, args.avg_factor.as_ref())?;
@@ -171,6 +177,63 @@ pub(crate) fn check_weight_shape(name: &str, weight: &Tensor, shape: &[i64]) -> 
 }
 
 pub(crate) use crate::checks::pred_shape;
+
+/// The `(rows, columns)` view on which an element kernel runs a loss of pred's shape, or None
+/// where MMDetection's call needs the stock composition: a target that is not pred's shape, an
+/// empty or 0-dim pred, or a weight that would grow the loss (any weight that broadcasts
+/// without growing it for a 2-D pred, none or one of pred's shape otherwise).
+pub(crate) fn element_view(
+    pred: &Tensor,
+    target: &Tensor,
+    weight: Option<&Tensor>,
+) -> Option<[i64; 2]> {
+    let shape = pred.size();
+    if target.size() != shape || pred.numel() == 0 || shape.is_empty() {
+        return None;
+    }
+    let last = *shape.last()?;
+    let fits = |w: &Tensor| match shape.len() {
+        2 => crate::checks::broadcast_shapes(&shape, &w.size()).is_ok_and(|out| out == shape),
+        _ => w.size() == shape,
+    };
+    weight
+        .is_none_or(fits)
+        .then(|| [pred.numel() as i64 / last, last])
+}
+
+/// Runs an element kernel on the `view` of [`element_view`], giving the loss pred's shape back
+/// for 'none'.
+pub(crate) fn run_element_view(
+    spec: crate::fused::Spec,
+    view: [i64; 2],
+    pred: &Tensor,
+    target: &Tensor,
+    args: &LossArgs<'_>,
+) -> Result<Tensor> {
+    use crate::fused::{self, KTarget};
+    if pred.dim() == 2 {
+        return fused::run(
+            spec,
+            pred,
+            KTarget::Dense(target),
+            args.weight,
+            args.avg_factor.as_ref(),
+        );
+    }
+    let reduction = spec.reduction;
+    let w = args.weight.map(|w| w.f_reshape(view)).transpose()?;
+    let out = fused::run(
+        spec,
+        &pred.f_reshape(view)?,
+        KTarget::Dense(&target.f_reshape(view)?),
+        w.as_ref(),
+        args.avg_factor.as_ref(),
+    )?;
+    Ok(match reduction {
+        Reduction::None => out.f_reshape(pred.size())?,
+        _ => out,
+    })
+}
 
 /// A weight broadcast against a per-row loss (N,), as the (N, 1) column the kernels take.
 pub(crate) fn row_weight(name: &str, w: &Tensor, n: i64) -> Result<Tensor> {

@@ -6,7 +6,7 @@ use tch::Tensor;
 
 use super::{begin, single_target};
 use crate::checks::broadcast_shapes;
-use crate::fused::{self, Body, KTarget, Shape, Spec};
+use crate::fused::{Body, Shape, Spec};
 use crate::reduction::{weight_reduce_loss, Reduction};
 use crate::{Loss, LossArgs, Target};
 
@@ -75,22 +75,6 @@ impl MSELoss {
         }
         Ok(())
     }
-
-    /// The `(rows, columns)` view the fused kernel runs on, or None for the stock composition.
-    fn fused_view(pred: &Tensor, target: &Tensor, weight: Option<&Tensor>) -> Option<[i64; 2]> {
-        let shape = pred.size();
-        if target.size() != shape || pred.numel() == 0 || shape.is_empty() {
-            return None;
-        }
-        let last = *shape.last()?;
-        let fits = |w: &Tensor| match shape.len() {
-            2 => broadcast_shapes(&shape, &w.size()).is_ok_and(|out| out == shape),
-            _ => w.size() == shape,
-        };
-        weight
-            .is_none_or(fits)
-            .then(|| [pred.numel() as i64 / last, last])
-    }
 }
 
 impl Loss for MSELoss {
@@ -102,31 +86,11 @@ impl Loss for MSELoss {
         let reduction = begin(NAME, pred, target, args, self.reduction)?;
         let t = single_target(NAME, target)?;
         Self::check_shapes(pred, t, args.weight)?;
-        let Some(view) = Self::fused_view(pred, t, args.weight) else {
+        let Some(view) = super::element_view(pred, t, args.weight) else {
             return self.forward_unfused(pred, target, args);
         };
         let spec = Spec::new(Body::Mse, NAME, Shape::Element, reduction, self.loss_weight);
-        if pred.dim() == 2 {
-            return fused::run(
-                spec,
-                pred,
-                KTarget::Dense(t),
-                args.weight,
-                args.avg_factor.as_ref(),
-            );
-        }
-        let w = args.weight.map(|w| w.f_reshape(view)).transpose()?;
-        let out = fused::run(
-            spec,
-            &pred.f_reshape(view)?,
-            KTarget::Dense(&t.f_reshape(view)?),
-            w.as_ref(),
-            args.avg_factor.as_ref(),
-        )?;
-        Ok(match reduction {
-            Reduction::None => out.f_reshape(pred.size())?,
-            _ => out,
-        })
+        super::run_element_view(spec, view, pred, t, args)
     }
 
     /// `mse_loss` in stock ops: `F.mse_loss(pred, target, reduction='none')`, then

@@ -122,6 +122,14 @@ variant_table! { $
         ref_f32: true,
         ..v(r#"{"type": "CrossEntropyCustomLoss", "num_classes": NUM_CLASSES, "use_sigmoid": true, "class_weight": CLASS_WEIGHT}"#, Tgt::LabelsIgnore(-100))
     },
+    gaussian_focal => Variant {
+        prob: true,
+        ..v(r#"{"type": "GaussianFocalLoss"}"#, Tgt::Dense)
+    },
+    gaussian_focal_a3_g2_pw2_nw0_5_lw0_7 => Variant {
+        prob: true,
+        ..v(r#"{"type": "GaussianFocalLoss", "alpha": 3.0, "gamma": 2.0, "pos_weight": 2.0, "neg_weight": 0.5, "loss_weight": 0.7}"#, Tgt::Dense)
+    },
     dfl => v(r#"{"type": "DistributionFocalLoss"}"#, Tgt::Distances),
     dfl_lw0_25 => v(r#"{"type": "DistributionFocalLoss", "loss_weight": 0.25, "reduction": "sum"}"#, Tgt::Distances),
     ghmc => Variant {
