@@ -97,6 +97,24 @@ pub const WORKLOADS: &[Workload] = &[
         cuda_kinds: F32,
         inputs: heatmaps,
     },
+    // LD's distillation of the teacher's side distributions (composed of stock ops: 1.0x).
+    Workload {
+        name: "KnowledgeDistillationKLDivLoss",
+        config: r#"{"type": "KnowledgeDistillationKLDivLoss", "T": 10}"#,
+        cpu_shape: (4 * 4_000, 17),
+        cuda_shape: (4 * 160_000, 17),
+        cuda_kinds: F32,
+        inputs: teacher_distributions,
+    },
+    // A mask head's 100 instance masks of 112 x 112 (composed of stock ops: 1.0x).
+    Workload {
+        name: "DiceLoss",
+        config: r#"{"type": "DiceLoss"}"#,
+        cpu_shape: (100, 112 * 112),
+        cuda_shape: (1_600, 112 * 112),
+        cuda_kinds: F32,
+        inputs: instance_masks,
+    },
     // GFL's box branch: 4 sides per anchor, reg_max 16.
     Workload {
         name: "DistributionFocalLoss",
@@ -163,6 +181,14 @@ pub const WORKLOADS: &[Workload] = &[
         cuda_shape: POSITIVE_BOXES,
         cuda_kinds: F32,
         inputs: positive_boxes,
+    },
+    Workload {
+        name: "BoundedIoULoss positives",
+        config: r#"{"type": "BoundedIoULoss"}"#,
+        cpu_shape: POSITIVE_BOXES,
+        cuda_shape: POSITIVE_BOXES,
+        cuda_kinds: F32,
+        inputs: positive_box_coordinates,
     },
     // RetinaNet's box branch: deltas of every anchor, bbox_weights 1 on the positives.
     Workload {
@@ -387,6 +413,32 @@ fn side_distributions(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inpu
     })
 }
 
+/// A student's and a teacher's logits over the bins of each side.
+fn teacher_distributions(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    Ok(Inputs {
+        kind,
+        pred: logits(n, c, kind, device, 0.0)?,
+        target: TargetData::One(logits(n, c, kind, device, 0.0)?.f_detach()?),
+        weight: Some(Tensor::f_rand([n], (Kind::Float, device))?),
+        avg_factor: Some(Tensor::from(n as f32 / 4.0).f_to_device(device)?),
+    })
+}
+
+/// Mask logits and binary ground-truth masks, one flattened mask per row.
+fn instance_masks(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    Ok(Inputs {
+        kind,
+        pred: logits(n, c, kind, device, 0.0)?,
+        target: TargetData::One(
+            Tensor::f_rand([n, c], (Kind::Float, device))?
+                .f_gt(0.6)?
+                .f_to_kind(Kind::Float)?,
+        ),
+        weight: None,
+        avg_factor: Some(Tensor::from(n as f32).f_to_device(device)?),
+    })
+}
+
 /// xyxy target boxes and predictions near them (a trained head's), `(n, 4)`.
 fn box_pair(n: i64, kind: Kind, device: Device) -> Result<(Tensor, Tensor)> {
     let f32s = (Kind::Float, device);
@@ -428,6 +480,14 @@ fn positive_boxes(n: i64, _c: i64, kind: Kind, device: Device) -> Result<Inputs>
         avg_factor: Some(weight.f_sum(Kind::Float)?),
         weight: Some(weight),
     })
+}
+
+/// `positive_boxes` with the weight as an (N, 1) column: BoundedIoULoss's loss is per
+/// coordinate, (N, 4).
+fn positive_box_coordinates(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    let mut x = positive_boxes(n, c, kind, device)?;
+    x.weight = x.weight.map(|w| w.f_unsqueeze(1)).transpose()?;
+    Ok(x)
 }
 
 /// Encoded deltas of every anchor: `bbox_weights` 1 on the 1 % positives (all 4 coordinates).

@@ -768,3 +768,132 @@ fn siou_loss(pred: &Tensor, target: &Tensor, eps: f64, neg_gamma: bool) -> Resul
     let sious = ious.f_sub(&distance.f_add(&shape)?.f_mul_scalar(0.5)?)?;
     Ok(sious.f_clamp(-1.0, 1.0)?.f_neg()?.f_add_scalar(1.0)?)
 }
+
+/// MMDetection's `BoundedIoULoss` (Fitness NMS): smooth-L1 (`beta`) of the four bounded-IoU
+/// terms `[dx, dy, dw, dh]` of each box, `1 - max((tw - 2|dx|) / (tw + 2|dx| + eps), 0)` for the
+/// centre offsets and `1 - min(tw / (pw + eps), pw / (tw + eps))` for the sizes, the target's
+/// centres and sizes constants. 'none' gives `(N, 4)`; the weight broadcasts against it (an
+/// `(N,)` weight does not, as in MMDetection); an all-zero weight takes the short-cut.
+///
+/// Composed of stock ops: its loss is per coordinate, `(N, 4)`, with each term reading two
+/// coordinates, which is neither the element shape (one input per output) nor the box shape
+/// (one output per box).
+///
+/// ```
+/// use tch::{Device, Kind, Tensor};
+/// use tch_detloss::{registry, LossArgs};
+/// let loss = registry::build_str(r#"{"type": "BoundedIoULoss", "beta": 0.2}"#)?;
+/// let pred = Tensor::from_slice(&[0.0f32, 0.0, 2.0, 2.0]).view([1, 4]).set_requires_grad(true);
+/// let target = Tensor::from_slice(&[1.0f32, 0.0, 3.0, 2.0]).view([1, 4]);
+/// loss.forward(&pred, (&target).into(), &LossArgs::new())?.backward();
+/// # anyhow::Ok(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BoundedIoULoss {
+    /// The smooth-L1 switch point.
+    pub beta: f64,
+    /// Added to the denominators.
+    pub eps: f64,
+    /// The default reduction.
+    pub reduction: Reduction,
+    /// Multiplies the result.
+    pub loss_weight: f64,
+}
+
+impl Default for BoundedIoULoss {
+    fn default() -> Self {
+        Self {
+            beta: 0.2,
+            eps: 1e-3,
+            reduction: Reduction::Mean,
+            loss_weight: 1.0,
+        }
+    }
+}
+
+const BOUNDED: &str = "BoundedIoULoss";
+
+impl BoundedIoULoss {
+    /// MMDetection's constructor checks (there are none).
+    pub fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// `bounded_iou_loss`'s element loss `(N, 4)`.
+    fn elem(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+        let [x1, y1, x2, y2] = cols(pred)?;
+        let centre =
+            |a: &Tensor, b: &Tensor| -> Result<Tensor> { Ok(a.f_add(b)?.f_mul_scalar(0.5)?) };
+        let (pcx, pcy) = (centre(&x1, &x2)?, centre(&y1, &y2)?);
+        let (pw, ph) = (x2.f_sub(&x1)?, y2.f_sub(&y1)?);
+        let [u1, v1, u2, v2] = cols(&target.f_detach()?)?;
+        let (tcx, tcy) = (centre(&u1, &u2)?, centre(&v1, &v2)?);
+        let (tw, th) = (u2.f_sub(&u1)?, v2.f_sub(&v1)?);
+        let eps = self.eps;
+        let offset = |t_size: &Tensor, d: &Tensor| -> Result<Tensor> {
+            let two = d.f_abs()?.f_mul_scalar(2.0)?;
+            let r = t_size
+                .f_sub(&two)?
+                .f_div(&t_size.f_add(&two)?.f_add_scalar(eps)?)?;
+            Ok(r.f_maximum(&r.f_zeros_like()?)?
+                .f_neg()?
+                .f_add_scalar(1.0)?)
+        };
+        let size = |t_size: &Tensor, p_size: &Tensor| -> Result<Tensor> {
+            let a = t_size.f_div(&p_size.f_add_scalar(eps)?)?;
+            let b = p_size.f_div(&t_size.f_add_scalar(eps)?)?;
+            Ok(a.f_minimum(&b)?.f_neg()?.f_add_scalar(1.0)?)
+        };
+        let comb = Tensor::f_stack(
+            &[
+                offset(&tw, &tcx.f_sub(&pcx)?)?,
+                offset(&th, &tcy.f_sub(&pcy)?)?,
+                size(&tw, &pw)?,
+                size(&th, &ph)?,
+            ],
+            -1,
+        )?
+        .f_flatten(1, -1)?;
+        let beta = self.beta;
+        let quad = comb.f_mul_scalar(0.5)?.f_mul(&comb)?.f_div_scalar(beta)?;
+        Ok(quad.f_where_self(&comb.f_lt(beta)?, &comb.f_sub_scalar(0.5 * beta)?)?)
+    }
+}
+
+impl Loss for BoundedIoULoss {
+    fn type_name(&self) -> &str {
+        BOUNDED
+    }
+
+    fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
+        self.forward_unfused(pred, target, args)
+    }
+
+    /// `bounded_iou_loss` in stock ops (also [`Loss::forward`]).
+    fn forward_unfused(
+        &self,
+        pred: &Tensor,
+        target: Target<'_>,
+        args: &LossArgs<'_>,
+    ) -> Result<Tensor> {
+        let reduction = begin(BOUNDED, pred, target, args, self.reduction)?;
+        let t = single_target(BOUNDED, target)?;
+        ensure!(
+            pred.dim() == 2 && pred.size()[1] == 4 && t.size() == pred.size(),
+            "{BOUNDED}: pred and target must be (N, 4) boxes (x1, y1, x2, y2), got shapes {:?} and {:?}",
+            pred.size(),
+            t.size()
+        );
+        if let Some(w) = args.weight {
+            if shortcut::no_positive(w)? {
+                return shortcut::unfused(pred, w);
+            }
+        }
+        let loss = self.elem(pred, &t.f_type_as(pred)?)?;
+        // torch's broadcast of the weight against (N, 4), with torch's message where it fails.
+        let reduced = weight_reduce_loss(&loss, args.weight, reduction, args.avg_factor.as_ref())
+            .map_err(|e| anyhow::anyhow!("{BOUNDED}: {e:#}"))?;
+        Ok(reduced * self.loss_weight)
+    }
+}

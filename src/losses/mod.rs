@@ -4,7 +4,8 @@
 //! (`varifocal_loss.py`), `cross_entropy` (`cross_entropy_loss.py`:
 //! CrossEntropyLoss, CrossEntropyCustomLoss), `gaussian_focal` (`gaussian_focal_loss.py`), `ghm` (`ghm_loss.py`: GHMC,
 //! GHMR), `smooth_l1` (`smooth_l1_loss.py`: SmoothL1Loss, L1Loss), `balanced_l1`
-//! (`balanced_l1_loss.py`), `iou` (`iou_loss.py`: IoULoss, GIoULoss, DIoULoss, CIoULoss, EIoULoss, SIoULoss), `mse`
+//! (`balanced_l1_loss.py`), `iou` (`iou_loss.py`: IoULoss, GIoULoss, DIoULoss, CIoULoss, EIoULoss, SIoULoss,
+//! BoundedIoULoss), `kd` (`kd_loss.py`), `dice` (`dice_loss.py`), `mse`
 //! (`mse_loss.py`: MSELoss); and
 //! `shortcut`, the zero-weight short-cut that L1, SmoothL1 and the IoU family share.
 //!
@@ -13,11 +14,13 @@
 
 pub mod balanced_l1;
 pub mod cross_entropy;
+pub mod dice;
 pub mod focal;
 pub mod gaussian_focal;
 pub mod gfocal;
 pub mod ghm;
 pub mod iou;
+pub mod kd;
 pub mod mse;
 mod shortcut;
 pub mod smooth_l1;
@@ -25,11 +28,13 @@ pub mod varifocal;
 
 pub use balanced_l1::BalancedL1Loss;
 pub use cross_entropy::{CrossEntropyCustomLoss, CrossEntropyLoss};
+pub use dice::DiceLoss;
 pub use focal::{FocalCustomLoss, FocalLoss};
 pub use gaussian_focal::GaussianFocalLoss;
 pub use gfocal::{DistributionFocalLoss, QualityFocalLoss};
 pub use ghm::{GHMC, GHMR};
-pub use iou::{CIoULoss, DIoULoss, EIoULoss, GIoULoss, IoULoss, SIoULoss};
+pub use iou::{BoundedIoULoss, CIoULoss, DIoULoss, EIoULoss, GIoULoss, IoULoss, SIoULoss};
+pub use kd::KnowledgeDistillationKLDivLoss;
 pub use mse::MSELoss;
 pub use smooth_l1::{L1Loss, SmoothL1Loss};
 pub use varifocal::VarifocalLoss;
@@ -64,6 +69,9 @@ pub(crate) fn register_builtins(add: &mut dyn FnMut(&'static str, crate::registr
         "FocalCustomLoss" => FocalCustomLoss,
         "CrossEntropyCustomLoss" => CrossEntropyCustomLoss,
         "GaussianFocalLoss" => GaussianFocalLoss,
+        "BoundedIoULoss" => BoundedIoULoss,
+        "KnowledgeDistillationKLDivLoss" => KnowledgeDistillationKLDivLoss,
+        "DiceLoss" => DiceLoss,
     }
 }
 

@@ -25,7 +25,7 @@ const N: i64 = 6;
 const C: i64 = 4;
 
 /// A valid call of a registered loss: the first variant of `common::VARIANTS` of its type, with
-/// that variant's inputs and first weight. Every built-in type must have one, which is what
+/// that variant's inputs and the first of its weights that the loss takes. Every built-in type must have one, which is what
 /// makes a new loss inherit every check below.
 fn valid_call(ty: &str) -> (String, Call) {
     let v = VARIANTS
@@ -35,18 +35,27 @@ fn valid_call(ty: &str) -> (String, Call) {
     tch::manual_seed(3);
     let c = columns(v, C);
     let inp = inputs(v, N, c, Kind::Float, false);
-    let weight = weights(v, N, c)
-        .into_iter()
-        .find_map(|(_, w)| w)
-        .map(|w| w.to_kind(Kind::Float));
-    let call = Call {
+    let config = config(v, c);
+    let loss = registry::build_str(&config).unwrap();
+    let mut call = Call {
         pred: inp.pred,
         target: inp.target,
         scores: inp.scores,
-        weight,
+        weight: None,
         avg_factor: Tensor::from(3.0f32),
     };
-    (config(v, c), call)
+    // The first of the variant's weights that the loss takes (BoundedIoULoss's (N,) is not).
+    call.weight = weights(v, N, c)
+        .into_iter()
+        .filter_map(|(_, w)| w.map(|w| w.to_kind(Kind::Float)))
+        .find(|w| {
+            let with_w = Call {
+                weight: Some(w.shallow_clone()),
+                ..with(&call, Pos::Pred, call.pred.shallow_clone())
+            };
+            matches!(self::call(loss.as_ref(), &with_w, false), Ok(Ok(_)))
+        });
+    (config, call)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]

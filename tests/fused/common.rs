@@ -49,6 +49,10 @@ pub struct Variant {
     /// The reference computes in float32 as MMDetection does (its BCE on `target.float()`), so
     /// it is only float32-accurate in float64.
     pub ref_f32: bool,
+    /// The loss is composed of stock ops (its `forward` is `forward_unfused`): in float16 and
+    /// bfloat16 its accuracy is torch's own, so there both paths are compared with each other
+    /// in that dtype rather than with float64.
+    pub stock: bool,
 }
 
 const fn v(config: &'static str, tgt: Tgt) -> Variant {
@@ -59,6 +63,15 @@ const fn v(config: &'static str, tgt: Tgt) -> Variant {
         prob: false,
         bins: 0,
         ref_f32: false,
+        stock: false,
+    }
+}
+
+/// A variant of a loss composed of stock ops.
+const fn stock(config: &'static str, tgt: Tgt) -> Variant {
+    Variant {
+        stock: true,
+        ..v(config, tgt)
     }
 }
 
@@ -130,7 +143,11 @@ variant_table! { $
         prob: true,
         ..v(r#"{"type": "GaussianFocalLoss", "alpha": 3.0, "gamma": 2.0, "pos_weight": 2.0, "neg_weight": 0.5, "loss_weight": 0.7}"#, Tgt::Dense)
     },
-    dfl => v(r#"{"type": "DistributionFocalLoss"}"#, Tgt::Distances),
+    kd_t10 => stock(r#"{"type": "KnowledgeDistillationKLDivLoss"}"#, Tgt::Dense),
+    kd_t2_5_lw0_5 => stock(r#"{"type": "KnowledgeDistillationKLDivLoss", "T": 2.5, "loss_weight": 0.5}"#, Tgt::Dense),
+    dice => stock(r#"{"type": "DiceLoss"}"#, Tgt::Dense),
+    dice_naive_eps1_lw2 => stock(r#"{"type": "DiceLoss", "naive_dice": true, "eps": 1.0, "loss_weight": 2.0}"#, Tgt::Dense),
+        dfl => v(r#"{"type": "DistributionFocalLoss"}"#, Tgt::Distances),
     dfl_lw0_25 => v(r#"{"type": "DistributionFocalLoss", "loss_weight": 0.25, "reduction": "sum"}"#, Tgt::Distances),
     ghmc => Variant {
         bins: 10,
@@ -156,7 +173,9 @@ variant_table! { $
     diou => v(r#"{"type": "DIoULoss"}"#, Tgt::Boxes),
     ciou => v(r#"{"type": "CIoULoss"}"#, Tgt::Boxes),
     ciou_eps0_01 => v(r#"{"type": "CIoULoss", "eps": 0.01}"#, Tgt::Boxes),
-    eiou => v(r#"{"type": "EIoULoss"}"#, Tgt::Boxes),
+    bounded_iou => stock(r#"{"type": "BoundedIoULoss"}"#, Tgt::Boxes),
+    bounded_iou_b0_5_eps0_01_lw2 => stock(r#"{"type": "BoundedIoULoss", "beta": 0.5, "eps": 0.01, "loss_weight": 2.0}"#, Tgt::Boxes),
+        eiou => v(r#"{"type": "EIoULoss"}"#, Tgt::Boxes),
     eiou_sp0_3_eps0_01_lw2 => v(r#"{"type": "EIoULoss", "smooth_point": 0.3, "eps": 0.01, "loss_weight": 2.0}"#, Tgt::Boxes),
     siou => v(r#"{"type": "SIoULoss"}"#, Tgt::Boxes),
     siou_neg_gamma_eps1e_3 => v(r#"{"type": "SIoULoss", "neg_gamma": true, "eps": 0.001}"#, Tgt::Boxes),
@@ -485,6 +504,10 @@ pub fn weights(v: &Variant, n: i64, c: i64) -> Vec<(&'static str, Option<Tensor>
                 out.push(("(N,1) mask", mask(&[n, 1])));
             }
         }
+        // A loss per sample.
+        _ if ty.contains("KnowledgeDistillation") || ty.contains("DiceLoss") => {
+            out.push(("(N,)", w(&[n])));
+        }
         _ if ty.contains("\"FocalLoss\"") || ty.contains("\"FocalCustomLoss\"") => {
             out.push(("(N,)", w(&[n])));
             out.push(("(N*C,)", w(&[n * c])));
@@ -607,6 +630,9 @@ pub fn check_variant(name: &str, kind: Kind, device: Device) {
     let _rng = rng_lock();
     let v = variant(name);
     tch::manual_seed(name.len() as i64 * 31 + kind as i64);
+    if v.stock && matches!(kind, Kind::Half | Kind::BFloat16) {
+        return check_stock_half(v, kind, device);
+    }
     // The reference's own precision bounds the comparison.
     let tol = if v.ref_f32 {
         tolerance(kind).max(tolerance(Kind::Float))
@@ -662,7 +688,12 @@ pub fn check_variant(name: &str, kind: Kind, device: Device) {
                         (Err(a), Err(b)) => {
                             // Both reject it (GHM's 'sum', a weight that does not broadcast),
                             // with the same reason.
+                            // Up to torch's backtrace, whose frames differ from call to call.
                             let (a, b) = (format!("{a:#}"), format!("{b:#}"));
+                            let (a, b) = (
+                                a.lines().next().unwrap_or(""),
+                                b.lines().next().unwrap_or(""),
+                            );
                             assert!(
                                 a == b
                                     || (a.contains("avg_factor can not be used")
@@ -710,4 +741,69 @@ pub fn check_variant(name: &str, kind: Kind, device: Device) {
         checked >= 2 * REDUCTIONS.len() * 2,
         "only {checked} combinations ran"
     );
+}
+
+/// A stock-op variant in float16 or bfloat16: `forward` and `forward_unfused` give the same loss
+/// and gradient, bit for bit, on `device`, in the dtype torch's composition gives, for every
+/// shape and reduction.
+fn check_stock_half(v: &Variant, kind: Kind, device: Device) {
+    let shapes = if v.tgt == Tgt::Boxes {
+        BOX_SHAPES
+    } else {
+        SHAPES
+    };
+    let mut checked = 0;
+    for &(n, c) in shapes {
+        let loss = registry::build_str(&config(v, c)).unwrap();
+        let inp = inputs(v, n, c, kind, false).to_device(device);
+        for &(rname, red, avg, avg_tensor) in REDUCTIONS {
+            let ctx = format!("{} {kind:?} {device:?} [{n}, {c}] {rname}", v.name);
+            let mut args = call_args(None, red, avg, avg_tensor, kind);
+            if let Some(AvgFactor::Tensor(t)) = &args.avg_factor {
+                args.avg_factor = Some(AvgFactor::Tensor(t.to_device(device)));
+            }
+            let run = |fused: bool| {
+                let pred = inp.pred.detach().set_requires_grad(true);
+                let out = if fused {
+                    loss.forward(&pred, inp.target(), &args)
+                } else {
+                    loss.forward_unfused(&pred, inp.target(), &args)
+                };
+                out.map(|o| {
+                    let g = Tensor::run_backward(&[&o.sum(Kind::Double)], &[&pred], false, false)
+                        .remove(0);
+                    (o, g)
+                })
+                .map_err(|e| format!("{e:#}"))
+            };
+            match (run(true), run(false)) {
+                (Ok((a, ga)), Ok((b, gb))) => {
+                    assert!(same_values(&a, &b), "{ctx}: loss");
+                    assert!(same_values(&ga, &gb), "{ctx}: grad");
+                    checked += 1;
+                }
+                (Err(a), Err(b)) => assert!(
+                    a.contains("avg_factor can not be used")
+                        && b.contains("avg_factor can not be used"),
+                    "{ctx}: {a} / {b}"
+                ),
+                (a, b) => panic!("{ctx}: fused {:?}, unfused {:?}", a.err(), b.err()),
+            }
+        }
+    }
+    assert!(
+        checked >= REDUCTIONS.len(),
+        "only {checked} combinations ran"
+    );
+}
+
+/// Equal values, NaN where the other has NaN.
+fn same_values(a: &Tensor, b: &Tensor) -> bool {
+    a.size() == b.size()
+        && a.kind() == b.kind()
+        && a.eq_tensor(b)
+            .logical_or(&a.isnan().logical_and(&b.isnan()))
+            .all()
+            .int64_value(&[])
+            == 1
 }
