@@ -125,6 +125,21 @@ pub trait Loss: Send + Sync + std::fmt::Debug {
         args: &LossArgs<'_>,
     ) -> Result<Tensor>;
 
+    /// The loss as MMDetection returns it where that is a dict (SeesawLoss's
+    /// `loss_cls_objectness` and `loss_cls_classes`): named parts whose sum is
+    /// [`Loss::forward`]. One part named `loss` for the others.
+    fn forward_parts(
+        &self,
+        pred: &Tensor,
+        target: Target<'_>,
+        args: &LossArgs<'_>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![(
+            "loss".to_string(),
+            self.forward(pred, target, args)?,
+        )])
+    }
+
     /// The state the loss keeps between calls (GHM's momentum `acc_sum`), by name, as copies:
     /// what a checkpoint saves. Empty for stateless losses.
     fn state(&self) -> Result<Vec<(String, Tensor)>> {

@@ -70,6 +70,16 @@ pub const WORKLOADS: &[Workload] = &[
         cuda_kinds: F32,
         inputs: labelled_anchors,
     },
+    // LVIS's Seesaw RoI head: 1,203 classes + background, 2 objectness logits (composed of stock
+    // ops: 1.0x).
+    Workload {
+        name: "SeesawLoss",
+        config: r#"{"type": "SeesawLoss", "num_classes": 1203}"#,
+        cpu_shape: (8_192, 1_205),
+        cuda_shape: (8_192, 1_205),
+        cuda_kinds: F32,
+        inputs: seesaw_rois,
+    },
     // V3Det's custom-channel forms: the same kernels as FocalLoss and CrossEntropyLoss.
     Workload {
         name: "FocalCustomLoss",
@@ -355,6 +365,13 @@ fn varifocal_anchors(n: i64, c: i64, kind: Kind, device: Device) -> Result<Input
         .f_mul(&scores(&positive, kind)?.f_unsqueeze(1)?)?;
     x.target = TargetData::One(dense);
     x.weight = None;
+    Ok(x)
+}
+
+/// `roi_classes` for SeesawLoss's `C - 2` classes (background `C - 2`) and 2 objectness logits.
+fn seesaw_rois(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    let mut x = roi_classes(n, c - 1, kind, device)?;
+    x.pred = logits(n, c, kind, device, 0.0)?;
     Ok(x)
 }
 

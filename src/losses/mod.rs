@@ -5,7 +5,7 @@
 //! CrossEntropyLoss, CrossEntropyCustomLoss), `gaussian_focal` (`gaussian_focal_loss.py`), `ghm` (`ghm_loss.py`: GHMC,
 //! GHMR), `smooth_l1` (`smooth_l1_loss.py`: SmoothL1Loss, L1Loss), `balanced_l1`
 //! (`balanced_l1_loss.py`), `iou` (`iou_loss.py`: IoULoss, GIoULoss, DIoULoss, CIoULoss, EIoULoss, SIoULoss,
-//! BoundedIoULoss), `kd` (`kd_loss.py`), `dice` (`dice_loss.py`), `mse`
+//! BoundedIoULoss), `kd` (`kd_loss.py`), `dice` (`dice_loss.py`), `seesaw` (`seesaw_loss.py`), `mse`
 //! (`mse_loss.py`: MSELoss); and
 //! `shortcut`, the zero-weight short-cut that L1, SmoothL1 and the IoU family share.
 //!
@@ -22,6 +22,7 @@ pub mod ghm;
 pub mod iou;
 pub mod kd;
 pub mod mse;
+pub mod seesaw;
 mod shortcut;
 pub mod smooth_l1;
 pub mod varifocal;
@@ -36,6 +37,7 @@ pub use ghm::{GHMC, GHMR};
 pub use iou::{BoundedIoULoss, CIoULoss, DIoULoss, EIoULoss, GIoULoss, IoULoss, SIoULoss};
 pub use kd::KnowledgeDistillationKLDivLoss;
 pub use mse::MSELoss;
+pub use seesaw::SeesawLoss;
 pub use smooth_l1::{L1Loss, SmoothL1Loss};
 pub use varifocal::VarifocalLoss;
 
@@ -72,6 +74,7 @@ pub(crate) fn register_builtins(add: &mut dyn FnMut(&'static str, crate::registr
         "BoundedIoULoss" => BoundedIoULoss,
         "KnowledgeDistillationKLDivLoss" => KnowledgeDistillationKLDivLoss,
         "DiceLoss" => DiceLoss,
+        "SeesawLoss" => SeesawLoss,
     }
 }
 

@@ -163,9 +163,11 @@ fn cuda_bad_labels_give_nan() {
 fn fused_steps_never_synchronize() {
     use tch_detloss::cuda::{sync_debug, SyncDebugMode};
     let d = cuda();
-    // Every variant of the table, each with its head's column count.
+    // Every variant of the table that MMDetection does not make read back, each with its
+    // head's column count.
     let prepared: Vec<_> = crate::common::VARIANTS
         .iter()
+        .filter(|v| !v.host_reads)
         .map(|v| {
             let name = v.name;
             let (n, c) = (257, crate::common::columns(v, 80));
