@@ -300,6 +300,33 @@ pub fn run_case(case: &Case) -> Outcome {
             });
         }
         let loss = loss?;
+        // A case of `get_activation` alone (EQLV2Loss's).
+        if let Some(out) = case
+            .outputs
+            .as_ref()
+            .filter(|o| !o.contains_key("grad_pred"))
+        {
+            let want = input(out, "activation")?
+                .ok_or_else(|| anyhow!("a case without grad_pred nor activation"))?;
+            let pred = input(&case.inputs, "pred")?.ok_or_else(|| anyhow!("no pred"))?;
+            let got = loss
+                .get_activation(&pred)?
+                .ok_or_else(|| anyhow!("the loss has no get_activation"))?;
+            let err = rel_err(&got, &want).context("activation")?;
+            if err > 1e-10 {
+                bail!("activation off by {err:.3e}");
+            }
+            return Ok(Outcome::Pass {
+                loss_err: err,
+                grad_err: 0.0,
+            });
+        }
+        // EQLV2Loss's use_distributed: a one-process gloo group, as the case was made with.
+        let _group = if case.config.get("use_distributed") == Some(&Value::Bool(true)) {
+            Some(OneProcessGroup::new()?)
+        } else {
+            None
+        };
         let steps: Vec<Step> = match &case.sequence {
             Some(seq) => seq
                 .iter()
@@ -338,4 +365,40 @@ pub fn run_case(case: &Case) -> Outcome {
         })
     })();
     result.unwrap_or_else(|e| Outcome::Fail(format!("{e:#}")))
+}
+
+/// A default process group of one process over loopback gloo, for the time it is held; the
+/// cases that need one run one at a time.
+struct OneProcessGroup {
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+static ONE_PROCESS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl OneProcessGroup {
+    fn new() -> Result<Self> {
+        use crate::dist::{self, GroupOptions, ProcessGroup, Store};
+        let serial = ONE_PROCESS.lock().unwrap_or_else(|e| e.into_inner());
+        if dist::is_initialized() {
+            bail!("a default process group is set up already");
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let timeout = std::time::Duration::from_secs(20);
+        let store = Store::tcp("127.0.0.1", port, 1, true, timeout)?;
+        let options = GroupOptions {
+            gloo_host: Some("127.0.0.1".into()),
+            timeout,
+            ..Default::default()
+        };
+        dist::set_default_group(ProcessGroup::new(&store, 0, 1, &options)?)?;
+        Ok(Self { _serial: serial })
+    }
+}
+
+impl Drop for OneProcessGroup {
+    fn drop(&mut self) {
+        crate::dist::destroy_process_group();
+    }
 }

@@ -140,6 +140,14 @@ pub trait Loss: Send + Sync + std::fmt::Debug {
         )])
     }
 
+    /// MMDetection's `get_activation(cls_score)` of a loss with a custom activation (its
+    /// `custom_activation`): the scores a head reports at test time. None for the others, whose
+    /// head applies its usual sigmoid or softmax.
+    fn get_activation(&self, cls_score: &Tensor) -> Result<Option<Tensor>> {
+        let _ = cls_score;
+        Ok(None)
+    }
+
     /// The state the loss keeps between calls (GHM's momentum `acc_sum`), by name, as copies:
     /// what a checkpoint saves. Empty for stateless losses.
     fn state(&self) -> Result<Vec<(String, Tensor)>> {

@@ -80,6 +80,16 @@ pub const WORKLOADS: &[Workload] = &[
         cuda_kinds: F32,
         inputs: seesaw_rois,
     },
+    // The same RoIs under EQLv2: 1,203 classes + the objectness column (composed of stock ops:
+    // 1.0x).
+    Workload {
+        name: "EQLV2Loss",
+        config: r#"{"type": "EQLV2Loss", "num_classes": 1203}"#,
+        cpu_shape: (8_192, 1_204),
+        cuda_shape: (8_192, 1_204),
+        cuda_kinds: F32,
+        inputs: roi_classes,
+    },
     // V3Det's custom-channel forms: the same kernels as FocalLoss and CrossEntropyLoss.
     Workload {
         name: "FocalCustomLoss",

@@ -505,4 +505,8 @@ impl Loss for CrossEntropyCustomLoss {
     ) -> Result<Tensor> {
         self.with_base(|b| b.forward_unfused_named(CUSTOM, pred, target, args))
     }
+
+    fn get_activation(&self, cls_score: &Tensor) -> Result<Option<Tensor>> {
+        Self::get_activation(self, cls_score).map(Some)
+    }
 }

@@ -315,4 +315,8 @@ impl Loss for FocalCustomLoss {
         self.focal(pred, target)?
             .forward_unfused_named(CUSTOM, pred, target, args)
     }
+
+    fn get_activation(&self, cls_score: &Tensor) -> Result<Option<Tensor>> {
+        Self::get_activation(self, cls_score).map(Some)
+    }
 }

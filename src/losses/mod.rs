@@ -5,7 +5,8 @@
 //! CrossEntropyLoss, CrossEntropyCustomLoss), `gaussian_focal` (`gaussian_focal_loss.py`), `ghm` (`ghm_loss.py`: GHMC,
 //! GHMR), `smooth_l1` (`smooth_l1_loss.py`: SmoothL1Loss, L1Loss), `balanced_l1`
 //! (`balanced_l1_loss.py`), `iou` (`iou_loss.py`: IoULoss, GIoULoss, DIoULoss, CIoULoss, EIoULoss, SIoULoss,
-//! BoundedIoULoss), `kd` (`kd_loss.py`), `dice` (`dice_loss.py`), `seesaw` (`seesaw_loss.py`), `mse`
+//! BoundedIoULoss), `kd` (`kd_loss.py`), `dice` (`dice_loss.py`), `seesaw` (`seesaw_loss.py`),
+//! `eqlv2` (`eqlv2_loss.py`), `mse`
 //! (`mse_loss.py`: MSELoss); and
 //! `shortcut`, the zero-weight short-cut that L1, SmoothL1 and the IoU family share.
 //!
@@ -15,6 +16,7 @@
 pub mod balanced_l1;
 pub mod cross_entropy;
 pub mod dice;
+pub mod eqlv2;
 pub mod focal;
 pub mod gaussian_focal;
 pub mod gfocal;
@@ -30,6 +32,7 @@ pub mod varifocal;
 pub use balanced_l1::BalancedL1Loss;
 pub use cross_entropy::{CrossEntropyCustomLoss, CrossEntropyLoss};
 pub use dice::DiceLoss;
+pub use eqlv2::EQLV2Loss;
 pub use focal::{FocalCustomLoss, FocalLoss};
 pub use gaussian_focal::GaussianFocalLoss;
 pub use gfocal::{DistributionFocalLoss, QualityFocalLoss};
@@ -75,6 +78,7 @@ pub(crate) fn register_builtins(add: &mut dyn FnMut(&'static str, crate::registr
         "KnowledgeDistillationKLDivLoss" => KnowledgeDistillationKLDivLoss,
         "DiceLoss" => DiceLoss,
         "SeesawLoss" => SeesawLoss,
+        "EQLV2Loss" => EQLV2Loss,
     }
 }
 

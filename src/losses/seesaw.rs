@@ -351,4 +351,8 @@ impl Loss for SeesawLoss {
             .map_err(|_| anyhow!("{NAME}: the cum_samples lock is poisoned"))? = Some(v);
         Ok(())
     }
+
+    fn get_activation(&self, cls_score: &Tensor) -> Result<Option<Tensor>> {
+        Self::get_activation(self, cls_score).map(Some)
+    }
 }

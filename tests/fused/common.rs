@@ -33,9 +33,10 @@ pub enum Tgt {
     GhmDeltas,
     /// (N, 4) xyxy boxes: close, identical, disjoint, touching and zero-area pairs.
     Boxes,
-    /// SeesawLoss: labels in [0, C - 2] for pred (N, C), C - 2 classes plus 2 objectness logits;
-    /// C - 2 is background.
-    SeesawLabels,
+    /// Labels in [0, C - k] for pred (N, C) of C - k classes plus k more columns (Seesaw's two
+    /// objectness logits, EQLv2's one); C - k is background. `CLASSES_BELOW` in the config is
+    /// C - k.
+    LabelsBelow(i64),
 }
 
 /// One loss variant under test: a config dict and the target it takes.
@@ -156,12 +157,14 @@ variant_table! { $
     dice_naive_eps1_lw2 => stock(r#"{"type": "DiceLoss", "naive_dice": true, "eps": 1.0, "loss_weight": 2.0}"#, Tgt::Dense),
         seesaw => Variant {
         host_reads: true,
-        ..stock(r#"{"type": "SeesawLoss", "num_classes": SEESAW_CLASSES}"#, Tgt::SeesawLabels)
+        ..stock(r#"{"type": "SeesawLoss", "num_classes": CLASSES_BELOW}"#, Tgt::LabelsBelow(2))
     },
     seesaw_p1_5_q1_eps0_1_lw2_sum => Variant {
         host_reads: true,
-        ..stock(r#"{"type": "SeesawLoss", "num_classes": SEESAW_CLASSES, "p": 1.5, "q": 1.0, "eps": 0.1, "loss_weight": 2.0, "reduction": "sum", "return_dict": false}"#, Tgt::SeesawLabels)
+        ..stock(r#"{"type": "SeesawLoss", "num_classes": CLASSES_BELOW, "p": 1.5, "q": 1.0, "eps": 0.1, "loss_weight": 2.0, "reduction": "sum", "return_dict": false}"#, Tgt::LabelsBelow(2))
     },
+        eqlv2 => stock(r#"{"type": "EQLV2Loss", "num_classes": CLASSES_BELOW}"#, Tgt::LabelsBelow(1)),
+    eqlv2_mu0_5_a2_g6_lw2 => stock(r#"{"type": "EQLV2Loss", "num_classes": CLASSES_BELOW, "mu": 0.5, "alpha": 2.0, "gamma": 6, "loss_weight": 2.0}"#, Tgt::LabelsBelow(1)),
         dfl => v(r#"{"type": "DistributionFocalLoss"}"#, Tgt::Distances),
     dfl_lw0_25 => v(r#"{"type": "DistributionFocalLoss", "loss_weight": 0.25, "reduction": "sum"}"#, Tgt::Distances),
     ghmc => Variant {
@@ -307,6 +310,14 @@ pub fn variant(name: &str) -> &'static Variant {
         .unwrap_or_else(|| panic!("no variant {name}"))
 }
 
+/// The extra columns of a `Tgt::LabelsBelow` variant (0 for the others).
+fn below(v: &Variant) -> i64 {
+    match v.tgt {
+        Tgt::LabelsBelow(k) => k,
+        _ => 0,
+    }
+}
+
 /// The variant's config for C classes (`CLASS_WEIGHT` and `NUM_CLASSES` filled in).
 pub fn config(v: &Variant, c: i64) -> String {
     let cw: Vec<String> = (0..c)
@@ -315,7 +326,7 @@ pub fn config(v: &Variant, c: i64) -> String {
     v.config
         .replace("CLASS_WEIGHT", &format!("[{}]", cw.join(", ")))
         .replace("NUM_CLASSES", &c.to_string())
-        .replace("SEESAW_CLASSES", &(c - 2).max(1).to_string())
+        .replace("CLASSES_BELOW", &(c - below(v)).max(1).to_string())
 }
 
 pub struct Inputs {
@@ -430,8 +441,8 @@ pub fn inputs(v: &Variant, n: i64, c: i64, kind: Kind, transposed: bool) -> Inpu
             let d = d.where_self(&some(0.8, &[n]), &d.floor());
             (d.to_kind(kind), None)
         }
-        Tgt::SeesawLabels => (
-            Tensor::randint((c - 1).max(1), [n], (Kind::Int64, Device::Cpu)),
+        Tgt::LabelsBelow(k) => (
+            Tensor::randint((c - k + 1).max(1), [n], (Kind::Int64, Device::Cpu)),
             None,
         ),
         Tgt::Binary => (Tensor::rand([n, c], opts).gt(0.8).to_kind(kind), None),
@@ -675,7 +686,7 @@ pub fn check_variant(name: &str, kind: Kind, device: Device) {
         SHAPES
     };
     for &(n, c) in shapes {
-        if (v.tgt == Tgt::Distances && c < 2) || (v.tgt == Tgt::SeesawLabels && c < 3) {
+        if (v.tgt == Tgt::Distances && c < 2) || c <= below(v) {
             continue; // reg_max = 0: no distance is in range
         }
         let config = config(v, c);
@@ -783,7 +794,7 @@ fn check_stock_half(v: &Variant, kind: Kind, device: Device) {
     };
     let mut checked = 0;
     for &(n, c) in shapes {
-        if v.tgt == Tgt::SeesawLabels && c < 3 {
+        if c <= below(v) {
             continue;
         }
         // One loss object per path, called in lockstep (Seesaw's class counts).
