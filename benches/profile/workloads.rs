@@ -90,6 +90,25 @@ pub const WORKLOADS: &[Workload] = &[
         cuda_kinds: F32,
         inputs: roi_classes,
     },
+    // QDTrack's embedding match: 512 key against 256 reference embeddings (composed of stock
+    // ops: 1.0x).
+    Workload {
+        name: "MultiPosCrossEntropyLoss",
+        config: r#"{"type": "MultiPosCrossEntropyLoss"}"#,
+        cpu_shape: (512, 256),
+        cuda_shape: (512, 256),
+        cuda_kinds: F32,
+        inputs: track_matches,
+    },
+    // A re-identification batch: 128 embeddings of 2,048, 32 ids (composed of stock ops: 1.0x).
+    Workload {
+        name: "TripletLoss",
+        config: r#"{"type": "TripletLoss"}"#,
+        cpu_shape: (128, 2_048),
+        cuda_shape: (128, 2_048),
+        cuda_kinds: F32,
+        inputs: reid_embeddings,
+    },
     // V3Det's custom-channel forms: the same kernels as FocalLoss and CrossEntropyLoss.
     Workload {
         name: "FocalCustomLoss",
@@ -383,6 +402,33 @@ fn seesaw_rois(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
     let mut x = roi_classes(n, c - 1, kind, device)?;
     x.pred = logits(n, c, kind, device, 0.0)?;
     Ok(x)
+}
+
+/// Similarities and their match labels: about one positive per row.
+fn track_matches(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    let f32s = (Kind::Float, device);
+    Ok(Inputs {
+        kind,
+        pred: logits(n, c, kind, device, 0.0)?,
+        target: TargetData::One(
+            Tensor::f_rand([n, c], f32s)?
+                .f_lt(1.0 / c as f64)?
+                .f_to_kind(Kind::Float)?,
+        ),
+        weight: None,
+        avg_factor: None,
+    })
+}
+
+/// Embeddings of 32 ids, 4 samples each.
+fn reid_embeddings(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    Ok(Inputs {
+        kind,
+        pred: logits(n, c, kind, device, 0.0)?,
+        target: TargetData::One(Tensor::f_arange(n, (Kind::Int64, device))?.f_remainder(n / 4)?),
+        weight: None,
+        avg_factor: None,
+    })
 }
 
 /// CenterNet's heatmap head: sigmoid probabilities against gaussian peaks (mostly near 0, one

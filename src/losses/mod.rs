@@ -6,7 +6,8 @@
 //! GHMR), `smooth_l1` (`smooth_l1_loss.py`: SmoothL1Loss, L1Loss), `balanced_l1`
 //! (`balanced_l1_loss.py`), `iou` (`iou_loss.py`: IoULoss, GIoULoss, DIoULoss, CIoULoss, EIoULoss, SIoULoss,
 //! BoundedIoULoss), `kd` (`kd_loss.py`), `dice` (`dice_loss.py`), `seesaw` (`seesaw_loss.py`),
-//! `eqlv2` (`eqlv2_loss.py`), `mse`
+//! `eqlv2` (`eqlv2_loss.py`), `multipos_cross_entropy` (`multipos_cross_entropy_loss.py`),
+//! `triplet` (`triplet_loss.py`), `mse`
 //! (`mse_loss.py`: MSELoss); and
 //! `shortcut`, the zero-weight short-cut that L1, SmoothL1 and the IoU family share.
 //!
@@ -24,9 +25,11 @@ pub mod ghm;
 pub mod iou;
 pub mod kd;
 pub mod mse;
+pub mod multipos_cross_entropy;
 pub mod seesaw;
 mod shortcut;
 pub mod smooth_l1;
+pub mod triplet;
 pub mod varifocal;
 
 pub use balanced_l1::BalancedL1Loss;
@@ -40,8 +43,10 @@ pub use ghm::{GHMC, GHMR};
 pub use iou::{BoundedIoULoss, CIoULoss, DIoULoss, EIoULoss, GIoULoss, IoULoss, SIoULoss};
 pub use kd::KnowledgeDistillationKLDivLoss;
 pub use mse::MSELoss;
+pub use multipos_cross_entropy::MultiPosCrossEntropyLoss;
 pub use seesaw::SeesawLoss;
 pub use smooth_l1::{L1Loss, SmoothL1Loss};
+pub use triplet::TripletLoss;
 pub use varifocal::VarifocalLoss;
 
 /// The built-in losses, config `type` => struct, one line each: what the registry starts with.
@@ -79,6 +84,8 @@ pub(crate) fn register_builtins(add: &mut dyn FnMut(&'static str, crate::registr
         "DiceLoss" => DiceLoss,
         "SeesawLoss" => SeesawLoss,
         "EQLV2Loss" => EQLV2Loss,
+        "MultiPosCrossEntropyLoss" => MultiPosCrossEntropyLoss,
+        "TripletLoss" => TripletLoss,
     }
 }
 

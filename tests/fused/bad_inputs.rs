@@ -18,7 +18,7 @@ struct Call {
     target: Tensor,
     scores: Option<Tensor>,
     weight: Option<Tensor>,
-    avg_factor: Tensor,
+    avg_factor: Option<Tensor>,
 }
 
 const N: i64 = 6;
@@ -42,8 +42,12 @@ fn valid_call(ty: &str) -> (String, Call) {
         target: inp.target,
         scores: inp.scores,
         weight: None,
-        avg_factor: Tensor::from(3.0f32),
+        avg_factor: Some(Tensor::from(3.0f32)),
     };
+    // TripletLoss takes no avg_factor, as MMDetection's.
+    if !matches!(self::call(loss.as_ref(), &call, false), Ok(Ok(_))) {
+        call.avg_factor = None;
+    }
     // The first of the variant's weights that the loss takes (BoundedIoULoss's (N,) is not).
     call.weight = weights(v, N, c)
         .into_iter()
@@ -93,7 +97,10 @@ fn call(loss: &dyn Loss, c: &Call, fused: bool) -> Outcome {
             },
             None => Target::Tensor(&c.target),
         };
-        let mut args = LossArgs::new().avg_factor(AvgFactor::Tensor(c.avg_factor.shallow_clone()));
+        let mut args = LossArgs::new();
+        if let Some(a) = &c.avg_factor {
+            args = args.avg_factor(AvgFactor::Tensor(a.shallow_clone()));
+        }
         if let Some(w) = &c.weight {
             args = args.weight(w);
         }
@@ -185,9 +192,9 @@ fn with(c: &Call, pos: Pos, t: Tensor) -> Call {
             c.weight.as_ref().map(Tensor::shallow_clone)
         },
         avg_factor: if pos == Pos::AvgFactor {
-            t
+            Some(t)
         } else {
-            c.avg_factor.shallow_clone()
+            c.avg_factor.as_ref().map(Tensor::shallow_clone)
         },
     }
 }
@@ -198,7 +205,7 @@ fn original(c: &Call, pos: Pos) -> &Tensor {
         Pos::Target => &c.target,
         Pos::Scores => c.scores.as_ref().unwrap(),
         Pos::Weight => c.weight.as_ref().unwrap(),
-        Pos::AvgFactor => &c.avg_factor,
+        Pos::AvgFactor => c.avg_factor.as_ref().unwrap(),
     }
 }
 
@@ -225,7 +232,9 @@ fn every_layout_kind_and_position_is_an_error_or_a_result_never_a_panic() {
             Pos::Weight,
             Pos::AvgFactor,
         ] {
-            if (pos == Pos::Scores && !has_scores) || (pos == Pos::Weight && base.weight.is_none())
+            if (pos == Pos::Scores && !has_scores)
+                || (pos == Pos::Weight && base.weight.is_none())
+                || (pos == Pos::AvgFactor && base.avg_factor.is_none())
             {
                 continue;
             }

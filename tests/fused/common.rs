@@ -37,6 +37,13 @@ pub enum Tgt {
     /// objectness logits, EQLv2's one); C - k is background. `CLASSES_BELOW` in the config is
     /// C - k.
     LabelsBelow(i64),
+    /// MultiPosCrossEntropyLoss: (N, C) 0/1 match labels, as `Binary`; its loss expands every
+    /// row to C^2 pairs, so the LVIS-sized shape (C = 1204) is left out.
+    Pairs,
+    /// TripletLoss: pred (N, C) embeddings and ids (N,), each id on at least two samples (a
+    /// sample that is its own only positive has a distance at the 1e-12 clamp, whose gradient
+    /// is rounding noise below float64).
+    Ids,
 }
 
 /// One loss variant under test: a config dict and the target it takes.
@@ -155,7 +162,7 @@ variant_table! { $
     kd_t2_5_lw0_5 => stock(r#"{"type": "KnowledgeDistillationKLDivLoss", "T": 2.5, "loss_weight": 0.5}"#, Tgt::Dense),
     dice => stock(r#"{"type": "DiceLoss"}"#, Tgt::Dense),
     dice_naive_eps1_lw2 => stock(r#"{"type": "DiceLoss", "naive_dice": true, "eps": 1.0, "loss_weight": 2.0}"#, Tgt::Dense),
-        seesaw => Variant {
+    seesaw => Variant {
         host_reads: true,
         ..stock(r#"{"type": "SeesawLoss", "num_classes": CLASSES_BELOW}"#, Tgt::LabelsBelow(2))
     },
@@ -163,9 +170,13 @@ variant_table! { $
         host_reads: true,
         ..stock(r#"{"type": "SeesawLoss", "num_classes": CLASSES_BELOW, "p": 1.5, "q": 1.0, "eps": 0.1, "loss_weight": 2.0, "reduction": "sum", "return_dict": false}"#, Tgt::LabelsBelow(2))
     },
-        eqlv2 => stock(r#"{"type": "EQLV2Loss", "num_classes": CLASSES_BELOW}"#, Tgt::LabelsBelow(1)),
+    eqlv2 => stock(r#"{"type": "EQLV2Loss", "num_classes": CLASSES_BELOW}"#, Tgt::LabelsBelow(1)),
     eqlv2_mu0_5_a2_g6_lw2 => stock(r#"{"type": "EQLV2Loss", "num_classes": CLASSES_BELOW, "mu": 0.5, "alpha": 2.0, "gamma": 6, "loss_weight": 2.0}"#, Tgt::LabelsBelow(1)),
-        dfl => v(r#"{"type": "DistributionFocalLoss"}"#, Tgt::Distances),
+    multipos_ce => stock(r#"{"type": "MultiPosCrossEntropyLoss"}"#, Tgt::Pairs),
+    multipos_ce_lw2_sum => stock(r#"{"type": "MultiPosCrossEntropyLoss", "loss_weight": 2.0, "reduction": "sum"}"#, Tgt::Pairs),
+    triplet => stock(r#"{"type": "TripletLoss"}"#, Tgt::Ids),
+    triplet_margin1_lw2 => stock(r#"{"type": "TripletLoss", "margin": 1.0, "loss_weight": 2.0}"#, Tgt::Ids),
+    dfl => v(r#"{"type": "DistributionFocalLoss"}"#, Tgt::Distances),
     dfl_lw0_25 => v(r#"{"type": "DistributionFocalLoss", "loss_weight": 0.25, "reduction": "sum"}"#, Tgt::Distances),
     ghmc => Variant {
         bins: 10,
@@ -199,7 +210,7 @@ variant_table! { $
         host_reads: true,
         ..stock(r#"{"type": "BoundedIoULoss", "beta": 0.5, "eps": 0.01, "loss_weight": 2.0}"#, Tgt::Boxes)
     },
-        eiou => v(r#"{"type": "EIoULoss"}"#, Tgt::Boxes),
+    eiou => v(r#"{"type": "EIoULoss"}"#, Tgt::Boxes),
     eiou_sp0_3_eps0_01_lw2 => v(r#"{"type": "EIoULoss", "smooth_point": 0.3, "eps": 0.01, "loss_weight": 2.0}"#, Tgt::Boxes),
     siou => v(r#"{"type": "SIoULoss"}"#, Tgt::Boxes),
     siou_neg_gamma_eps1e_3 => v(r#"{"type": "SIoULoss", "neg_gamma": true, "eps": 0.001}"#, Tgt::Boxes),
@@ -441,11 +452,15 @@ pub fn inputs(v: &Variant, n: i64, c: i64, kind: Kind, transposed: bool) -> Inpu
             let d = d.where_self(&some(0.8, &[n]), &d.floor());
             (d.to_kind(kind), None)
         }
+        Tgt::Ids => (
+            Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder((n / 2).max(1)),
+            None,
+        ),
         Tgt::LabelsBelow(k) => (
             Tensor::randint((c - k + 1).max(1), [n], (Kind::Int64, Device::Cpu)),
             None,
         ),
-        Tgt::Binary => (Tensor::rand([n, c], opts).gt(0.8).to_kind(kind), None),
+        Tgt::Binary | Tgt::Pairs => (Tensor::rand([n, c], opts).gt(0.8).to_kind(kind), None),
         Tgt::Deltas => {
             let t = Tensor::randn([n, c], opts) * 0.5;
             let p = &t + Tensor::randn([n, c], opts) * 0.4;
@@ -686,7 +701,8 @@ pub fn check_variant(name: &str, kind: Kind, device: Device) {
         SHAPES
     };
     for &(n, c) in shapes {
-        if (v.tgt == Tgt::Distances && c < 2) || c <= below(v) {
+        if (v.tgt == Tgt::Distances && c < 2) || c <= below(v) || (v.tgt == Tgt::Pairs && c > 1000)
+        {
             continue; // reg_max = 0: no distance is in range
         }
         let config = config(v, c);
@@ -777,10 +793,13 @@ pub fn check_variant(name: &str, kind: Kind, device: Device) {
             }
         }
     }
-    assert!(
-        checked >= 2 * REDUCTIONS.len() * 2,
-        "only {checked} combinations ran"
-    );
+    // TripletLoss takes no call arguments: one reduction of each shape and layout runs.
+    let least = if v.tgt == Tgt::Ids {
+        2 * 2
+    } else {
+        2 * REDUCTIONS.len() * 2
+    };
+    assert!(checked >= least, "only {checked} combinations ran");
 }
 
 /// A stock-op variant in float16 or bfloat16: `forward` and `forward_unfused` give the same loss
@@ -794,7 +813,7 @@ fn check_stock_half(v: &Variant, kind: Kind, device: Device) {
     };
     let mut checked = 0;
     for &(n, c) in shapes {
-        if c <= below(v) {
+        if c <= below(v) || (v.tgt == Tgt::Pairs && c > 1000) {
             continue;
         }
         // One loss object per path, called in lockstep (Seesaw's class counts).
@@ -833,10 +852,12 @@ fn check_stock_half(v: &Variant, kind: Kind, device: Device) {
             }
         }
     }
-    assert!(
-        checked >= REDUCTIONS.len(),
-        "only {checked} combinations ran"
-    );
+    let least = if v.tgt == Tgt::Ids {
+        2
+    } else {
+        REDUCTIONS.len()
+    };
+    assert!(checked >= least, "only {checked} combinations ran");
 }
 
 /// Equal values, NaN where the other has NaN.
