@@ -7,7 +7,7 @@ use tch::{Kind, Tensor};
 
 use super::{begin, single_target};
 use crate::reduction::{weight_reduce_loss, Reduction};
-use crate::{Loss, LossArgs, Target};
+use crate::{LossArgs, Target};
 
 const NAME: &str = "DiceLoss";
 
@@ -69,22 +69,9 @@ impl DiceLoss {
     }
 }
 
-impl Loss for DiceLoss {
-    fn type_name(&self) -> &str {
-        NAME
-    }
-
-    fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
-        self.forward_unfused(pred, target, args)
-    }
-
-    /// `dice_loss` in stock ops (also [`Loss::forward`]).
-    fn forward_unfused(
-        &self,
-        pred: &Tensor,
-        target: Target<'_>,
-        args: &LossArgs<'_>,
-    ) -> Result<Tensor> {
+impl DiceLoss {
+    /// `dice_loss` in stock ops.
+    fn composed(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
         let reduction = begin(NAME, pred, target, args, self.reduction)?;
         let t = single_target(NAME, target)?;
         if self.activate && !self.use_sigmoid {
@@ -137,3 +124,5 @@ impl Loss for DiceLoss {
         )
     }
 }
+
+super::composed_loss!(DiceLoss, NAME);

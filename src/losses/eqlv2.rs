@@ -9,7 +9,7 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use super::single_target;
-use crate::{Loss, LossArgs, Target};
+use crate::{LossArgs, Target};
 
 const NAME: &str = "EQLV2Loss";
 
@@ -22,7 +22,7 @@ const NAME: &str = "EQLV2Loss";
 /// As in MMDetection 3.3, the statistics are gathered in the forward pass, after the loss, from
 /// `|sigmoid(x) - t|` of this call (no backward hook): `pos_grad`, `neg_grad` and
 /// `pos_neg = pos_grad / (neg_grad + 1e-10)`, float32 `(num_classes,)` buffers kept on the device
-/// ([`Loss::state`], [`Loss::load_state`]), with `use_distributed` summed over the default
+/// ([`Loss::state`](crate::Loss::state), [`Loss::load_state`](crate::Loss::load_state)), with `use_distributed` summed over the default
 /// process group ([`crate::dist`]) first. The call's `weight`, `avg_factor` and reduction are
 /// ignored, as are `class_weight`, `reduction` and `vis_grad` of the config: MMDetection ignores
 /// them.
@@ -62,7 +62,7 @@ pub struct EQLV2Loss {
     pub gamma: f64,
     /// Unused, as in MMDetection.
     pub vis_grad: bool,
-    /// [`EQLV2Loss::get_activation`] scales the classes by one minus the objectness score.
+    /// [`Loss::get_activation`](crate::Loss::get_activation) scales the classes by one minus the objectness score.
     pub test_with_obj: bool,
     /// `pos_grad`, `neg_grad`, `pos_neg`; not part of the config.
     #[serde(skip)]
@@ -201,22 +201,9 @@ impl EQLV2Loss {
     }
 }
 
-impl Loss for EQLV2Loss {
-    fn type_name(&self) -> &str {
-        NAME
-    }
-
-    fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
-        self.forward_unfused(pred, target, args)
-    }
-
-    /// The loss in stock ops (also [`Loss::forward`]), then the statistics' update.
-    fn forward_unfused(
-        &self,
-        pred: &Tensor,
-        target: Target<'_>,
-        args: &LossArgs<'_>,
-    ) -> Result<Tensor> {
+impl EQLV2Loss {
+    /// The loss in stock ops, then the statistics' update.
+    fn composed(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
         self.validate()?;
         crate::checks::floating(NAME, "pred", pred)?;
         // Ignored, but a tensor that cannot be read is still an error.
@@ -289,7 +276,9 @@ impl Loss for EQLV2Loss {
         *self.lock()? = Some([pos_grad, neg_grad, pos_neg]);
         Ok(loss.f_mul_scalar(self.loss_weight)?)
     }
+}
 
+super::composed_loss!(EQLV2Loss, NAME, {
     fn get_activation(&self, cls_score: &Tensor) -> Result<Option<Tensor>> {
         self.activation(cls_score).map(Some)
     }
@@ -319,4 +308,4 @@ impl Loss for EQLV2Loss {
         *self.lock()? = Some(s);
         Ok(())
     }
-}
+});

@@ -6,7 +6,6 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::{begin, element_view, run_element_view, single_target};
-use crate::checks::broadcast_shapes;
 use crate::fused::{Body, Shape, Spec};
 use crate::reduction::{weight_reduce_loss, Reduction};
 use crate::{Loss, LossArgs, Target};
@@ -81,27 +80,6 @@ impl GaussianFocalLoss {
         );
         spec.params = [self.alpha, self.gamma, pos_weight, self.neg_weight];
         spec
-    }
-
-    /// The shapes of the dense form: target against pred, the weight against the loss.
-    fn check_shapes(pred: &Tensor, target: &Tensor, weight: Option<&Tensor>) -> Result<()> {
-        let loss = broadcast_shapes(&pred.size(), &target.size()).map_err(|e| {
-            anyhow!(
-                "{NAME}: pred of shape {:?} and target of shape {:?} do not broadcast: {e}",
-                pred.size(),
-                target.size()
-            )
-        })?;
-        if let Some(w) = weight {
-            broadcast_shapes(&loss, &w.size()).map_err(|e| {
-                anyhow!(
-                    "{NAME}: weight of shape {:?} does not broadcast against the loss of shape \
-                     {loss:?}: {e}",
-                    w.size()
-                )
-            })?;
-        }
-        Ok(())
     }
 
     /// The positives of the `pos_inds` form, `pred[pos_inds].gather(1, pos_labels[:, None])`,
@@ -228,7 +206,7 @@ impl Loss for GaussianFocalLoss {
         if args.pos_labels.is_some() {
             bail!("{NAME}: pos_labels without pos_inds");
         }
-        Self::check_shapes(pred, t, args.weight)?;
+        super::check_broadcasts(NAME, pred, t, args.weight)?;
         let Some(view) = element_view(pred, t, args.weight) else {
             return self.forward_unfused(pred, target, args);
         };
@@ -279,7 +257,7 @@ impl Loss for GaussianFocalLoss {
         if args.pos_labels.is_some() {
             bail!("{NAME}: pos_labels without pos_inds");
         }
-        Self::check_shapes(pred, t, args.weight)?;
+        super::check_broadcasts(NAME, pred, t, args.weight)?;
         let loss = self.element_unfused(pred, &t.f_type_as(pred)?, self.pos_weight)?;
         Ok(
             weight_reduce_loss(&loss, args.weight, reduction, args.avg_factor.as_ref())?

@@ -861,22 +861,9 @@ impl BoundedIoULoss {
     }
 }
 
-impl Loss for BoundedIoULoss {
-    fn type_name(&self) -> &str {
-        BOUNDED
-    }
-
-    fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
-        self.forward_unfused(pred, target, args)
-    }
-
-    /// `bounded_iou_loss` in stock ops (also [`Loss::forward`]).
-    fn forward_unfused(
-        &self,
-        pred: &Tensor,
-        target: Target<'_>,
-        args: &LossArgs<'_>,
-    ) -> Result<Tensor> {
+impl BoundedIoULoss {
+    /// `bounded_iou_loss` in stock ops.
+    fn composed(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
         let reduction = begin(BOUNDED, pred, target, args, self.reduction)?;
         let t = single_target(BOUNDED, target)?;
         ensure!(
@@ -897,3 +884,5 @@ impl Loss for BoundedIoULoss {
         Ok(reduced * self.loss_weight)
     }
 }
+
+super::composed_loss!(BoundedIoULoss, BOUNDED);

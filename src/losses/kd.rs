@@ -7,7 +7,7 @@ use tch::{Kind, Tensor};
 
 use super::{begin, single_target};
 use crate::reduction::{weight_reduce_loss, Reduction};
-use crate::{Loss, LossArgs, Target};
+use crate::{LossArgs, Target};
 
 const NAME: &str = "KnowledgeDistillationKLDivLoss";
 
@@ -61,22 +61,9 @@ impl KnowledgeDistillationKLDivLoss {
     }
 }
 
-impl Loss for KnowledgeDistillationKLDivLoss {
-    fn type_name(&self) -> &str {
-        NAME
-    }
-
-    fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
-        self.forward_unfused(pred, target, args)
-    }
-
-    /// `knowledge_distillation_kl_div_loss` in stock ops (also [`Loss::forward`]).
-    fn forward_unfused(
-        &self,
-        pred: &Tensor,
-        target: Target<'_>,
-        args: &LossArgs<'_>,
-    ) -> Result<Tensor> {
+impl KnowledgeDistillationKLDivLoss {
+    /// `knowledge_distillation_kl_div_loss` in stock ops.
+    fn composed(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
         self.validate()?;
         let reduction = begin(NAME, pred, target, args, self.reduction)?;
         let soft = single_target(NAME, target)?;
@@ -106,3 +93,5 @@ impl Loss for KnowledgeDistillationKLDivLoss {
         )
     }
 }
+
+super::composed_loss!(KnowledgeDistillationKLDivLoss, NAME);

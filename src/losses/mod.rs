@@ -96,6 +96,47 @@ use crate::checks;
 use crate::reduction::{check_avg_factor, Reduction};
 use crate::{LossArgs, Target};
 
+/// `impl Loss` for a loss composed of stock ops, from its inherent
+/// `fn composed(&self, pred, target, args) -> Result<Tensor>`: [`Loss::forward`] and
+/// [`Loss::forward_unfused`] are both that composition (the loss has no kernel, so its reference
+/// is itself); the trait's other methods (state, parts, activation) follow in braces.
+///
+/// [`Loss`]: crate::Loss
+/// [`Loss::forward`]: crate::Loss::forward
+/// [`Loss::forward_unfused`]: crate::Loss::forward_unfused
+macro_rules! composed_loss {
+    ($ty:ty, $name:expr $(, { $($extra:tt)* })?) => {
+        impl $crate::Loss for $ty {
+            fn type_name(&self) -> &str {
+                $name
+            }
+
+            /// The stock-op composition: this loss has no kernel.
+            fn forward(
+                &self,
+                pred: &tch::Tensor,
+                target: $crate::Target<'_>,
+                args: &$crate::LossArgs<'_>,
+            ) -> anyhow::Result<tch::Tensor> {
+                self.composed(pred, target, args)
+            }
+
+            /// The same composition as [`Loss::forward`](crate::Loss::forward).
+            fn forward_unfused(
+                &self,
+                pred: &tch::Tensor,
+                target: $crate::Target<'_>,
+                args: &$crate::LossArgs<'_>,
+            ) -> anyhow::Result<tch::Tensor> {
+                self.composed(pred, target, args)
+            }
+
+            $($($extra)*)?
+        }
+    };
+}
+pub(crate) use composed_loss;
+
 /// The checks every loss call runs first, fused and unfused alike (the tensor checks below and
 /// MMDetection's `avg_factor` rules, `check_avg_factor`); returns the reduction of this call.
 pub(crate) fn begin(
@@ -199,6 +240,33 @@ pub(crate) fn check_weight_shape(name: &str, weight: &Tensor, shape: &[i64]) -> 
 }
 
 pub(crate) use crate::checks::pred_shape;
+
+/// torch's broadcasts of an element loss's call (target against pred, the weight against the
+/// loss), as errors that name the argument.
+pub(crate) fn check_broadcasts(
+    name: &str,
+    pred: &Tensor,
+    target: &Tensor,
+    weight: Option<&Tensor>,
+) -> Result<()> {
+    let loss = crate::checks::broadcast_shapes(&pred.size(), &target.size()).map_err(|e| {
+        anyhow::anyhow!(
+            "{name}: pred of shape {:?} and target of shape {:?} do not broadcast: {e}",
+            pred.size(),
+            target.size()
+        )
+    })?;
+    if let Some(w) = weight {
+        crate::checks::broadcast_shapes(&loss, &w.size()).map_err(|e| {
+            anyhow::anyhow!(
+                "{name}: weight of shape {:?} does not broadcast against the loss of shape \
+                 {loss:?}: {e}",
+                w.size()
+            )
+        })?;
+    }
+    Ok(())
+}
 
 /// The `(rows, columns)` view on which an element kernel runs a loss of pred's shape, or None
 /// where MMDetection's call needs the stock composition: a target that is not pred's shape, an

@@ -1,11 +1,10 @@
 //! mmdet/models/losses/mse_loss.py: [`MSELoss`] (kernel body `kernels/mse.cuh`).
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::{begin, single_target};
-use crate::checks::broadcast_shapes;
 use crate::fused::{Body, Shape, Spec};
 use crate::reduction::{weight_reduce_loss, Reduction};
 use crate::{Loss, LossArgs, Target};
@@ -53,28 +52,6 @@ impl MSELoss {
     pub fn validate(&self) -> Result<()> {
         Ok(())
     }
-
-    /// torch's broadcasts that MMDetection's call makes (target against pred, the weight against
-    /// the loss), as errors that name the argument.
-    fn check_shapes(pred: &Tensor, target: &Tensor, weight: Option<&Tensor>) -> Result<()> {
-        let loss = broadcast_shapes(&pred.size(), &target.size()).map_err(|e| {
-            anyhow!(
-                "{NAME}: pred of shape {:?} and target of shape {:?} do not broadcast: {e}",
-                pred.size(),
-                target.size()
-            )
-        })?;
-        if let Some(w) = weight {
-            broadcast_shapes(&loss, &w.size()).map_err(|e| {
-                anyhow!(
-                    "{NAME}: weight of shape {:?} does not broadcast against the loss of shape \
-                     {loss:?}: {e}",
-                    w.size()
-                )
-            })?;
-        }
-        Ok(())
-    }
 }
 
 impl Loss for MSELoss {
@@ -85,7 +62,7 @@ impl Loss for MSELoss {
     fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
         let reduction = begin(NAME, pred, target, args, self.reduction)?;
         let t = single_target(NAME, target)?;
-        Self::check_shapes(pred, t, args.weight)?;
+        super::check_broadcasts(NAME, pred, t, args.weight)?;
         let Some(view) = super::element_view(pred, t, args.weight) else {
             return self.forward_unfused(pred, target, args);
         };
@@ -103,7 +80,7 @@ impl Loss for MSELoss {
     ) -> Result<Tensor> {
         let reduction = begin(NAME, pred, target, args, self.reduction)?;
         let t = single_target(NAME, target)?;
-        Self::check_shapes(pred, t, args.weight)?;
+        super::check_broadcasts(NAME, pred, t, args.weight)?;
         let loss = pred.f_mse_loss(&t.f_type_as(pred)?, tch::Reduction::None)?;
         Ok(
             weight_reduce_loss(&loss, args.weight, reduction, args.avg_factor.as_ref())?

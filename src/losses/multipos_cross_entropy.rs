@@ -7,7 +7,7 @@ use tch::{Kind, Tensor};
 
 use super::{begin, single_target};
 use crate::reduction::{weight_reduce_loss, Reduction};
-use crate::{Loss, LossArgs, Target};
+use crate::{LossArgs, Target};
 
 const NAME: &str = "MultiPosCrossEntropyLoss";
 
@@ -52,22 +52,9 @@ impl MultiPosCrossEntropyLoss {
     }
 }
 
-impl Loss for MultiPosCrossEntropyLoss {
-    fn type_name(&self) -> &str {
-        NAME
-    }
-
-    fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
-        self.forward_unfused(pred, target, args)
-    }
-
-    /// `multi_pos_cross_entropy` in stock ops (also [`Loss::forward`]).
-    fn forward_unfused(
-        &self,
-        pred: &Tensor,
-        target: Target<'_>,
-        args: &LossArgs<'_>,
-    ) -> Result<Tensor> {
+impl MultiPosCrossEntropyLoss {
+    /// `multi_pos_cross_entropy` in stock ops.
+    fn composed(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
         let reduction = begin(NAME, pred, target, args, self.reduction)?;
         let label = single_target(NAME, target)?;
         ensure!(
@@ -102,3 +89,5 @@ impl Loss for MultiPosCrossEntropyLoss {
         )
     }
 }
+
+super::composed_loss!(MultiPosCrossEntropyLoss, NAME);

@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::{begin, single_target};
 use crate::reduction::{weight_reduce_loss, Reduction};
-use crate::{Loss, LossArgs, Target};
+use crate::{LossArgs, Target};
 
 const NAME: &str = "SeesawLoss";
 
@@ -24,10 +24,10 @@ const NAME: &str = "SeesawLoss";
 ///
 /// The class counts `cum_samples` (float32, `num_classes + 1`, background included) are state:
 /// each call adds its labels' counts first, on the device, then computes the loss with them
-/// ([`Loss::state`], [`Loss::load_state`]).
+/// ([`Loss::state`](crate::Loss::state), [`Loss::load_state`](crate::Loss::load_state)).
 ///
-/// [`Loss::forward_parts`] gives MMDetection's dict, `loss_cls_objectness` and
-/// `loss_cls_classes` (with `return_dict`); [`Loss::forward`] their sum (MMDetection's
+/// [`Loss::forward_parts`](crate::Loss::forward_parts) gives MMDetection's dict, `loss_cls_objectness` and
+/// `loss_cls_classes` (with `return_dict`); [`Loss::forward`](crate::Loss::forward) their sum (MMDetection's
 /// `return_dict=False`). Without a positive, `loss_cls_classes` is a 0.0 that is not multiplied
 /// by `loss_weight`, as in MMDetection.
 ///
@@ -61,7 +61,7 @@ pub struct SeesawLoss {
     pub reduction: Reduction,
     /// Multiplies both parts.
     pub loss_weight: f64,
-    /// [`Loss::forward_parts`] gives the two parts (else their sum).
+    /// [`Loss::forward_parts`](crate::Loss::forward_parts) gives the two parts (else their sum).
     pub return_dict: bool,
     /// The class counts `cum_samples`, not part of the config.
     #[serde(skip)]
@@ -280,28 +280,17 @@ impl SeesawLoss {
     }
 }
 
-impl Loss for SeesawLoss {
-    fn type_name(&self) -> &str {
-        NAME
-    }
-
-    fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
+impl SeesawLoss {
+    /// The loss in stock ops.
+    fn composed(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
         let (objectness, classes) = self.parts(pred, target, args)?;
         classes.f_add(&objectness).map_err(|e| {
             anyhow!("{NAME}: the classes' and the objectness losses do not broadcast ('none' without return_dict needs one positive or all): {e}")
         })
     }
+}
 
-    /// The loss in stock ops (also [`Loss::forward`]).
-    fn forward_unfused(
-        &self,
-        pred: &Tensor,
-        target: Target<'_>,
-        args: &LossArgs<'_>,
-    ) -> Result<Tensor> {
-        self.forward(pred, target, args)
-    }
-
+super::composed_loss!(SeesawLoss, NAME, {
     fn forward_parts(
         &self,
         pred: &Tensor,
@@ -355,4 +344,4 @@ impl Loss for SeesawLoss {
     fn get_activation(&self, cls_score: &Tensor) -> Result<Option<Tensor>> {
         Self::get_activation(self, cls_score).map(Some)
     }
-}
+});

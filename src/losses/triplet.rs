@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::single_target;
-use crate::{Loss, LossArgs, Target};
+use crate::{LossArgs, Target};
 
 const NAME: &str = "TripletLoss";
 
@@ -57,24 +57,11 @@ impl TripletLoss {
     }
 }
 
-impl Loss for TripletLoss {
-    fn type_name(&self) -> &str {
-        NAME
-    }
-
-    fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
-        self.forward_unfused(pred, target, args)
-    }
-
-    /// `hard_mining_triplet_loss_forward` in stock ops (also [`Loss::forward`]), the per-sample
+impl TripletLoss {
+    /// `hard_mining_triplet_loss_forward` in stock ops, the per-sample
     /// loop as masked reductions: `amax` and `amin` share the gradient among ties, as the
     /// loop's `max()` and `min()` do.
-    fn forward_unfused(
-        &self,
-        pred: &Tensor,
-        target: Target<'_>,
-        args: &LossArgs<'_>,
-    ) -> Result<Tensor> {
+    fn composed(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
         crate::checks::floating(NAME, "pred", pred)?;
         let ids = single_target(NAME, target)?;
         crate::checks::integer(NAME, "target", ids)?;
@@ -133,3 +120,5 @@ impl Loss for TripletLoss {
         Ok(loss.f_mul_scalar(self.loss_weight)?)
     }
 }
+
+super::composed_loss!(TripletLoss, NAME);
