@@ -223,8 +223,14 @@ fn in_f32(pred: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor
     }
 }
 
-/// The terms DIoU and CIoU share: (IoU, rho^2 / c^2, the pred and target columns).
-fn diou_terms(pred: &Tensor, target: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+/// What DIoU, CIoU and SIoU share: the aligned IoU, `eps` added to the union, and the enclosing
+/// box's `(w, h)` `(N, 2)`, clamped at `enclose_min`.
+fn iou_and_enclosure(
+    pred: &Tensor,
+    target: &Tensor,
+    eps: f64,
+    enclose_min: f64,
+) -> Result<(Tensor, Tensor)> {
     let lt = pred
         .f_narrow(1, 0, 2)?
         .f_maximum(&target.f_narrow(1, 0, 2)?)?;
@@ -245,7 +251,14 @@ fn diou_terms(pred: &Tensor, target: &Tensor, eps: f64) -> Result<(Tensor, Tenso
     let erb = pred
         .f_narrow(1, 2, 2)?
         .f_maximum(&target.f_narrow(1, 2, 2)?)?;
-    let ewh = erb.f_sub(&elt)?.f_clamp_min(0.0)?;
+    Ok((ious, erb.f_sub(&elt)?.f_clamp_min(enclose_min)?))
+}
+
+/// The terms DIoU and CIoU share: (IoU, rho^2 / c^2).
+fn diou_terms(pred: &Tensor, target: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let (ious, ewh) = iou_and_enclosure(pred, target, eps, 0.0)?;
+    let [x1, y1, x2, y2] = cols(pred)?;
+    let [u1, v1, u2, v2] = cols(target)?;
     let cw = ewh.f_select(1, 0)?;
     let ch = ewh.f_select(1, 1)?;
     let c2 = cw
@@ -695,27 +708,10 @@ fn eiou_loss(pred: &Tensor, target: &Tensor, smooth_point: f64, eps: f64) -> Res
 
 /// `siou_loss` in stock ops, op for op.
 fn siou_loss(pred: &Tensor, target: &Tensor, eps: f64, neg_gamma: bool) -> Result<Tensor> {
-    let lt = pred
-        .f_narrow(1, 0, 2)?
-        .f_maximum(&target.f_narrow(1, 0, 2)?)?;
-    let rb = pred
-        .f_narrow(1, 2, 2)?
-        .f_minimum(&target.f_narrow(1, 2, 2)?)?;
-    let wh = rb.f_sub(&lt)?.f_clamp_min(0.0)?;
-    let overlap = wh.f_select(1, 0)?.f_mul(&wh.f_select(1, 1)?)?;
+    // The enclosing extents clamped at eps (MMDetection: "to avoid NaN").
+    let (ious, enclose_wh) = iou_and_enclosure(pred, target, eps, eps)?;
     let [b1x1, b1y1, b1x2, b1y2] = cols(pred)?;
     let [b2x1, b2y1, b2x2, b2y2] = cols(target)?;
-    let ap = b1x2.f_sub(&b1x1)?.f_mul(&b1y2.f_sub(&b1y1)?)?;
-    let ag = b2x2.f_sub(&b2x1)?.f_mul(&b2y2.f_sub(&b2y1)?)?;
-    let union = ap.f_add(&ag)?.f_sub(&overlap)?.f_add_scalar(eps)?;
-    let ious = overlap.f_div(&union)?;
-    let e1 = pred
-        .f_narrow(1, 0, 2)?
-        .f_minimum(&target.f_narrow(1, 0, 2)?)?;
-    let e2 = pred
-        .f_narrow(1, 2, 2)?
-        .f_maximum(&target.f_narrow(1, 2, 2)?)?;
-    let enclose_wh = e2.f_sub(&e1)?.f_clamp_min(eps)?;
     let (cw, ch) = (enclose_wh.f_select(1, 0)?, enclose_wh.f_select(1, 1)?);
     let (w1, h1) = (b1x2.f_sub(&b1x1)?, b1y2.f_sub(&b1y1)?.f_add_scalar(eps)?);
     let (w2, h2) = (b2x2.f_sub(&b2x1)?, b2y2.f_sub(&b2y1)?.f_add_scalar(eps)?);
