@@ -100,6 +100,24 @@ pub const WORKLOADS: &[Workload] = &[
         cuda_kinds: F32,
         inputs: track_matches,
     },
+    // QDTrack's L2 embedding losses on the same matches, 3 negatives per positive, the hardest
+    // (composed of stock ops: 1.0x).
+    Workload {
+        name: "L2Loss",
+        config: r#"{"type": "L2Loss", "neg_pos_ub": 3, "pos_margin": 0.0, "neg_margin": 0.1, "hard_mining": true}"#,
+        cpu_shape: (512, 256),
+        cuda_shape: (512, 256),
+        cuda_kinds: F32,
+        inputs: track_matches,
+    },
+    Workload {
+        name: "MarginL2Loss",
+        config: r#"{"type": "MarginL2Loss", "neg_pos_ub": 3, "pos_margin": 0.0, "neg_margin": 0.1, "hard_mining": true}"#,
+        cpu_shape: (512, 256),
+        cuda_shape: (512, 256),
+        cuda_kinds: F32,
+        inputs: track_matches,
+    },
     // A re-identification batch: 128 embeddings of 2,048, 32 ids (composed of stock ops: 1.0x).
     Workload {
         name: "TripletLoss",

@@ -7,7 +7,7 @@
 //! (`balanced_l1_loss.py`), `iou` (`iou_loss.py`: IoULoss, GIoULoss, DIoULoss, CIoULoss, EIoULoss, SIoULoss,
 //! BoundedIoULoss), `kd` (`kd_loss.py`), `dice` (`dice_loss.py`), `seesaw` (`seesaw_loss.py`),
 //! `eqlv2` (`eqlv2_loss.py`), `multipos_cross_entropy` (`multipos_cross_entropy_loss.py`),
-//! `triplet` (`triplet_loss.py`), `mse`
+//! `triplet` (`triplet_loss.py`), `l2` (`l2_loss.py`, `margin_loss.py`: L2Loss, MarginL2Loss), `mse`
 //! (`mse_loss.py`: MSELoss); and
 //! `shortcut`, the zero-weight short-cut that L1, SmoothL1 and the IoU family share.
 //!
@@ -24,6 +24,7 @@ pub mod gfocal;
 pub mod ghm;
 pub mod iou;
 pub mod kd;
+pub mod l2;
 pub mod mse;
 pub mod multipos_cross_entropy;
 pub mod seesaw;
@@ -42,6 +43,7 @@ pub use gfocal::{DistributionFocalLoss, QualityFocalLoss};
 pub use ghm::{GHMC, GHMR};
 pub use iou::{BoundedIoULoss, CIoULoss, DIoULoss, EIoULoss, GIoULoss, IoULoss, SIoULoss};
 pub use kd::KnowledgeDistillationKLDivLoss;
+pub use l2::{L2Loss, MarginL2Loss};
 pub use mse::MSELoss;
 pub use multipos_cross_entropy::MultiPosCrossEntropyLoss;
 pub use seesaw::SeesawLoss;
@@ -86,6 +88,8 @@ pub(crate) fn register_builtins(add: &mut dyn FnMut(&'static str, crate::registr
         "EQLV2Loss" => EQLV2Loss,
         "MultiPosCrossEntropyLoss" => MultiPosCrossEntropyLoss,
         "TripletLoss" => TripletLoss,
+        "L2Loss" => L2Loss,
+        "MarginL2Loss" => MarginL2Loss,
     }
 }
 

@@ -65,7 +65,9 @@ pub struct Variant {
     /// in that dtype rather than with float64.
     pub stock: bool,
     /// The loss reads the device back, as MMDetection's does (SeesawLoss's positives,
-    /// BoundedIoULoss's zero-weight short-cut): left out of the GPU's sync-free check.
+    /// BoundedIoULoss's zero-weight short-cut, L2Loss's counts): left out of the GPU's sync-free
+    /// check.
+    #[cfg_attr(not(feature = "gpu-tests"), allow(dead_code))]
     pub host_reads: bool,
 }
 
@@ -174,7 +176,22 @@ variant_table! { $
     eqlv2_mu0_5_a2_g6_lw2 => stock(r#"{"type": "EQLV2Loss", "num_classes": CLASSES_BELOW, "mu": 0.5, "alpha": 2.0, "gamma": 6, "loss_weight": 2.0}"#, Tgt::LabelsBelow(1)),
     multipos_ce => stock(r#"{"type": "MultiPosCrossEntropyLoss"}"#, Tgt::Pairs),
     multipos_ce_lw2_sum => stock(r#"{"type": "MultiPosCrossEntropyLoss", "loss_weight": 2.0, "reduction": "sum"}"#, Tgt::Pairs),
-    triplet => stock(r#"{"type": "TripletLoss"}"#, Tgt::Ids),
+    l2 => Variant {
+        prob: true,
+        host_reads: true,
+        ..stock(r#"{"type": "L2Loss"}"#, Tgt::Binary)
+    },
+    l2_ub3_hard_lw0_5 => Variant {
+        prob: true,
+        host_reads: true,
+        ..stock(r#"{"type": "L2Loss", "neg_pos_ub": 3, "hard_mining": true, "loss_weight": 0.5}"#, Tgt::Binary)
+    },
+    margin_l2_ub2_hard => Variant {
+        prob: true,
+        host_reads: true,
+        ..stock(r#"{"type": "MarginL2Loss", "neg_pos_ub": 2, "hard_mining": true}"#, Tgt::Binary)
+    },
+        triplet => stock(r#"{"type": "TripletLoss"}"#, Tgt::Ids),
     triplet_margin1_lw2 => stock(r#"{"type": "TripletLoss", "margin": 1.0, "loss_weight": 2.0}"#, Tgt::Ids),
     dfl => v(r#"{"type": "DistributionFocalLoss"}"#, Tgt::Distances),
     dfl_lw0_25 => v(r#"{"type": "DistributionFocalLoss", "loss_weight": 0.25, "reduction": "sum"}"#, Tgt::Distances),
