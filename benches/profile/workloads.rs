@@ -104,7 +104,7 @@ pub const WORKLOADS: &[Workload] = &[
     // (composed of stock ops: 1.0x).
     Workload {
         name: "L2Loss",
-        config: r#"{"type": "L2Loss", "neg_pos_ub": 3, "pos_margin": 0.0, "neg_margin": 0.1, "hard_mining": true}"#,
+        config: r#"{"type": "L2Loss", "neg_pos_ub": 3, "hard_mining": true}"#,
         cpu_shape: (512, 256),
         cuda_shape: (512, 256),
         cuda_kinds: F32,
@@ -112,7 +112,7 @@ pub const WORKLOADS: &[Workload] = &[
     },
     Workload {
         name: "MarginL2Loss",
-        config: r#"{"type": "MarginL2Loss", "neg_pos_ub": 3, "pos_margin": 0.0, "neg_margin": 0.1, "hard_mining": true}"#,
+        config: r#"{"type": "MarginL2Loss", "neg_pos_ub": 3, "hard_mining": true}"#,
         cpu_shape: (512, 256),
         cuda_shape: (512, 256),
         cuda_kinds: F32,

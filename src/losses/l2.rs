@@ -157,7 +157,11 @@ impl Update {
         };
         let mut target = target.shallow_clone();
         let invalid = weight.f_le(0)?;
-        let _ = target.f_masked_fill_(&invalid, -1)?;
+        // Written only where there is something to write, so that a call leaves the caller's
+        // target (which an earlier call's graph may hold) untouched otherwise.
+        if invalid.f_any()?.f_int64_value(&[])? != 0 {
+            let _ = target.f_masked_fill_(&invalid, -1)?;
+        }
         let pos = target.f_eq(1)?;
         let neg = target.f_eq(0)?;
         let mut pred = pred.shallow_clone();
@@ -249,10 +253,14 @@ fn l2_family(u: &Update, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>)
         bail!("{name}: avg_factor can not be used with reduction=\"sum\" (update_weight always sets it)");
     }
     let avg = AvgFactor::Tensor(n);
+    // The loss saves its own copies: the caller's tensors are written by later calls.
     let (loss, weight) = if margin {
-        (mse_float(&p, t)?, w.f_to_kind(Kind::Float)?)
+        (
+            mse_float(&p, &t.f_detach_copy()?)?,
+            w.f_to_kind(Kind::Float)?.f_detach_copy()?,
+        )
     } else {
-        (l2(&p, t)?, w)
+        (l2(&p, t)?, w.f_detach_copy()?)
     };
     Ok(weight_reduce_loss(&loss, Some(&weight), reduction, Some(&avg))? * loss_weight)
 }
