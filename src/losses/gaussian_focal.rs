@@ -135,13 +135,26 @@ impl GaussianFocalLoss {
         Ok(sum.f_mul_scalar(self.loss_weight)?)
     }
 
-    /// The stock-op loss of the dense form, `gaussian_focal_loss`'s element loss.
-    fn element_unfused(&self, pred: &Tensor, t: &Tensor, pos_weight: f64) -> Result<Tensor> {
-        let pos_w = t.f_eq(1.0)?;
+    /// `-(1 - pred + eps).log() * pred.pow(alpha) * (1 - target).pow(gamma)`, the negative term
+    /// of both forms, unweighted.
+    fn negative_term(&self, pred: &Tensor, t: &Tensor) -> Result<Tensor> {
         let neg_w = t
             .f_neg()?
             .f_add_scalar(1.0)?
             .f_pow_tensor_scalar(self.gamma)?;
+        Ok(pred
+            .f_neg()?
+            .f_add_scalar(1.0)?
+            .f_add_scalar(EPS)?
+            .f_log()?
+            .f_neg()?
+            .f_mul(&pred.f_pow_tensor_scalar(self.alpha)?)?
+            .f_mul(&neg_w)?)
+    }
+
+    /// The stock-op loss of the dense form, `gaussian_focal_loss`'s element loss.
+    fn element_unfused(&self, pred: &Tensor, t: &Tensor, pos_weight: f64) -> Result<Tensor> {
+        let pos_w = t.f_eq(1.0)?;
         let pos = pred
             .f_add_scalar(EPS)?
             .f_log()?
@@ -153,14 +166,7 @@ impl GaussianFocalLoss {
                     .f_pow_tensor_scalar(self.alpha)?,
             )?
             .f_mul(&pos_w)?;
-        let neg = pred
-            .f_neg()?
-            .f_add_scalar(1.0)?
-            .f_add_scalar(EPS)?
-            .f_log()?
-            .f_neg()?
-            .f_mul(&pred.f_pow_tensor_scalar(self.alpha)?)?
-            .f_mul(&neg_w)?;
+        let neg = self.negative_term(pred, t)?;
         Ok(pos
             .f_mul_scalar(pos_weight)?
             .f_add(&neg.f_mul_scalar(self.neg_weight)?)?)
@@ -190,17 +196,11 @@ impl Loss for GaussianFocalLoss {
                 pos_labels: None,
                 ..args.clone()
             };
-            let neg = match element_view(pred, t, None) {
-                Some(view) => {
-                    run_element_view(self.spec(reduction, 0.0, 1.0), view, pred, t, &neg_args)?
-                }
-                None => weight_reduce_loss(
-                    &self.element_unfused(pred, &t.f_type_as(pred)?, 0.0)?,
-                    None,
-                    reduction,
-                    args.avg_factor.as_ref(),
-                )?,
+            // An empty pred has no kernel view: the stock composition serves.
+            let Some(view) = element_view(pred, t, None) else {
+                return self.forward_unfused(pred, target, args);
             };
+            let neg = run_element_view(self.spec(reduction, 0.0, 1.0), view, pred, t, &neg_args)?;
             return self.combine(pos, neg);
         }
         if args.pos_labels.is_some() {
@@ -231,25 +231,13 @@ impl Loss for GaussianFocalLoss {
         if let Some(at) = Self::positives(pred, args)? {
             let t = t.f_type_as(pred)?;
             let pos = self.positive_term(&at, reduction, args)?;
-            let neg_w = t
-                .f_neg()?
-                .f_add_scalar(1.0)?
-                .f_pow_tensor_scalar(self.gamma)?;
-            let neg = pred
-                .f_neg()?
-                .f_add_scalar(1.0)?
-                .f_add_scalar(EPS)?
-                .f_log()?
-                .f_neg()?
-                .f_mul(&pred.f_pow_tensor_scalar(self.alpha)?)?
-                .f_mul(&neg_w)
-                .map_err(|e| {
-                    anyhow!(
-                        "{NAME}: target of shape {:?} for pred of shape {:?}: {e}",
-                        t.size(),
-                        pred.size()
-                    )
-                })?;
+            let neg = self.negative_term(pred, &t).map_err(|e| {
+                anyhow!(
+                    "{NAME}: target of shape {:?} for pred of shape {:?}: {e}",
+                    t.size(),
+                    pred.size()
+                )
+            })?;
             let neg = weight_reduce_loss(&neg, None, reduction, args.avg_factor.as_ref())?
                 .f_mul_scalar(self.neg_weight)?;
             return self.combine(pos, neg);
