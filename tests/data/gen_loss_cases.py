@@ -27,15 +27,12 @@ float64 on CPU, one thread; grad_<x> = torch.autograd.grad(sum of all output ten
     /tmp/mmvenv/bin/python tests/data/gen_loss_cases.py tests/data/loss_cases.json
 """
 import importlib
-import importlib.abc
-import importlib.machinery
 import json
 import math
 import os
 import platform
 import sys
 import tempfile
-import types
 import warnings
 
 import torch
@@ -43,45 +40,9 @@ import torch
 torch.set_num_threads(1)
 warnings.simplefilter("ignore")
 
-CALLED = []
+from mmdet_import import CALLED, import_mmdet  # noqa: E402  (beside this script)
 
-
-class _StubModule(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def stub(*a, **k):
-            CALLED.append(f"{self.__name__}.{name}")
-            raise RuntimeError(f"stub {self.__name__}.{name} called")
-
-        return stub
-
-
-class _OpsFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path, target=None):
-        if name == "mmcv.ops" or name.startswith("mmcv.ops."):
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        m = _StubModule(spec.name)
-        m.__path__ = []
-        return m
-
-    def exec_module(self, module):
-        pass
-
-
-sys.meta_path.insert(0, _OpsFinder())
-import mmdet  # noqa: E402  (its version checks run)
-
-for bare in ["mmdet.models", "mmdet.models.losses"]:
-    pkg = types.ModuleType(bare)
-    pkg.__path__ = [mmdet.__path__[0] + "/" + bare.split(".", 1)[1].replace(".", "/")]
-    sys.modules[bare] = pkg
-importlib.import_module("mmdet.models.task_modules")
-importlib.import_module("mmdet.models.utils")
+mmdet = import_mmdet(["mmdet.models", "mmdet.models.losses"])
 LOSS_MODULES = ["utils", "accuracy", "gaussian_focal_loss", "iou_loss", "kd_loss", "seesaw_loss",
                 "eqlv2_loss", "mse_loss", "l2_loss", "margin_loss", "dice_loss", "focal_loss",
                 "cross_entropy_loss", "ae_loss", "triplet_loss", "multipos_cross_entropy_loss",

@@ -25,57 +25,18 @@ feat_channels=32 to keep its unused conv tower small).
     python tests/data/gen_point_cases.py tests/data/point_cases.json
 """
 import importlib
-import importlib.abc
-import importlib.machinery
 import json
 import math
 import platform
 import sys
-import types
 
 import torch
 
 torch.set_num_threads(1)
 
-CALLED = []
+from mmdet_import import CALLED, import_mmdet  # noqa: E402  (beside this script)
 
-
-class _StubModule(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def stub(*a, **k):
-            CALLED.append(f"{self.__name__}.{name}")
-            raise RuntimeError(f"stub {self.__name__}.{name} called")
-
-        return stub
-
-
-class _OpsFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path, target=None):
-        if name == "mmcv.ops" or name.startswith("mmcv.ops."):
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        m = _StubModule(spec.name)
-        m.__path__ = []
-        return m
-
-    def exec_module(self, module):
-        pass
-
-
-sys.meta_path.insert(0, _OpsFinder())
-import mmdet  # noqa: E402  (its version checks run)
-
-for bare in ["mmdet.models", "mmdet.models.losses", "mmdet.models.dense_heads", "mmdet.models.layers"]:
-    pkg = types.ModuleType(bare)
-    pkg.__path__ = [mmdet.__path__[0] + "/" + bare.split(".", 1)[1].replace(".", "/")]
-    sys.modules[bare] = pkg
-importlib.import_module("mmdet.models.task_modules")
-importlib.import_module("mmdet.models.utils")
+mmdet = import_mmdet(["mmdet.models", "mmdet.models.losses", "mmdet.models.dense_heads", "mmdet.models.layers"])
 sys.modules["mmdet.models.layers"].NormedConv2d = importlib.import_module(
     "mmdet.models.layers.normed_predictor").NormedConv2d
 for _m in ["focal_loss", "iou_loss", "cross_entropy_loss", "gfocal_loss"]:
