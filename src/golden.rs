@@ -138,14 +138,16 @@ fn input(inputs: &serde_json::Map<String, Value>, key: &str) -> Result<Option<Te
 }
 
 /// A call's named parts and the gradient of their sum (or the error its backward raised).
-type Called = (Vec<(String, Tensor)>, Result<Tensor>);
+type Called = (Vec<(String, Tensor)>, Result<Grads>);
 
 /// Calls the loss on one set of inputs; returns its named parts (one `loss` for most losses)
-/// and the gradient of the sum of all their elements, or the error its backward raised.
+/// and the gradient of the sum of all their elements (pred's, and the target's with
+/// `grad_target`), or the error its backward raised.
 fn call(
     loss: &dyn crate::Loss,
     call: &Value,
     inputs: &serde_json::Map<String, Value>,
+    grad_target: bool,
 ) -> Result<Called> {
     let pred = input(inputs, "pred")?
         .ok_or_else(|| anyhow!("no pred"))?
@@ -161,6 +163,13 @@ fn call(
         pred.shallow_clone()
     };
     let target = input(inputs, "target")?.ok_or_else(|| anyhow!("no target"))?;
+    // Where the case records the target's gradient (KD's soft labels, AE's bottom-right
+    // embeddings), it is compared too.
+    let target = if target.is_floating_point() && grad_target {
+        target.set_requires_grad(true)
+    } else {
+        target
+    };
     let score = input(inputs, "score")?;
     // GHM's `label_weight` and Seesaw's `label_weights` are the weight argument of their calls.
     let weight = ["weight", "label_weight", "label_weights"]
@@ -192,14 +201,24 @@ fn call(
     if let Some(i) = call.get("ignore_index").and_then(Value::as_i64) {
         args = args.ignore_index(i);
     }
-    let target = match &score {
+    // AssociativeEmbeddingLoss's `match`, the third positional argument.
+    let corner_match = call
+        .get("positional")
+        .and_then(|p| p.get(2))
+        .filter(|m| m.is_array())
+        .map(|m| serde_json::from_value::<Vec<crate::losses::ae::ImageMatch>>(m.clone()))
+        .transpose()?;
+    if let Some(m) = &corner_match {
+        args = args.corner_match(m);
+    }
+    let target_arg = match &score {
         Some(s) => Target::LabelsScores {
             labels: &target,
             scores: s,
         },
         None => Target::Tensor(&target),
     };
-    let parts = loss.forward_parts(&pred_arg, target, &args)?;
+    let parts = loss.forward_parts(&pred_arg, target_arg, &args)?;
     let mut total: Option<Tensor> = None;
     for (_, t) in &parts {
         let s = t.f_sum(Kind::Double)?;
@@ -212,17 +231,33 @@ fn call(
         Some(total) if total.requires_grad() => total.f_backward().map_err(anyhow::Error::from),
         _ => Ok(()),
     };
-    let grad = backward.and_then(|_| {
-        Ok(if pred.grad().defined() {
-            pred.grad()
+    let grad_of = |t: &Tensor| -> Result<Tensor> {
+        Ok(if t.grad().defined() {
+            t.grad()
         } else {
-            pred.f_zeros_like()?
+            t.f_zeros_like()?
+        })
+    };
+    let grads = backward.and_then(|_| {
+        Ok(Grads {
+            pred: grad_of(&pred)?,
+            target: if target.requires_grad() {
+                Some(grad_of(&target)?)
+            } else {
+                None
+            },
         })
     });
     Ok((
         parts.into_iter().map(|(k, t)| (k, t.detach())).collect(),
-        grad,
+        grads,
     ))
+}
+
+/// The gradients of a call: pred's, and the target's where it was asked for.
+struct Grads {
+    pred: Tensor,
+    target: Option<Tensor>,
 }
 
 fn tolerance(loss: &str, outputs: &serde_json::Map<String, Value>) -> f64 {
@@ -248,7 +283,7 @@ fn check(
     state_after: Option<&serde_json::Map<String, Value>>,
     grad_error: Option<&Value>,
 ) -> Result<(f64, f64)> {
-    let (parts, grad) = call(loss, call_v, inputs)?;
+    let (parts, grads) = call(loss, call_v, inputs, outputs.contains_key("grad_target"))?;
     let tol = tolerance(loss.type_name(), outputs);
     let mut le = 0f64;
     for (name, got) in &parts {
@@ -256,7 +291,17 @@ fn check(
         le = le.max(rel_err(got, &want).with_context(|| name.clone())?);
     }
     let ge = match (input(outputs, "grad_pred")?, grad_error) {
-        (Some(want_grad), _) => rel_err(&grad?, &want_grad).context("grad")?,
+        (Some(want_grad), _) => {
+            let grads = grads?;
+            let mut e = rel_err(&grads.pred, &want_grad).context("grad")?;
+            if let Some(want) = input(outputs, "grad_target")? {
+                let got = grads
+                    .target
+                    .ok_or_else(|| anyhow!("the target has no gradient"))?;
+                e = e.max(rel_err(&got, &want).context("grad_target")?);
+            }
+            e
+        }
         // MMDetection's backward raises here (MarginL2Loss's mixed-dtype mse_loss on float64):
         // there is no reference gradient, the loss alone is compared.
         (None, Some(_)) => 0.0,
@@ -292,8 +337,19 @@ type Step = (
     Option<serde_json::Map<String, Value>>,
 );
 
+/// The loss types whose cases [`run_case`] runs: the registered ones and DDQAuxLoss, which
+/// MMDetection does not register either.
+pub fn shipped_types() -> Vec<String> {
+    let mut types = registry::registered_types();
+    types.push(crate::losses::ddq_detr_aux::NAME.to_string());
+    types
+}
+
 /// Runs one case.
 pub fn run_case(case: &Case) -> Outcome {
+    if case.loss == crate::losses::ddq_detr_aux::NAME {
+        return run_ddq_case(case).unwrap_or_else(|e| Outcome::Fail(format!("{e:#}")));
+    }
     if !registry::registered_types().contains(&case.loss) {
         return Outcome::Unsupported;
     }
@@ -314,7 +370,7 @@ pub fn run_case(case: &Case) -> Outcome {
                     )),
                 });
             }
-            let outcome = loss.and_then(|l| call(l.as_ref(), &case.call, &case.inputs));
+            let outcome = loss.and_then(|l| call(l.as_ref(), &case.call, &case.inputs, false));
             return Ok(match outcome {
                 Err(e) => Outcome::Rejected(format!("{e:#}")),
                 Ok(_) => Outcome::Fail(format!(
@@ -394,6 +450,136 @@ pub fn run_case(case: &Case) -> Outcome {
         })
     })();
     result.unwrap_or_else(|e| Outcome::Fail(format!("{e:#}")))
+}
+
+/// A DDQAuxLoss case: MMDetection does not register the loss, so the case's config builds it
+/// directly (and the registry must reject it, as MMDetection's); its call is `loss.loss(...)`,
+/// whose per-image lists, gradients and `get_targets` are compared.
+fn run_ddq_case(case: &Case) -> Result<Outcome> {
+    use crate::losses::DDQAuxLoss;
+    let inputs = &case.inputs;
+    if let Some(err) = &case.error {
+        let expected = err.get("message").and_then(Value::as_str).unwrap_or("");
+        let outcome = if inputs.is_empty() {
+            registry::build(&case.config).map(|_| ())
+        } else {
+            DDQAuxLoss::from_config(&case.config).and_then(|l| ddq_call(&l, case).map(|_| ()))
+        };
+        return Ok(match outcome {
+            Err(e) => Outcome::Rejected(format!("{e:#}")),
+            Ok(()) => Outcome::Fail(format!("accepted what MMDetection rejects ({expected})")),
+        });
+    }
+    let loss = DDQAuxLoss::from_config(&case.config)?;
+    let outputs = case.outputs.as_ref().ok_or_else(|| anyhow!("no outputs"))?;
+    let (parts, targets, pred, boxes) = ddq_call(&loss, case)?;
+    let tol = 1e-6; // float32 only
+    let (mut le, mut ge) = (0f64, 0f64);
+    let want = |k: &str| input(outputs, k)?.ok_or_else(|| anyhow!("the case has no {k}"));
+    // Both leaves' gradients, zeros where the loss does not reach one (the cls loss and boxes).
+    let grads = |of: &Tensor, keep: bool| -> Result<Vec<Tensor>> {
+        let g = Tensor::f_run_backward(&[of], &[&pred, &boxes], keep, false)?;
+        g.into_iter()
+            .zip([&pred, &boxes])
+            .map(|(g, leaf)| Ok(if g.defined() { g } else { leaf.f_zeros_like()? }))
+            .collect()
+    };
+    for (name, got) in &parts {
+        le = le.max(rel_err(got, &want(name)?).with_context(|| name.clone())?);
+        let g = grads(got, true)?;
+        for (which, g) in ["pred", "bbox_preds"].iter().zip(&g) {
+            let key = format!("grad_{which}.{name}");
+            ge = ge.max(rel_err(g, &want(&key)?).context(key)?);
+        }
+    }
+    let mut total: Option<Tensor> = None;
+    for (_, t) in &parts {
+        total = Some(match total {
+            Some(a) => a.f_add(t)?,
+            None => t.shallow_clone(),
+        });
+    }
+    let total = total.ok_or_else(|| anyhow!("no loss"))?;
+    let g = grads(&total, false)?;
+    for (which, g) in ["pred", "bbox_preds"].iter().zip(&g) {
+        let key = format!("grad_{which}");
+        ge = ge.max(rel_err(g, &want(&key)?).context(key)?);
+    }
+    for (i, t) in targets.iter().enumerate() {
+        for (field, got) in [
+            ("labels", &t.labels),
+            ("label_weights", &t.label_weights),
+            ("bbox_targets", &t.bbox_targets),
+            ("alignment_metrics", &t.alignment_metrics),
+        ] {
+            let key = format!("get_targets.{field}.img{i}");
+            le = le.max(rel_err(got, &want(&key)?).context(key)?);
+        }
+    }
+    if !(le <= tol && ge <= tol) {
+        bail!("loss error {le:.3e}, grad error {ge:.3e} (tolerance {tol:.0e})");
+    }
+    Ok(Outcome::Pass {
+        loss_err: le,
+        grad_err: ge,
+    })
+}
+
+/// DDQAuxLoss's per-image losses named as the case's outputs, its targets, and the two leaves.
+type DdqCalled = (
+    Vec<(String, Tensor)>,
+    Vec<crate::losses::DDQAuxTargets>,
+    Tensor,
+    Tensor,
+);
+
+fn ddq_call(loss: &crate::losses::DDQAuxLoss, case: &Case) -> Result<DdqCalled> {
+    let inputs = &case.inputs;
+    let leaf = |k: &str| -> Result<Tensor> {
+        Ok(input(inputs, k)?
+            .ok_or_else(|| anyhow!("no {k}"))?
+            .set_requires_grad(true))
+    };
+    let (pred, boxes) = (leaf("pred")?, leaf("bbox_preds")?);
+    let n = inputs
+        .keys()
+        .filter(|k| k.starts_with("gt_bboxes.img"))
+        .count();
+    let per_image = |stem: &str| -> Result<Vec<Tensor>> {
+        (0..n)
+            .map(|i| {
+                input(inputs, &format!("{stem}.img{i}"))?.ok_or_else(|| anyhow!("no {stem}.img{i}"))
+            })
+            .collect()
+    };
+    let (gt_bboxes, gt_labels) = (per_image("gt_bboxes")?, per_image("gt_labels")?);
+    let shapes: Vec<(i64, i64)> = case
+        .call
+        .get("positional")
+        .and_then(|p| p.get(4))
+        .and_then(Value::as_array)
+        .ok_or_else(|| anyhow!("no img_metas"))?
+        .iter()
+        .map(|m| {
+            let s = m.get("img_shape").and_then(Value::as_array);
+            let at = |k: usize| s.and_then(|s| s.get(k)).and_then(Value::as_i64);
+            at(0)
+                .zip(at(1))
+                .ok_or_else(|| anyhow!("img_meta without img_shape: {m}"))
+        })
+        .collect::<Result<_>>()?;
+    let out = loss.loss(&pred, &boxes, &gt_bboxes, &gt_labels, &shapes)?;
+    let targets = loss.get_targets(&pred, &boxes, &gt_bboxes, &gt_labels, &shapes)?;
+    let mut parts = Vec::new();
+    for (stem, list) in [
+        ("aux_loss_cls", out.aux_loss_cls),
+        ("aux_loss_bbox", out.aux_loss_bbox),
+    ] {
+        for (i, t) in list.into_iter().enumerate() {
+            parts.push((format!("{stem}.img{i}"), t));
+        }
+    }
+    Ok((parts, targets, pred, boxes))
 }
 
 /// A default process group of one process over loopback gloo, for the time it is held; the

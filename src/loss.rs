@@ -61,6 +61,9 @@ pub struct LossArgs<'a> {
     pub pos_inds: Option<&'a Tensor>,
     /// GaussianFocalLoss's `pos_labels` `(M,)`: the class of each positive row.
     pub pos_labels: Option<&'a Tensor>,
+    /// AssociativeEmbeddingLoss's `match`: per image, each object's corner cells
+    /// `[[tl_y, tl_x], [br_y, br_x]]`; other losses reject it.
+    pub corner_match: Option<&'a [crate::losses::ae::ImageMatch]>,
 }
 
 impl<'a> LossArgs<'a> {
@@ -87,6 +90,11 @@ impl<'a> LossArgs<'a> {
     pub fn positives(mut self, pos_inds: &'a Tensor, pos_labels: &'a Tensor) -> Self {
         self.pos_inds = Some(pos_inds);
         self.pos_labels = Some(pos_labels);
+        self
+    }
+    /// Sets AssociativeEmbeddingLoss's `match`: one list of corner pairs per image.
+    pub fn corner_match(mut self, corner_match: &'a [crate::losses::ae::ImageMatch]) -> Self {
+        self.corner_match = Some(corner_match);
         self
     }
     /// Sets the call-time `ignore_index`.

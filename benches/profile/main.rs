@@ -348,6 +348,7 @@ fn main() -> Result<()> {
         tch::set_num_threads(t);
     }
     tch::manual_seed(0);
+    workloads::register_adapters()?;
     let mut plans = plans(&opts)?;
 
     println!(

@@ -3,7 +3,9 @@
 
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
-use tch_detloss::{LossArgs, Target};
+use tch_detloss::losses::ae::ImageMatch;
+use tch_detloss::losses::DDQAuxLoss;
+use tch_detloss::{Loss, LossArgs, Target};
 
 /// Fraction of anchors that are positive, and of anchors that are ignored (weight 0).
 const POSITIVE_FRACTION: f64 = 0.01;
@@ -126,6 +128,27 @@ pub const WORKLOADS: &[Workload] = &[
         cuda_shape: (128, 2_048),
         cuda_kinds: F32,
         inputs: reid_embeddings,
+    },
+    // CornerNet's embedding heads: 128 x 128 maps, D = 1, 32 objects per image; rows are
+    // images x 128 (composed of stock ops: 1.0x).
+    Workload {
+        name: "AssociativeEmbeddingLoss",
+        config: r#"{"type": "AssociativeEmbeddingLoss"}"#,
+        cpu_shape: (2 * 128, 128),
+        cuda_shape: (16 * 128, 128),
+        cuda_kinds: F32,
+        inputs: corner_embeddings,
+    },
+    // DDQ-DETR's dense queries: 2 images x 1,350 queries x 80 classes, 7 ground truths each,
+    // topk 8; rows are images x 1,350. Through `DdqProfiled`: the matching on the host, then
+    // QualityFocalLoss and GIoULoss, fused against their compositions.
+    Workload {
+        name: "DDQAuxLoss",
+        config: r#"{"type": "DDQAuxLoss/profile"}"#,
+        cpu_shape: (2 * DDQ_QUERIES, 80),
+        cuda_shape: (16 * DDQ_QUERIES, 80),
+        cuda_kinds: F32,
+        inputs: dense_queries,
     },
     // V3Det's custom-channel forms: the same kernels as FocalLoss and CrossEntropyLoss.
     Workload {
@@ -306,6 +329,8 @@ pub struct Inputs {
     pub weight: Option<Tensor>,
     /// The number of positives (at least 1), a 0-dim float32 tensor on the device.
     pub avg_factor: Option<Tensor>,
+    /// AssociativeEmbeddingLoss's corner match.
+    pub matches: Option<Vec<ImageMatch>>,
 }
 
 /// The target a loss gets from its head.
@@ -331,6 +356,9 @@ impl Inputs {
         }
         if let Some(a) = &self.avg_factor {
             args = args.avg_factor(a);
+        }
+        if let Some(m) = &self.matches {
+            args = args.corner_match(m);
         }
         args
     }
@@ -374,6 +402,7 @@ fn anchors(n: i64, c: i64, kind: Kind, device: Device) -> Result<(Inputs, Tensor
         target: TargetData::One(labels.shallow_clone()),
         weight: Some(weight),
         avg_factor: Some(avg_factor),
+        matches: None,
     };
     Ok((inputs, labels, positive))
 }
@@ -435,6 +464,7 @@ fn track_matches(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
         ),
         weight: None,
         avg_factor: None,
+        matches: None,
     })
 }
 
@@ -446,6 +476,134 @@ fn reid_embeddings(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs>
         target: TargetData::One(Tensor::f_arange(n, (Kind::Int64, device))?.f_remainder(n / 4)?),
         weight: None,
         avg_factor: None,
+        matches: None,
+    })
+}
+
+/// Top-left (pred) and bottom-right (target) corner embeddings `(B, 1, 128, W)`, B = n / 128,
+/// and 32 objects per image at random cells.
+fn corner_embeddings(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    let (b, h) = ((n / 128).max(1), 128);
+    let maps = || -> Result<Tensor> {
+        Ok(Tensor::f_randn([b, 1, h, c], (Kind::Float, device))?.f_to_kind(kind)?)
+    };
+    let cells = Vec::<i64>::try_from(Tensor::f_randint(
+        h.min(c),
+        [b * 32 * 4],
+        (Kind::Int64, Device::Cpu),
+    )?)?;
+    let matches = cells
+        .chunks(32 * 4)
+        .map(|img| {
+            img.chunks(4)
+                .map(|o| [[o[0], o[1]], [o[2], o[3]]])
+                .collect()
+        })
+        .collect();
+    Ok(Inputs {
+        kind,
+        pred: maps()?.f_set_requires_grad(true)?,
+        target: TargetData::One(maps()?),
+        weight: None,
+        avg_factor: None,
+        matches: Some(matches),
+    })
+}
+
+/// DDQ-DETR's dense queries per image.
+const DDQ_QUERIES: i64 = 1_350;
+
+/// `DDQAuxLoss` is no [`Loss`] (its call takes per-image ground truths), so the profile times it
+/// through this adapter, registered in the profile alone as `DDQAuxLoss/profile`: pred holds
+/// the scores and the boxes side by side `(B, Q, C + 4)`, the target the ground truths of every
+/// image (labels `(B, G)`, boxes `(B, G, 4)`); `forward` is the sum of all images' losses.
+#[derive(Debug)]
+struct DdqProfiled(DDQAuxLoss);
+
+impl DdqProfiled {
+    fn total(&self, pred: &Tensor, target: Target<'_>, unfused: bool) -> Result<Tensor> {
+        let Target::LabelsScores {
+            labels,
+            scores: gts,
+        } = target
+        else {
+            anyhow::bail!("DDQAuxLoss/profile takes (ground-truth labels, boxes)");
+        };
+        let c = pred.size()[2] - 4;
+        let (scores, boxes) = (pred.f_narrow(2, 0, c)?, pred.f_narrow(2, c, 4)?);
+        let b = pred.size()[0];
+        let gt_boxes: Vec<Tensor> = (0..b).map(|i| gts.get(i)).collect();
+        let gt_labels: Vec<Tensor> = (0..b).map(|i| labels.get(i)).collect();
+        let shapes = vec![(640, 640); b as usize];
+        let out = if unfused {
+            self.0
+                .loss_unfused(&scores, &boxes, &gt_boxes, &gt_labels, &shapes)?
+        } else {
+            self.0
+                .loss(&scores, &boxes, &gt_boxes, &gt_labels, &shapes)?
+        };
+        let mut total = pred.f_sum(Kind::Float)?.f_mul_scalar(0.0)?;
+        for l in out.aux_loss_cls.iter().chain(&out.aux_loss_bbox) {
+            total = total.f_add(l)?;
+        }
+        Ok(total)
+    }
+}
+
+impl Loss for DdqProfiled {
+    fn type_name(&self) -> &str {
+        "DDQAuxLoss/profile"
+    }
+    fn forward(&self, pred: &Tensor, target: Target<'_>, _: &LossArgs<'_>) -> Result<Tensor> {
+        self.total(pred, target, false)
+    }
+    fn forward_unfused(
+        &self,
+        pred: &Tensor,
+        target: Target<'_>,
+        _: &LossArgs<'_>,
+    ) -> Result<Tensor> {
+        self.total(pred, target, true)
+    }
+}
+
+/// Registers the profile's adapters (`DdqProfiled`) with the loss registry.
+pub fn register_adapters() -> Result<()> {
+    tch_detloss::registry::register(
+        "DDQAuxLoss/profile",
+        Box::new(|_| {
+            let loss = DDQAuxLoss::from_config(&serde_json::json!({"type": "DDQAuxLoss"}))?;
+            Ok(Box::new(DdqProfiled(loss)) as Box<dyn Loss>)
+        }),
+    )
+}
+
+/// DDQ-DETR's dense queries: probabilities around 0.12 and boxes of 8 to 88 pixels in a
+/// 640 x 640 image, side by side `(B, Q, C + 4)`, B = n / 1,350; 7 ground truths per image.
+fn dense_queries(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
+    let (b, q, g) = ((n / DDQ_QUERIES).max(1), DDQ_QUERIES, 7);
+    let f32s = (Kind::Float, device);
+    let boxes = |m: i64| -> Result<Tensor> {
+        let xy = Tensor::f_rand([b, m, 2], f32s)?.f_mul_scalar(552.0)?;
+        let wh = Tensor::f_rand([b, m, 2], f32s)?
+            .f_mul_scalar(80.0)?
+            .f_add_scalar(8.0)?;
+        Ok(Tensor::f_cat(&[&xy, &xy.f_add(&wh)?], 2)?)
+    };
+    let scores = Tensor::f_randn([b, q, c], f32s)?
+        .f_sub_scalar(2.0)?
+        .f_sigmoid()?;
+    let pred = Tensor::f_cat(&[&scores, &boxes(q)?], 2)?
+        .f_to_kind(kind)?
+        .set_requires_grad(true);
+    let labels = Tensor::f_randint(c, [b, g], (Kind::Int64, device))?;
+    Ok(Inputs {
+        kind,
+        pred,
+        target: TargetData::LabelsScores(labels, boxes(g)?.f_to_kind(kind)?),
+        weight: None,
+        avg_factor: None,
+        matches: None,
     })
 }
 
@@ -468,6 +626,7 @@ fn heatmaps(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
         target: TargetData::One(heat.f_to_kind(kind)?),
         weight: None,
         avg_factor: Some(peaks.f_sum(Kind::Float)?.f_clamp_min(1.0)?),
+        matches: None,
     })
 }
 
@@ -483,6 +642,7 @@ fn roi_classes(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
         target: TargetData::One(labels),
         weight: Some(Tensor::f_ones([n], (Kind::Float, device))?),
         avg_factor: Some(Tensor::from(n as f32).f_to_device(device)?),
+        matches: None,
     })
 }
 
@@ -501,6 +661,7 @@ fn side_distributions(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inpu
         ),
         weight: Some(Tensor::f_rand([n], f32s)?),
         avg_factor: Some(Tensor::from(n as f32 / 4.0).f_to_device(device)?),
+        matches: None,
     })
 }
 
@@ -512,6 +673,7 @@ fn teacher_distributions(n: i64, c: i64, kind: Kind, device: Device) -> Result<I
         target: TargetData::One(logits(n, c, kind, device, 0.0)?.f_detach()?),
         weight: Some(Tensor::f_rand([n], (Kind::Float, device))?),
         avg_factor: Some(Tensor::from(n as f32 / 4.0).f_to_device(device)?),
+        matches: None,
     })
 }
 
@@ -527,6 +689,7 @@ fn instance_masks(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> 
         ),
         weight: None,
         avg_factor: Some(Tensor::from(n as f32).f_to_device(device)?),
+        matches: None,
     })
 }
 
@@ -556,6 +719,7 @@ fn all_anchor_boxes(n: i64, _c: i64, kind: Kind, device: Device) -> Result<Input
         pred,
         target: TargetData::One(target),
         avg_factor: Some(positive.f_sum(Kind::Float)?.f_clamp_min(1.0)?),
+        matches: None,
         weight: Some(positive.f_to_kind(kind)?),
     })
 }
@@ -569,6 +733,7 @@ fn positive_boxes(n: i64, _c: i64, kind: Kind, device: Device) -> Result<Inputs>
         pred,
         target: TargetData::One(target),
         avg_factor: Some(weight.f_sum(Kind::Float)?),
+        matches: None,
         weight: Some(weight),
     })
 }
@@ -595,6 +760,7 @@ fn anchor_deltas(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
         pred,
         target: TargetData::One(target.f_to_kind(kind)?),
         avg_factor: Some(positive.f_sum(Kind::Float)?.f_clamp_min(1.0)?),
+        matches: None,
         weight: Some(
             positive
                 .f_expand([n, c], false)?
@@ -618,6 +784,7 @@ fn ghm_deltas(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
         pred,
         target: TargetData::One(target.f_to_kind(kind)?),
         avg_factor: None,
+        matches: None,
         weight: Some(
             sampled
                 .f_expand([n, c], false)?

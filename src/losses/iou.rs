@@ -184,7 +184,12 @@ fn cols(b: &Tensor) -> Result<[Tensor; 4]> {
 
 /// MMDetection's `bbox_overlaps(pred, target, mode, is_aligned=True, eps)` for mode 'iou' or
 /// 'giou', in stock ops.
-fn bbox_overlaps_aligned(b1: &Tensor, b2: &Tensor, giou: bool, eps: f64) -> Result<Tensor> {
+pub(crate) fn bbox_overlaps_aligned(
+    b1: &Tensor,
+    b2: &Tensor,
+    giou: bool,
+    eps: f64,
+) -> Result<Tensor> {
     if b1.size()[0] == 0 {
         // MMDetection returns an unconnected `bboxes1.new((0,))`; this empty one keeps the graph.
         return Ok(b1.f_select(1, 0)?.f_mul_scalar(0.0)?);

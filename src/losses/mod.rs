@@ -1,8 +1,10 @@
-//! The losses, one module per MMDetection loss file: `focal` (`focal_loss.py`: FocalLoss,
+//! The losses, one module per MMDetection loss file: `ae` (`ae_loss.py`:
+//! AssociativeEmbeddingLoss), `focal` (`focal_loss.py`: FocalLoss,
 //! FocalCustomLoss), `gfocal`
 //! (`gfocal_loss.py`: QualityFocalLoss, DistributionFocalLoss), `varifocal`
 //! (`varifocal_loss.py`), `cross_entropy` (`cross_entropy_loss.py`:
-//! CrossEntropyLoss, CrossEntropyCustomLoss), `gaussian_focal` (`gaussian_focal_loss.py`), `ghm` (`ghm_loss.py`: GHMC,
+//! CrossEntropyLoss, CrossEntropyCustomLoss), `ddq_detr_aux` (`ddq_detr_aux_loss.py`:
+//! DDQAuxLoss, which MMDetection does not register, nor does this), `gaussian_focal` (`gaussian_focal_loss.py`), `ghm` (`ghm_loss.py`: GHMC,
 //! GHMR), `smooth_l1` (`smooth_l1_loss.py`: SmoothL1Loss, L1Loss), `balanced_l1`
 //! (`balanced_l1_loss.py`), `iou` (`iou_loss.py`: IoULoss, GIoULoss, DIoULoss, CIoULoss, EIoULoss, SIoULoss,
 //! BoundedIoULoss), `kd` (`kd_loss.py`), `dice` (`dice_loss.py`), `seesaw` (`seesaw_loss.py`),
@@ -14,8 +16,10 @@
 //! Each struct's fields and defaults are the MMDetection class's constructor arguments; each
 //! implements [`Loss`](crate::Loss) with the fused kernels and its stock-op composition.
 
+pub mod ae;
 pub mod balanced_l1;
 pub mod cross_entropy;
+pub mod ddq_detr_aux;
 pub mod dice;
 pub mod eqlv2;
 pub mod focal;
@@ -33,8 +37,10 @@ pub mod smooth_l1;
 pub mod triplet;
 pub mod varifocal;
 
+pub use ae::AssociativeEmbeddingLoss;
 pub use balanced_l1::BalancedL1Loss;
 pub use cross_entropy::{CrossEntropyCustomLoss, CrossEntropyLoss};
+pub use ddq_detr_aux::{DDQAuxLoss, DDQAuxLosses, DDQAuxTargets};
 pub use dice::DiceLoss;
 pub use eqlv2::EQLV2Loss;
 pub use focal::{FocalCustomLoss, FocalLoss};
@@ -90,6 +96,7 @@ pub(crate) fn register_builtins(add: &mut dyn FnMut(&'static str, crate::registr
         "TripletLoss" => TripletLoss,
         "L2Loss" => L2Loss,
         "MarginL2Loss" => MarginL2Loss,
+        "AssociativeEmbeddingLoss" => AssociativeEmbeddingLoss,
     }
 }
 
@@ -157,9 +164,35 @@ pub(crate) fn begin(
     if (args.pos_inds.is_some() || args.pos_labels.is_some()) && name != gaussian_focal::NAME {
         bail!("{name} takes no pos_inds or pos_labels (GaussianFocalLoss's call arguments)");
     }
+    takes_no_corner_match(name, args)?;
     let reduction = args.reduction_override.unwrap_or(configured);
     check_avg_factor(name, reduction, args.avg_factor.as_ref())?;
     Ok(reduction)
+}
+
+/// Only AssociativeEmbeddingLoss takes a corner match.
+pub(crate) fn takes_no_corner_match(name: &str, args: &LossArgs<'_>) -> Result<()> {
+    if args.corner_match.is_some() && name != ae::NAME {
+        bail!("{name} takes no corner_match (AssociativeEmbeddingLoss's match)");
+    }
+    Ok(())
+}
+
+/// For a loss whose call takes none of `weight`, `avg_factor`, `reduction_override`,
+/// `ignore_index` and GaussianFocalLoss's positives (TripletLoss, AssociativeEmbeddingLoss):
+/// an error naming its MMDetection signature if one is set.
+pub(crate) fn takes_no_call_args(name: &str, args: &LossArgs<'_>, signature: &str) -> Result<()> {
+    takes_no_corner_match(name, args)?;
+    if args.weight.is_some()
+        || args.avg_factor.is_some()
+        || args.reduction_override.is_some()
+        || args.ignore_index.is_some()
+        || args.pos_inds.is_some()
+        || args.pos_labels.is_some()
+    {
+        bail!("{name}: takes no weight, avg_factor, reduction, ignore_index or positives (MMDetection's {signature})");
+    }
+    Ok(())
 }
 
 /// The tensor checks of every loss call, before any loss-specific shape handling: every tensor

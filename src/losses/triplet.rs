@@ -65,10 +65,7 @@ impl TripletLoss {
         crate::checks::floating(NAME, "pred", pred)?;
         let ids = single_target(NAME, target)?;
         crate::checks::integer(NAME, "target", ids)?;
-        ensure!(
-            args.weight.is_none() && args.avg_factor.is_none() && args.reduction_override.is_none(),
-            "{NAME}: takes no weight, avg_factor or reduction (MMDetection's forward(inputs, targets))"
-        );
+        super::takes_no_call_args(NAME, args, "forward(inputs, targets)")?;
         if !self.hard_mining {
             bail!(
                 "{NAME}: hard_mining=false is not implemented in MMDetection (NotImplementedError)"

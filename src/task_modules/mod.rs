@@ -20,9 +20,11 @@ use anyhow::{bail, Result};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
+pub(crate) use assigners::check_image;
 pub use assigners::{
-    bbox_overlaps, ATSSAssigner, AssignResult, DynamicSoftLabelAssigner, GtBatch, MaxIoUAssigner,
-    NegIouThr, TaskAlignedAssignResult, TaskAlignedAssigner, CHUNK_ELEMENTS,
+    bbox_overlaps, ATSSAssigner, AssignResult, BBoxL1Cost, DynamicSoftLabelAssigner, FocalLossCost,
+    GtBatch, IoUCost, MaxIoUAssigner, NegIouThr, TaskAlignedAssignResult, TaskAlignedAssigner,
+    TopkHungarianAssignResult, TopkHungarianAssigner, CHUNK_ELEMENTS,
 };
 pub use coders::{
     bbox2distance, distance2bbox, DeltaXYWHBBoxCoder, DistancePointBBoxCoder, MaxShape,
@@ -52,6 +54,8 @@ pub enum TaskModule {
     TaskAlignedAssigner(TaskAlignedAssigner),
     /// `DynamicSoftLabelAssigner`.
     DynamicSoftLabelAssigner(DynamicSoftLabelAssigner),
+    /// `TopkHungarianAssigner`.
+    TopkHungarianAssigner(TopkHungarianAssigner),
     /// `PseudoSampler`.
     PseudoSampler(PseudoSampler),
     /// `RandomSampler` (drawing on the device; see [`RandomSampler::with_mode`]).
@@ -81,12 +85,16 @@ pub fn build(config: &Value) -> Result<TaskModule> {
         Some("TaskAlignedAssigner") => {
             TaskModule::TaskAlignedAssigner(TaskAlignedAssigner::from_config(config)?)
         }
+        Some("TopkHungarianAssigner") => {
+            TaskModule::TopkHungarianAssigner(TopkHungarianAssigner::from_config(config)?)
+        }
         Some("PseudoSampler") => TaskModule::PseudoSampler(PseudoSampler::from_config(config)?),
         Some("RandomSampler") => TaskModule::RandomSampler(RandomSampler::from_config(config)?),
         other => bail!(
             "unknown task module type {other:?} (known: AnchorGenerator, MlvlPointGenerator, \
              DeltaXYWHBBoxCoder, DistancePointBBoxCoder, ATSSAssigner, MaxIoUAssigner, \
-             TaskAlignedAssigner, DynamicSoftLabelAssigner, PseudoSampler, RandomSampler)"
+             TaskAlignedAssigner, DynamicSoftLabelAssigner, TopkHungarianAssigner, PseudoSampler, \
+             RandomSampler)"
         ),
     })
 }

@@ -6,6 +6,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use tch::{Device, Kind, Layout, Tensor};
+use tch_detloss::losses::ae::ImageMatch;
 use tch_detloss::losses::{FocalLoss, QualityFocalLoss};
 use tch_detloss::testing::meta_like;
 use tch_detloss::{registry, AvgFactor, Loss, LossArgs, Reduction, Target};
@@ -19,6 +20,7 @@ struct Call {
     scores: Option<Tensor>,
     weight: Option<Tensor>,
     avg_factor: Option<Tensor>,
+    matches: Option<Vec<ImageMatch>>,
 }
 
 const N: i64 = 6;
@@ -43,8 +45,9 @@ fn valid_call(ty: &str) -> (String, Call) {
         scores: inp.scores,
         weight: None,
         avg_factor: Some(Tensor::from(3.0f32)),
+        matches: inp.matches,
     };
-    // TripletLoss takes no avg_factor, as MMDetection's.
+    // TripletLoss and AssociativeEmbeddingLoss take no avg_factor, as MMDetection's.
     if !matches!(self::call(loss.as_ref(), &call, false), Ok(Ok(_))) {
         call.avg_factor = None;
     }
@@ -103,6 +106,9 @@ fn call(loss: &dyn Loss, c: &Call, fused: bool) -> Outcome {
         }
         if let Some(w) = &c.weight {
             args = args.weight(w);
+        }
+        if let Some(m) = &c.matches {
+            args = args.corner_match(m);
         }
         let r = if fused {
             loss.forward(&c.pred, target, &args)
@@ -196,6 +202,7 @@ fn with(c: &Call, pos: Pos, t: Tensor) -> Call {
         } else {
             c.avg_factor.as_ref().map(Tensor::shallow_clone)
         },
+        matches: c.matches.clone(),
     }
 }
 
@@ -461,4 +468,206 @@ fn messages_name_what_was_passed() {
         )
         .unwrap();
     assert_eq!(out.size(), [0, 3]);
+}
+
+/// A DDQAuxLoss call's result, error message, or panic.
+type DdqOutcome = Result<Result<tch_detloss::losses::DDQAuxLosses, String>, String>;
+
+/// DDQAuxLoss (not a registered loss, so not in the matrix above): every malformed call is an
+/// error naming what is wrong, never a panic; the edge cases MMDetection handles give results.
+#[test]
+fn ddq_aux_loss_bad_inputs_are_errors_and_edges_are_results() {
+    use tch_detloss::losses::DDQAuxLoss;
+    let loss = DDQAuxLoss::from_config(&serde_json::json!({"type": "DDQAuxLoss"})).unwrap();
+    let opts = (Kind::Float, Device::Cpu);
+    let scores = Tensor::rand([2, 12, 3], opts);
+    let xy = Tensor::rand([2, 12, 2], opts) * 40.0;
+    let boxes = Tensor::cat(&[&xy, &(&xy + 20.0)], 2);
+    let gt = Tensor::from_slice(&[5.0f32, 5.0, 30.0, 40.0, 10.0, 0.0, 50.0, 20.0]).view([2, 4]);
+    let labels = Tensor::from_slice(&[2i64, 0]);
+    let none_b = Tensor::zeros([0, 4], opts);
+    let none_l = Tensor::zeros([0], (Kind::Int64, Device::Cpu));
+    let shapes = [(80, 96), (80, 96)];
+    let run = |s: &Tensor, b: &Tensor, g: &[Tensor], l: &[Tensor], sh: &[(i64, i64)]| {
+        catch_unwind(AssertUnwindSafe(|| {
+            loss.loss(s, b, g, l, sh).map_err(|e| format!("{e:#}"))
+        }))
+        .map_err(|_| "panic".to_string())
+    };
+    let gts = [gt.shallow_clone(), none_b.shallow_clone()];
+    let lbs = [labels.shallow_clone(), none_l.shallow_clone()];
+    let ok = run(&scores, &boxes, &gts, &lbs, &shapes).unwrap().unwrap();
+    assert_eq!(ok.aux_loss_cls.len(), 2);
+    // The image without ground truths: label weights 0, so both of its losses are 0.
+    assert_eq!(ok.aux_loss_cls[1].double_value(&[]), 0.0);
+    assert_eq!(ok.aux_loss_bbox[1].double_value(&[]), 0.0);
+    assert!(ok.aux_loss_cls[0].double_value(&[]) > 0.0);
+
+    let nan_scores = scores.copy();
+    let _ = nan_scores.get(0).get(3).fill_(f64::NAN);
+    let bad: Vec<(&str, DdqOutcome, &str)> = vec![
+        (
+            "2-dim scores",
+            run(&scores.get(0), &boxes, &gts, &lbs, &shapes),
+            "cls_scores",
+        ),
+        (
+            "boxes of 5",
+            run(
+                &scores,
+                &Tensor::cat(&[&boxes, &xy.narrow(2, 0, 1)], 2),
+                &gts,
+                &lbs,
+                &shapes,
+            ),
+            "bbox_preds",
+        ),
+        (
+            "float64",
+            run(
+                &scores.to_kind(Kind::Double),
+                &boxes.to_kind(Kind::Double),
+                &gts,
+                &lbs,
+                &shapes,
+            ),
+            "float32",
+        ),
+        (
+            "int scores",
+            run(&scores.to_kind(Kind::Int64), &boxes, &gts, &lbs, &shapes),
+            "cls_scores",
+        ),
+        (
+            "one gt list",
+            run(&scores, &boxes, &gts[..1], &lbs, &shapes),
+            "gt_bboxes",
+        ),
+        (
+            "label 3 of 3 classes",
+            run(
+                &scores,
+                &boxes,
+                &gts,
+                &[Tensor::from_slice(&[3i64, 0]), none_l.shallow_clone()],
+                &shapes,
+            ),
+            "gt_labels",
+        ),
+        (
+            "label -1",
+            run(
+                &scores,
+                &boxes,
+                &gts,
+                &[Tensor::from_slice(&[-1i64, 0]), none_l.shallow_clone()],
+                &shapes,
+            ),
+            "gt_labels",
+        ),
+        (
+            "float labels",
+            run(
+                &scores,
+                &boxes,
+                &gts,
+                &[labels.to_kind(Kind::Float), none_l.shallow_clone()],
+                &shapes,
+            ),
+            "gt_labels",
+        ),
+        (
+            "labels for 3 boxes",
+            run(
+                &scores,
+                &boxes,
+                &gts,
+                &[Tensor::from_slice(&[1i64, 0, 2]), none_l.shallow_clone()],
+                &shapes,
+            ),
+            "gt_labels",
+        ),
+        (
+            "float64 gts",
+            run(
+                &scores,
+                &boxes,
+                &[gt.to_kind(Kind::Double), none_b.shallow_clone()],
+                &lbs,
+                &shapes,
+            ),
+            "gt_bboxes",
+        ),
+        (
+            "NaN score",
+            run(&nan_scores, &boxes, &gts, &lbs, &shapes),
+            "NaN",
+        ),
+        (
+            "undefined scores",
+            run(&Tensor::new(), &boxes, &gts, &lbs, &shapes),
+            "undefined",
+        ),
+    ];
+    for (what, r, word) in bad {
+        match r {
+            Err(p) => panic!("{what}: {p}"),
+            Ok(Ok(_)) => panic!("{what}: accepted"),
+            Ok(Err(msg)) => assert!(
+                msg.contains("DDQAuxLoss") && msg.contains(word),
+                "{what}: {msg}"
+            ),
+        }
+    }
+    // Fewer queries than ground truths: no query is matched (topk = Q / G = 0), every query is
+    // background with weight 1, as in MMDetection.
+    let few = run(
+        &scores.narrow(1, 0, 1),
+        &boxes.narrow(1, 0, 1),
+        &gts,
+        &lbs,
+        &shapes,
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(few.aux_loss_bbox[0].double_value(&[]), 0.0);
+    // An empty batch gives empty lists.
+    let empty = run(
+        &scores.narrow(0, 0, 0),
+        &boxes.narrow(0, 0, 0),
+        &[],
+        &[],
+        &[],
+    )
+    .unwrap()
+    .unwrap();
+    assert!(empty.aux_loss_cls.is_empty() && empty.aux_loss_bbox.is_empty());
+    // Other assigners, costs and keys are config errors.
+    for (cfg, word) in [
+        (
+            serde_json::json!({"type": "DDQAuxLoss", "train_cfg": {"assigner": {"type": "TaskAlignedAssigner", "topk": 2}}}),
+            "TopkHungarianAssigner",
+        ),
+        (
+            serde_json::json!({"type": "DDQAuxLoss", "train_cfg": {"assigner": {"type": "TopkHungarianAssigner", "topk": 2, "cls_cost": {"type": "FocalLossCost", "binary_input": true}}}}),
+            "binary_input",
+        ),
+        (
+            serde_json::json!({"type": "DDQAuxLoss", "loss_cls": {"type": "NoSuchLoss"}}),
+            "NoSuchLoss",
+        ),
+        (
+            serde_json::json!({"type": "DDQAuxLoss", "gamma": 2.0}),
+            "gamma",
+        ),
+        (serde_json::json!({"type": "FocalLoss"}), "FocalLoss"),
+    ] {
+        let e = format!(
+            "{:#}",
+            DDQAuxLoss::from_config(&cfg)
+                .err()
+                .unwrap_or_else(|| panic!("{cfg} accepted"))
+        );
+        assert!(e.contains(word), "{cfg}: {e}");
+    }
 }

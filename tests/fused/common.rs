@@ -4,6 +4,7 @@
 
 use tch::{Device, Kind, Tensor};
 use tch_detloss::golden::rel_err;
+use tch_detloss::losses::ae::ImageMatch;
 use tch_detloss::{registry, AvgFactor, LossArgs, Reduction, Target};
 
 /// How a variant's target looks.
@@ -44,6 +45,9 @@ pub enum Tgt {
     /// sample that is its own only positive has a distance at the 1e-12 clamp, whose gradient
     /// is rounding noise below float64).
     Ids,
+    /// AssociativeEmbeddingLoss: pred and target (B, D, H, W) corner embeddings, B = min(N, 4)
+    /// images, D = 1 + C % 2, with 0 to 4 objects per image at random cells (`Inputs::matches`).
+    Corners,
 }
 
 /// One loss variant under test: a config dict and the target it takes.
@@ -64,9 +68,10 @@ pub struct Variant {
     /// bfloat16 its accuracy is torch's own, so there both paths are compared with each other
     /// in that dtype rather than with float64.
     pub stock: bool,
-    /// The loss reads the device back, as MMDetection's does (SeesawLoss's positives,
-    /// BoundedIoULoss's zero-weight short-cut, L2Loss's counts): left out of the GPU's sync-free
-    /// check.
+    /// The loss reads the device back or copies host data to it, as MMDetection's does
+    /// (SeesawLoss's positives, BoundedIoULoss's zero-weight short-cut, L2Loss's counts,
+    /// TripletLoss's negatives check, AssociativeEmbeddingLoss's match): left out of the GPU's
+    /// sync-free check.
     #[cfg_attr(not(feature = "gpu-tests"), allow(dead_code))]
     pub host_reads: bool,
 }
@@ -191,8 +196,24 @@ variant_table! { $
         host_reads: true,
         ..stock(r#"{"type": "MarginL2Loss", "neg_pos_ub": 2, "hard_mining": true}"#, Tgt::Binary)
     },
-        triplet => stock(r#"{"type": "TripletLoss"}"#, Tgt::Ids),
-    triplet_margin1_lw2 => stock(r#"{"type": "TripletLoss", "margin": 1.0, "loss_weight": 2.0}"#, Tgt::Ids),
+    // It reads back whether every sample has a negative (MMDetection's min() of nothing raises).
+    triplet => Variant {
+        host_reads: true,
+        ..stock(r#"{"type": "TripletLoss"}"#, Tgt::Ids)
+    },
+    triplet_margin1_lw2 => Variant {
+        host_reads: true,
+        ..stock(r#"{"type": "TripletLoss", "margin": 1.0, "loss_weight": 2.0}"#, Tgt::Ids)
+    },
+    // Its match is host data, copied to the device on each call.
+    ae => Variant {
+        host_reads: true,
+        ..stock(r#"{"type": "AssociativeEmbeddingLoss"}"#, Tgt::Corners)
+    },
+    ae_pull1_push0_5 => Variant {
+        host_reads: true,
+        ..stock(r#"{"type": "AssociativeEmbeddingLoss", "pull_weight": 1.0, "push_weight": 0.5}"#, Tgt::Corners)
+    },
     dfl => v(r#"{"type": "DistributionFocalLoss"}"#, Tgt::Distances),
     dfl_lw0_25 => v(r#"{"type": "DistributionFocalLoss", "loss_weight": 0.25, "reduction": "sum"}"#, Tgt::Distances),
     ghmc => Variant {
@@ -361,6 +382,8 @@ pub struct Inputs {
     pub pred: Tensor,
     pub target: Tensor,
     pub scores: Option<Tensor>,
+    /// AssociativeEmbeddingLoss's corner match.
+    pub matches: Option<Vec<ImageMatch>>,
 }
 
 impl Inputs {
@@ -374,11 +397,20 @@ impl Inputs {
         }
     }
 
+    /// `args` with this call's extra arguments (the corner match).
+    pub fn args<'a>(&'a self, args: LossArgs<'a>) -> LossArgs<'a> {
+        match &self.matches {
+            Some(m) => args.corner_match(m),
+            None => args,
+        }
+    }
+
     pub fn to_device(&self, device: Device) -> Inputs {
         Inputs {
             pred: self.pred.to_device(device),
             target: self.target.to_device(device),
             scores: self.scores.as_ref().map(|s| s.to_device(device)),
+            matches: self.matches.clone(),
         }
     }
 
@@ -393,6 +425,7 @@ impl Inputs {
             pred: self.pred.to_kind(kind),
             target: t,
             scores: self.scores.as_ref().map(|s| s.to_kind(kind)),
+            matches: self.matches.clone(),
         }
     }
 }
@@ -432,7 +465,7 @@ pub fn inputs(v: &Variant, n: i64, c: i64, kind: Kind, transposed: bool) -> Inpu
     }
     let labels = Tensor::randint(c + 1, [n], (Kind::Int64, Device::Cpu)); // c = background
     let some = |p: f64, shape: &[i64]| Tensor::rand(shape, opts).lt(p);
-    let (target, scores) = match v.tgt {
+    let (mut target, scores) = match v.tgt {
         Tgt::Labels => (labels, None),
         Tgt::LabelsScores => (labels, Some(Tensor::rand([n], opts).to_kind(kind))),
         Tgt::Dense | Tgt::DenseIgnore(_) => {
@@ -469,6 +502,7 @@ pub fn inputs(v: &Variant, n: i64, c: i64, kind: Kind, transposed: bool) -> Inpu
             let d = d.where_self(&some(0.8, &[n]), &d.floor());
             (d.to_kind(kind), None)
         }
+        Tgt::Corners => (Tensor::new(), None),
         Tgt::Ids => (
             Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder((n / 2).max(1)),
             None,
@@ -524,10 +558,29 @@ pub fn inputs(v: &Variant, n: i64, c: i64, kind: Kind, transposed: bool) -> Inpu
             (t.to_kind(kind), None)
         }
     };
+    let matches = (v.tgt == Tgt::Corners).then(|| {
+        let (b, d, h, w) = (n.min(4), 1 + c % 2, 5, 3 + c % 7);
+        let p = Tensor::randn([b, d, w, h], opts).to_kind(kind);
+        pred = if transposed {
+            p.transpose(2, 3)
+        } else {
+            p.transpose(2, 3).contiguous()
+        };
+        target = Tensor::randn([b, d, h, w], opts).to_kind(kind);
+        let cell = |hi: i64| Tensor::randint(hi, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]);
+        (0..b)
+            .map(|_| {
+                (0..cell(5))
+                    .map(|_| [[cell(h), cell(w)], [cell(h), cell(w)]])
+                    .collect::<ImageMatch>()
+            })
+            .collect::<Vec<_>>()
+    });
     Inputs {
         pred,
         target,
         scores,
+        matches,
     }
 }
 
@@ -741,7 +794,7 @@ pub fn check_variant(name: &str, kind: Kind, device: Device) {
                     if let Some(AvgFactor::Tensor(t)) = &args.avg_factor {
                         args.avg_factor = Some(AvgFactor::Tensor(t.to_device(device)));
                     }
-                    let fused = loss.forward(&pred, on_device.target(), &args);
+                    let fused = loss.forward(&pred, on_device.target(), &on_device.args(args));
 
                     // Unfused, in float64 on the same values, on the CPU.
                     let pred64 = inp
@@ -754,7 +807,7 @@ pub fn check_variant(name: &str, kind: Kind, device: Device) {
                     let want = reference.forward_unfused(
                         &pred64,
                         inp64.target(),
-                        &call_args(w64.as_ref(), red, avg, avg_tensor, Kind::Double),
+                        &inp64.args(call_args(w64.as_ref(), red, avg, avg_tensor, Kind::Double)),
                     );
                     let (out, want) = match (fused, want) {
                         (Ok(o), Ok(w)) => (o, w),
@@ -810,8 +863,9 @@ pub fn check_variant(name: &str, kind: Kind, device: Device) {
             }
         }
     }
-    // TripletLoss takes no call arguments: one reduction of each shape and layout runs.
-    let least = if v.tgt == Tgt::Ids {
+    // TripletLoss and AssociativeEmbeddingLoss take no call arguments: one reduction of each
+    // shape and layout runs.
+    let least = if matches!(v.tgt, Tgt::Ids | Tgt::Corners) {
         2 * 2
     } else {
         2 * REDUCTIONS.len() * 2
@@ -845,6 +899,7 @@ fn check_stock_half(v: &Variant, kind: Kind, device: Device) {
             }
             let run = |fused: bool| {
                 let pred = inp.pred.detach().set_requires_grad(true);
+                let args = inp.args(args.clone());
                 let out = if fused {
                     fused_loss.forward(&pred, inp.target(), &args)
                 } else {
@@ -869,7 +924,7 @@ fn check_stock_half(v: &Variant, kind: Kind, device: Device) {
             }
         }
     }
-    let least = if v.tgt == Tgt::Ids {
+    let least = if matches!(v.tgt, Tgt::Ids | Tgt::Corners) {
         2
     } else {
         REDUCTIONS.len()

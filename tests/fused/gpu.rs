@@ -182,8 +182,16 @@ fn fused_steps_never_synchronize() {
                 .find(|(name, _)| !name.contains("zeros"))
                 .and_then(|(_, w)| w)
                 .map(|w| w.to_kind(Kind::Float).to_device(d));
+            // TripletLoss takes no avg_factor.
             let af = Tensor::from(17.0f32).to_device(d);
-            (name, loss, inp, w, af)
+            let takes_af = loss
+                .forward(
+                    &inp.pred,
+                    inp.target(),
+                    &inp.args(LossArgs::new().avg_factor(&af)),
+                )
+                .is_ok();
+            (name, loss, inp, w, takes_af.then_some(af))
         })
         .collect();
     // One call of each first: CrossEntropyLoss copies its class_weight to the device then (once).
@@ -192,7 +200,9 @@ fn fused_steps_never_synchronize() {
         if let Some(w) = w {
             args = args.weight(w);
         }
-        let _ = loss.forward(&inp.pred, inp.target(), &args).unwrap();
+        let _ = loss
+            .forward(&inp.pred, inp.target(), &inp.args(args))
+            .unwrap();
     }
     tch::Cuda::synchronize(0);
     {
@@ -204,12 +214,15 @@ fn fused_steps_never_synchronize() {
         );
         for (name, loss, inp, w, af) in &prepared {
             let pred = inp.pred.detach().set_requires_grad(true);
-            let mut args = LossArgs::new().avg_factor(af);
+            let mut args = LossArgs::new();
+            if let Some(af) = af {
+                args = args.avg_factor(af);
+            }
             if let Some(w) = w {
                 args = args.weight(w);
             }
             let l = loss
-                .forward(&pred, inp.target(), &args)
+                .forward(&pred, inp.target(), &inp.args(args))
                 .unwrap_or_else(|e| panic!("{name}: {e:#}"));
             let g = Tensor::f_run_backward(&[&l], &[&pred], false, false)
                 .unwrap_or_else(|e| panic!("{name} backward: {e}"));

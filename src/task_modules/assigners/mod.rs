@@ -1,4 +1,5 @@
-//! MMDetection's assigners (`mmdet/models/task_modules/assigners/`), batched over images.
+//! MMDetection's assigners (`mmdet/models/task_modules/assigners/`), batched over images
+//! (all but [`TopkHungarianAssigner`], whose matching runs on the host one image at a time).
 //!
 //! Ground truths come padded to one count per batch, `(B, G, 4)` with a `(B, G)` validity mask,
 //! and every result is a tensor over all priors, `(B, N)`, computed with tensor ops only: no
@@ -8,16 +9,21 @@
 
 mod atss;
 mod dynamic_soft_label;
+mod match_cost;
 mod max_iou;
 mod task_aligned;
+mod topk_hungarian;
 
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
 pub use atss::ATSSAssigner;
 pub use dynamic_soft_label::DynamicSoftLabelAssigner;
+pub use match_cost::{BBoxL1Cost, FocalLossCost, IoUCost};
 pub use max_iou::{MaxIoUAssigner, NegIouThr};
 pub use task_aligned::{TaskAlignedAssignResult, TaskAlignedAssigner};
+pub(crate) use topk_hungarian::check_image;
+pub use topk_hungarian::{TopkHungarianAssignResult, TopkHungarianAssigner};
 
 /// The default size, in elements, of one `(B, N, chunk of G)` intermediate: above it assigners
 /// work through the ground truths in chunks (each assigner's `chunk_elements`).
