@@ -219,14 +219,11 @@ fn call(
         None => Target::Tensor(&target),
     };
     let parts = loss.forward_parts(&pred_arg, target_arg, &args)?;
-    let mut total: Option<Tensor> = None;
-    for (_, t) in &parts {
-        let s = t.f_sum(Kind::Double)?;
-        total = Some(match total {
-            Some(acc) => acc.f_add(&s)?,
-            None => s,
-        });
-    }
+    let sums = parts
+        .iter()
+        .map(|(_, t)| t.f_sum(Kind::Double))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let total = crate::losses::sum_in_order(sums)?;
     let backward = match total {
         Some(total) if total.requires_grad() => total.f_backward().map_err(anyhow::Error::from),
         _ => Ok(()),
@@ -492,14 +489,8 @@ fn run_ddq_case(case: &Case) -> Result<Outcome> {
             ge = ge.max(rel_err(g, &want(&key)?).context(key)?);
         }
     }
-    let mut total: Option<Tensor> = None;
-    for (_, t) in &parts {
-        total = Some(match total {
-            Some(a) => a.f_add(t)?,
-            None => t.shallow_clone(),
-        });
-    }
-    let total = total.ok_or_else(|| anyhow!("no loss"))?;
+    let total = crate::losses::sum_in_order(parts.iter().map(|(_, t)| t.shallow_clone()))?
+        .ok_or_else(|| anyhow!("no loss"))?;
     let g = grads(&total, false)?;
     for (which, g) in ["pred", "bbox_preds"].iter().zip(&g) {
         let key = format!("grad_{which}");

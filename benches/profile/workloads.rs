@@ -329,8 +329,6 @@ pub struct Inputs {
     pub weight: Option<Tensor>,
     /// The number of positives (at least 1), a 0-dim float32 tensor on the device.
     pub avg_factor: Option<Tensor>,
-    /// AssociativeEmbeddingLoss's corner match.
-    pub matches: Option<Vec<ImageMatch>>,
 }
 
 /// The target a loss gets from its head.
@@ -339,12 +337,14 @@ pub enum TargetData {
     One(Tensor),
     /// QualityFocalLoss: the labels and the IoU quality of each positive (0 for negatives).
     LabelsScores(Tensor, Tensor),
+    /// AssociativeEmbeddingLoss: the bottom-right embeddings and the corner match.
+    Corners(Tensor, Vec<ImageMatch>),
 }
 
 impl Inputs {
     pub fn target(&self) -> Target<'_> {
         match &self.target {
-            TargetData::One(t) => Target::Tensor(t),
+            TargetData::One(t) | TargetData::Corners(t, _) => Target::Tensor(t),
             TargetData::LabelsScores(labels, scores) => Target::LabelsScores { labels, scores },
         }
     }
@@ -357,7 +357,7 @@ impl Inputs {
         if let Some(a) = &self.avg_factor {
             args = args.avg_factor(a);
         }
-        if let Some(m) = &self.matches {
+        if let TargetData::Corners(_, m) = &self.target {
             args = args.corner_match(m);
         }
         args
@@ -369,7 +369,7 @@ impl Inputs {
         let bytes = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
         let pred = (self.pred.numel() * self.kind.elt_size_in_bytes()) as u64;
         let side = match &self.target {
-            TargetData::One(t) => bytes(t),
+            TargetData::One(t) | TargetData::Corners(t, _) => bytes(t),
             TargetData::LabelsScores(l, s) => bytes(l) + bytes(s),
         } + self.weight.as_ref().map_or(0, bytes);
         let read = pred + side;
@@ -402,7 +402,6 @@ fn anchors(n: i64, c: i64, kind: Kind, device: Device) -> Result<(Inputs, Tensor
         target: TargetData::One(labels.shallow_clone()),
         weight: Some(weight),
         avg_factor: Some(avg_factor),
-        matches: None,
     };
     Ok((inputs, labels, positive))
 }
@@ -464,7 +463,6 @@ fn track_matches(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
         ),
         weight: None,
         avg_factor: None,
-        matches: None,
     })
 }
 
@@ -476,7 +474,6 @@ fn reid_embeddings(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs>
         target: TargetData::One(Tensor::f_arange(n, (Kind::Int64, device))?.f_remainder(n / 4)?),
         weight: None,
         avg_factor: None,
-        matches: None,
     })
 }
 
@@ -503,10 +500,9 @@ fn corner_embeddings(n: i64, c: i64, kind: Kind, device: Device) -> Result<Input
     Ok(Inputs {
         kind,
         pred: maps()?.f_set_requires_grad(true)?,
-        target: TargetData::One(maps()?),
+        target: TargetData::Corners(maps()?, matches),
         weight: None,
         avg_factor: None,
-        matches: Some(matches),
     })
 }
 
@@ -603,7 +599,6 @@ fn dense_queries(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
         target: TargetData::LabelsScores(labels, boxes(g)?.f_to_kind(kind)?),
         weight: None,
         avg_factor: None,
-        matches: None,
     })
 }
 
@@ -626,7 +621,6 @@ fn heatmaps(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
         target: TargetData::One(heat.f_to_kind(kind)?),
         weight: None,
         avg_factor: Some(peaks.f_sum(Kind::Float)?.f_clamp_min(1.0)?),
-        matches: None,
     })
 }
 
@@ -642,7 +636,6 @@ fn roi_classes(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
         target: TargetData::One(labels),
         weight: Some(Tensor::f_ones([n], (Kind::Float, device))?),
         avg_factor: Some(Tensor::from(n as f32).f_to_device(device)?),
-        matches: None,
     })
 }
 
@@ -661,7 +654,6 @@ fn side_distributions(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inpu
         ),
         weight: Some(Tensor::f_rand([n], f32s)?),
         avg_factor: Some(Tensor::from(n as f32 / 4.0).f_to_device(device)?),
-        matches: None,
     })
 }
 
@@ -673,7 +665,6 @@ fn teacher_distributions(n: i64, c: i64, kind: Kind, device: Device) -> Result<I
         target: TargetData::One(logits(n, c, kind, device, 0.0)?.f_detach()?),
         weight: Some(Tensor::f_rand([n], (Kind::Float, device))?),
         avg_factor: Some(Tensor::from(n as f32 / 4.0).f_to_device(device)?),
-        matches: None,
     })
 }
 
@@ -689,7 +680,6 @@ fn instance_masks(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> 
         ),
         weight: None,
         avg_factor: Some(Tensor::from(n as f32).f_to_device(device)?),
-        matches: None,
     })
 }
 
@@ -719,7 +709,6 @@ fn all_anchor_boxes(n: i64, _c: i64, kind: Kind, device: Device) -> Result<Input
         pred,
         target: TargetData::One(target),
         avg_factor: Some(positive.f_sum(Kind::Float)?.f_clamp_min(1.0)?),
-        matches: None,
         weight: Some(positive.f_to_kind(kind)?),
     })
 }
@@ -733,7 +722,6 @@ fn positive_boxes(n: i64, _c: i64, kind: Kind, device: Device) -> Result<Inputs>
         pred,
         target: TargetData::One(target),
         avg_factor: Some(weight.f_sum(Kind::Float)?),
-        matches: None,
         weight: Some(weight),
     })
 }
@@ -760,7 +748,6 @@ fn anchor_deltas(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
         pred,
         target: TargetData::One(target.f_to_kind(kind)?),
         avg_factor: Some(positive.f_sum(Kind::Float)?.f_clamp_min(1.0)?),
-        matches: None,
         weight: Some(
             positive
                 .f_expand([n, c], false)?
@@ -784,7 +771,6 @@ fn ghm_deltas(n: i64, c: i64, kind: Kind, device: Device) -> Result<Inputs> {
         pred,
         target: TargetData::One(target.f_to_kind(kind)?),
         avg_factor: None,
-        matches: None,
         weight: Some(
             sampled
                 .f_expand([n, c], false)?

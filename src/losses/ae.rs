@@ -5,7 +5,7 @@ use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::single_target;
+use super::{single_target, sum_in_order, sum_times_zero};
 use crate::{LossArgs, Target};
 
 pub(crate) const NAME: &str = "AssociativeEmbeddingLoss";
@@ -80,11 +80,7 @@ impl AssociativeEmbeddingLoss {
         args: &LossArgs<'_>,
     ) -> Result<(Tensor, Tensor)> {
         let target = single_target(NAME, target)?;
-        let args_without_match = LossArgs {
-            corner_match: None,
-            ..args.clone()
-        };
-        super::takes_no_call_args(NAME, &args_without_match, "forward(pred, target, match)")?;
+        super::takes_no_call_args(NAME, args, "forward(pred, target, match)")?;
         crate::checks::floating(NAME, "pred", pred)?;
         crate::checks::floating(NAME, "target", target)?;
         ensure!(
@@ -115,11 +111,7 @@ impl AssociativeEmbeddingLoss {
             "{NAME}: corner_match has {} images, pred {b}",
             matches.len()
         );
-        let zero = || -> Result<Tensor> { Ok(pred.f_sum(None::<Kind>)?.f_mul_scalar(0.0)?) };
-        if b == 0 {
-            return Ok((zero()?, zero()?));
-        }
-        let (mut pull_all, mut push_all) = (None::<Tensor>, None::<Tensor>);
+        let (mut pulls, mut pushes) = (Vec::new(), Vec::new());
         for (i, m) in matches.iter().enumerate() {
             for (k, [[ty, tx], [by, bx]]) in m.iter().enumerate() {
                 for (what, y, x) in [("top-left", ty, tx), ("bottom-right", by, bx)] {
@@ -134,22 +126,13 @@ impl AssociativeEmbeddingLoss {
                 &target.f_select(0, i as i64)?,
                 m,
             )?;
-            let (pull, push) = (
-                pull.f_mul_scalar(self.pull_weight)?,
-                push.f_mul_scalar(self.push_weight)?,
-            );
-            pull_all = Some(match pull_all {
-                Some(a) => a.f_add(&pull)?,
-                None => pull,
-            });
-            push_all = Some(match push_all {
-                Some(a) => a.f_add(&push)?,
-                None => push,
-            });
+            pulls.push(pull.f_mul_scalar(self.pull_weight)?);
+            pushes.push(push.f_mul_scalar(self.push_weight)?);
         }
-        match (pull_all, push_all) {
+        match (sum_in_order(pulls)?, sum_in_order(pushes)?) {
             (Some(pull), Some(push)) => Ok((pull, push)),
-            _ => Ok((zero()?, zero()?)),
+            // An empty batch.
+            _ => Ok((sum_times_zero(pred)?, sum_times_zero(pred)?)),
         }
     }
 
@@ -161,9 +144,8 @@ impl AssociativeEmbeddingLoss {
 
 /// `ae_loss_per_image`: one image's `(pull, push)` from its embeddings `(D, H, W)`.
 fn per_image(tl: &Tensor, br: &Tensor, m: &ImageMatch) -> Result<(Tensor, Tensor)> {
-    let zero = || -> Result<Tensor> { Ok(tl.f_sum(None::<Kind>)?.f_mul_scalar(0.0)?) };
     if m.is_empty() {
-        return Ok((zero()?, zero()?));
+        return Ok((sum_times_zero(tl)?, sum_times_zero(tl)?));
     }
     let cells = |pick: fn(&[[i64; 2]; 2]) -> [i64; 2]| -> Result<(Tensor, Tensor)> {
         let (ys, xs): (Vec<i64>, Vec<i64>) = m.iter().map(|c| (pick(c)[0], pick(c)[1])).unzip();
@@ -190,7 +172,7 @@ fn per_image(tl: &Tensor, br: &Tensor, m: &ImageMatch) -> Result<(Tensor, Tensor
         .f_sum(None::<Kind>)?
         .f_div_scalar(n as f64)?;
     if n == 1 {
-        return Ok((pull, zero()?));
+        return Ok((pull, sum_times_zero(tl)?));
     }
     let conf = me
         .f_expand([n, n, 1], false)?

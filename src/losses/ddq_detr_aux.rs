@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
+use super::{sum_in_order, sum_times_zero};
 use crate::task_modules::{check_image, TopkHungarianAssigner};
 use crate::{registry, Loss, LossArgs, Target};
 
@@ -167,14 +168,8 @@ impl DDQAuxLoss {
         unfused: bool,
     ) -> Result<DDQAuxLosses> {
         let targets = self.get_targets(cls_scores, bbox_preds, gt_bboxes, gt_labels, img_shapes)?;
-        let (mut cls, mut bbox, mut cls_sum, mut bbox_sum) =
-            (Vec::new(), Vec::new(), None::<Tensor>, None::<Tensor>);
-        let add = |acc: Option<Tensor>, t: Tensor| -> Result<Tensor> {
-            Ok(match acc {
-                Some(a) => a.f_add(&t)?,
-                None => t,
-            })
-        };
+        let (mut cls, mut bbox, mut cls_terms, mut bbox_terms) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (i, t) in targets.iter().enumerate() {
             let (c, b, cf, bf) = self
                 .loss_single(
@@ -186,9 +181,10 @@ impl DDQAuxLoss {
                 .with_context(|| format!("{NAME}: image {i}"))?;
             cls.push(c);
             bbox.push(b);
-            cls_sum = Some(add(cls_sum, cf)?);
-            bbox_sum = Some(add(bbox_sum, bf)?);
+            cls_terms.push(cf);
+            bbox_terms.push(bf);
         }
+        let (cls_sum, bbox_sum) = (sum_in_order(cls_terms)?, sum_in_order(bbox_terms)?);
         // `reduce_mean(sum(...)).clamp_(min=1)`, kept on the device (MMDetection's `.item()`
         // reads it back; dividing by the 0-dim tensor gives the same float32 quotient).
         let divisor = |s: Option<Tensor>| -> Result<Option<Tensor>> {
@@ -360,7 +356,7 @@ impl DDQAuxLoss {
             (l, w)
         } else {
             (
-                boxes.f_sum(None::<Kind>)?.f_mul_scalar(0.0)?,
+                sum_times_zero(boxes)?,
                 Tensor::f_zeros([], (t.bbox_targets.kind(), t.bbox_targets.device()))?,
             )
         };

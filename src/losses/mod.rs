@@ -216,6 +216,25 @@ fn check_tensors(name: &str, pred: &Tensor, target: Target<'_>, args: &LossArgs<
     Ok(())
 }
 
+/// MMDetection's `x.sum() * 0`: a zero that keeps `x` in the graph (with a zero gradient), the
+/// result of a loss over nothing.
+pub(crate) fn sum_times_zero(x: &Tensor) -> Result<Tensor> {
+    Ok(x.f_sum(None::<tch::Kind>)?.f_mul_scalar(0.0)?)
+}
+
+/// The sum of `terms` from left to right, as Python's `sum()` or a `+=` loop adds them; None
+/// for no terms.
+pub(crate) fn sum_in_order(terms: impl IntoIterator<Item = Tensor>) -> Result<Option<Tensor>> {
+    let mut acc: Option<Tensor> = None;
+    for t in terms {
+        acc = Some(match acc {
+            Some(a) => a.f_add(&t)?,
+            None => t,
+        });
+    }
+    Ok(acc)
+}
+
 /// BCE-with-logits without reduction, as `F.binary_cross_entropy_with_logits(..., reduction='none')`.
 pub(crate) fn bce_with_logits(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     Ok(pred.f_binary_cross_entropy_with_logits::<Tensor>(

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tch::Tensor;
 
-use super::bbox_overlaps;
+use super::{bbox_gious, bbox_overlaps};
 use crate::registry::parse_config;
 
 /// Parses a cost config of type `ty`.
@@ -183,32 +183,4 @@ impl IoUCost {
         };
         Ok(overlaps.f_mul_scalar(-self.weight)?)
     }
-}
-
-/// MMDetection's `bbox_overlaps(b1, b2, mode='giou')`, not aligned: `(R, 4)` against `(C, 4)`
-/// gives `(R, C)`, union and enclosing area clamped at 1e-6.
-pub(crate) fn bbox_gious(b1: &Tensor, b2: &Tensor) -> Result<Tensor> {
-    let (r1, r2) = (b1.f_unsqueeze(-2)?, b2.f_unsqueeze(-3)?);
-    let c1 = |k: i64| r1.f_select(-1, k);
-    let c2 = |k: i64| r2.f_select(-1, k);
-    let area = |c: &dyn Fn(i64) -> tch::Result<Tensor>| -> Result<Tensor> {
-        Ok(c(2)?.f_sub(&c(0)?)?.f_mul(&c(3)?.f_sub(&c(1)?)?)?)
-    };
-    let (a1, a2) = (area(&c1)?, area(&c2)?);
-    let side = |lo: i64, hi: i64, inner: bool| -> Result<Tensor> {
-        let (l, h) = if inner {
-            (c1(lo)?.f_maximum(&c2(lo)?)?, c1(hi)?.f_minimum(&c2(hi)?)?)
-        } else {
-            (c1(lo)?.f_minimum(&c2(lo)?)?, c1(hi)?.f_maximum(&c2(hi)?)?)
-        };
-        Ok(h.f_sub(&l)?.f_clamp_min(0.0)?)
-    };
-    let overlap = side(0, 2, true)?.f_mul(&side(1, 3, true)?)?;
-    let eps = Tensor::f_full([1], 1e-6, (overlap.kind(), overlap.device()))?;
-    let union = a1.f_add(&a2)?.f_sub(&overlap)?.f_maximum(&eps)?;
-    let ious = overlap.f_div(&union)?;
-    let enclose = side(0, 2, false)?
-        .f_mul(&side(1, 3, false)?)?
-        .f_maximum(&eps)?;
-    Ok(ious.f_sub(&enclose.f_sub(&union)?.f_div(&enclose)?)?)
 }

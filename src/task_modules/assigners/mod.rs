@@ -159,6 +159,23 @@ impl GtBatch {
 /// time: `(..., R, 1)` against `(..., 1, C)` planes, so that every pass runs along the last
 /// dimension of the result rather than along pairs of coordinates; the wide side belongs last.
 pub fn bbox_overlaps(b1: &Tensor, b2: &Tensor, iof: bool) -> Result<Tensor> {
+    pairwise_overlaps(b1, b2, if iof { Mode::Iof } else { Mode::Iou })
+}
+
+/// [`bbox_overlaps`] in mode 'giou': the IoU minus the enclosing box's area outside the union
+/// over the enclosing area (clamped at `eps` too).
+pub(crate) fn bbox_gious(b1: &Tensor, b2: &Tensor) -> Result<Tensor> {
+    pairwise_overlaps(b1, b2, Mode::Giou)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Iou,
+    Iof,
+    Giou,
+}
+
+fn pairwise_overlaps(b1: &Tensor, b2: &Tensor, mode: Mode) -> Result<Tensor> {
     // Each box tensor as 4 contiguous coordinate planes.
     let planes = |b: &Tensor| -> Result<Tensor> { Ok(b.f_movedim(-1, 0)?.f_contiguous()?) };
     let (p1, p2) = (planes(b1)?, planes(b2)?);
@@ -166,13 +183,29 @@ pub fn bbox_overlaps(b1: &Tensor, b2: &Tensor, iof: bool) -> Result<Tensor> {
     let (a1, a2) = (area(&p1).unsqueeze(-1), area(&p2).unsqueeze(-2));
     let c1 = |j: i64| p1.get(j).unsqueeze(-1); // (..., R, 1)
     let c2 = |j: i64| p2.get(j).unsqueeze(-2); // (..., 1, C)
-    let side = |lo: i64, hi: i64| -> Result<Tensor> {
-        Ok((c1(hi).f_minimum(&c2(hi))? - c1(lo).f_maximum(&c2(lo))?).f_clamp_min(0.0)?)
+                                               // The overlap's side (min of the highs minus max of the lows), or the enclosing box's.
+    let side = |lo: i64, hi: i64, enclosing: bool| -> Result<Tensor> {
+        let (h, l) = if enclosing {
+            (c1(hi).f_maximum(&c2(hi))?, c1(lo).f_minimum(&c2(lo))?)
+        } else {
+            (c1(hi).f_minimum(&c2(hi))?, c1(lo).f_maximum(&c2(lo))?)
+        };
+        Ok((h - l).f_clamp_min(0.0)?)
     };
-    let overlap = side(0, 2)? * side(1, 3)?;
-    let union = if iof { a1 } else { a1 + a2 - &overlap };
+    let overlap = side(0, 2, false)? * side(1, 3, false)?;
+    let union = if mode == Mode::Iof {
+        a1
+    } else {
+        a1 + a2 - &overlap
+    };
     let eps = Tensor::f_full([1], 1e-6, (union.kind(), union.device()))?;
-    Ok(overlap / union.f_maximum(&eps)?)
+    let union = union.f_maximum(&eps)?;
+    let ious = overlap / &union;
+    if mode != Mode::Giou {
+        return Ok(ious);
+    }
+    let enclose = (side(0, 2, true)? * side(1, 3, true)?).f_maximum(&eps)?;
+    Ok(ious - (&enclose - union) / enclose)
 }
 
 /// Box centres `(..., 2)` as MMDetection computes them, `(x1 + x2) / 2`.
