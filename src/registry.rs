@@ -100,15 +100,11 @@ pub fn build(config: &Value) -> Result<Box<dyn Loss>> {
     let m = REGISTRY
         .read()
         .map_err(|_| anyhow!("the loss registry lock is poisoned"))?;
+    // MMDetection's KeyError text (DDQAuxLoss, which neither registers, meets it too), then
+    // what is registered.
     let builder = m.get(ty).ok_or_else(|| {
-        if ty == crate::losses::ddq_detr_aux::NAME {
-            // MMDetection's KeyError for the one loss class it does not register.
-            return anyhow!(
-                "{ty} is not in the mmdet::model registry. Please check whether the value of `{ty}` is correct or it was registered as expected. (MMDetection does not register it; a head builds it with losses::DDQAuxLoss::from_config.)"
-            );
-        }
         anyhow!(
-            "unknown loss type {ty:?}; registered: {}",
+            "{ty} is not in the mmdet::model registry. Please check whether the value of `{ty}` is correct or it was registered as expected. Registered: {}",
             m.keys().cloned().collect::<Vec<_>>().join(", ")
         )
     })?;
