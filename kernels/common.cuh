@@ -93,7 +93,9 @@ struct ArgsField {
 // MMDetection's zero-weight short-cut (L1, SmoothL1, the IoU family): where no weight is > 0 the
 // result is sum(pred * weight), unreduced and unscaled, and its gradient the weight. The forward
 // pass decides it on the device (partial slots below) and writes the decision to `shortcut`, where
-// the backward pass reads it.
+// the backward pass reads it. PLAIN_MEAN: 'mean' over the count of valid rows (AVG_COUNT_VALID)
+// is torch's mean of those rows alone, the sum divided by the count without eps, and 0 for none
+// (SeesawLoss's mean over its positives).
 enum : int32_t {
   FLAG_ACTIVATED = 1,
   FLAG_IOU_WEIGHTED = 2,
@@ -101,6 +103,7 @@ enum : int32_t {
   FLAG_STRICT_LABELS = 8,
   FLAG_SIGMOID = 16,
   FLAG_SHORTCUT = 64,
+  FLAG_PLAIN_MEAN = 128,
 };
 // What `target` holds: a dense [n, c] T tensor, [n] int64 class indices (with [n] T scores in
 // `score`), or one T value per row ([n], DFL's distance).
@@ -132,11 +135,16 @@ constexpr double AVG_FACTOR_EPS = 1.1920928955078125e-07;
 // The divisor of the reduction, as MMDetection's weight_reduce_loss: avg_factor + eps (the
 // avg_factor tensor is read where the kernel runs), else the element count (per anchor for
 // row-sum losses) for a plain mean, and 1 for 'sum' and 'none'.
+template <class A> DL_HD A count_divisor(const Args& a, A count) {
+  if (a.flags & FLAG_PLAIN_MEAN) return count > A(0) ? count : A(1);  // the sum is 0 without rows
+  return count + A(AVG_FACTOR_EPS);
+}
 template <class A> DL_HD A reduction_divisor(const Args& a) {
   if (a.reduction != RED_MEAN) return A(1);
   if (a.has_avg_factor == AVG_VALUE) return A(a.avg_factor_value + AVG_FACTOR_EPS);
   // AVG_COUNT_VALID: the count is in place by the time a pass reads it (see the executors).
-  if (a.has_avg_factor >= AVG_TENSOR) return *reinterpret_cast<const A*>(a.avg_factor) + A(AVG_FACTOR_EPS);
+  if (a.has_avg_factor == AVG_COUNT_VALID) return count_divisor(a, *reinterpret_cast<const A*>(a.avg_factor));
+  if (a.has_avg_factor == AVG_TENSOR) return *reinterpret_cast<const A*>(a.avg_factor) + A(AVG_FACTOR_EPS);
   return A((a.flags & FLAG_ROW_SUM) ? a.n : a.n * a.c);
 }
 
@@ -166,6 +174,19 @@ DL_HD double dl_pow(double x, double y) { return pow(x, y); }
 
 DL_HD float dl_sqrt(float x) { return sqrtf(x); }
 DL_HD double dl_sqrt(double x) { return sqrt(x); }
+// torch's pow(tensor, scalar exponent): its exact special cases (0, 1, 0.5, 2, 3, -0.5, -1, -2),
+// else pow() with the exponent in the tensor's type.
+template <class A> DL_HD A torch_pow(A x, A e) {
+  if (e == A(0)) return A(1);
+  if (e == A(1)) return x;
+  if (e == A(0.5)) return dl_sqrt(x);
+  if (e == A(2)) return x * x;
+  if (e == A(3)) return x * x * x;
+  if (e == A(-0.5)) return A(1) / dl_sqrt(x);
+  if (e == A(-1)) return A(1) / x;
+  if (e == A(-2)) return A(1) / (x * x);
+  return dl_pow(x, e);
+}
 DL_HD float dl_atan(float x) { return atanf(x); }
 DL_HD double dl_atan(double x) { return atan(x); }
 DL_HD float dl_asin(float x) { return asinf(x); }
@@ -239,23 +260,50 @@ template <class A> DL_HD A prob_guard(A p, A v) { return (p >= A(0) && p <= A(1)
 //                    with zero weights for the negatives); the zero-weight short-cut
 //                    (FLAG_SHORTCUT) is compiled in.
 // A row functor derives from RowBody and has `SparseTarget<A> target(int64_t label, A value)`: the
-// row executor computes the cross-entropy of the row's softmax against that target.
+// row executor computes the cross-entropy of the row's softmax against that target. A scan-row
+// functor derives from ScanRowBody instead, for a row loss that needs more of its row than that
+// (a dense target row, logits re-weighted from the row's own softmax): the executor hands it a
+// scan `s` of the row, a loop on the CPU and the row's warp on a device, with
+//   s.x(j), s.t(j)   pred and the dense target at column j (accumulation type); s.label, the
+//                    class-index target; s.c, the row length;
+//   s.sum(m, f), s.lse(m, f)  the sum and the log-sum-exp of f(j) over the row's first m columns:
+//                    every thread of the row gets the same value, so a body branches on them
+//                    freely;
+//   s.write(f)       the row's gradient, g[j] = f(j);
+// and the functor has
+//   RowCheck check(const S& s)                   whether the row counts and whether its target is bad;
+//   A forward(const S& s, double* stat)          the row's loss, unweighted, leaving SCAN_STATS values
+//                                                in stat for the backward pass;
+//   void backward(const S& s, const double* stat, A coef)  s.write(coef * d loss / d x_j).
+// The reductions run in the type f returns, so a body may compute wider than A.
 // A box functor derives from BoxBody and has `A eval(const A (&p)[4], const A (&t)[4], A (&g)[4])`:
 // the loss of one xyxy box pair, writing its gradient with respect to p to g (box.cuh).
 struct ElementBody {
   static constexpr int SHAPE = SHAPE_ELEMENT;
   static constexpr bool LABEL_TARGETS = false, ELEMENT_WEIGHTS = true, COLUMN_PARAM = false,
-                        IGNORE_INDEX = false, HISTOGRAM = false, MASKED_WEIGHTS = false;
+                        IGNORE_INDEX = false, HISTOGRAM = false, MASKED_WEIGHTS = false, SCAN = false;
 };
 struct RowBody {
   static constexpr int SHAPE = SHAPE_ROW;
   static constexpr bool LABEL_TARGETS = true, ELEMENT_WEIGHTS = false, COLUMN_PARAM = false,
-                        IGNORE_INDEX = false, HISTOGRAM = false, MASKED_WEIGHTS = false;
+                        IGNORE_INDEX = false, HISTOGRAM = false, MASKED_WEIGHTS = false, SCAN = false;
+};
+struct ScanRowBody : RowBody {
+  static constexpr bool SCAN = true;
+};
+// The values per row a scan-row body keeps from its forward pass for the backward pass: doubles,
+// so that a body computing in double keeps its precision (the row_stat buffer is float64, this
+// many per row, for every row body; the row executor's log-sum-exps take its first n values of A).
+constexpr int SCAN_STATS = 2;
+// A scan row's standing: `valid` false leaves it out (loss 0, not counted), `bad` marks its target
+// out of range (an error on the CPU, NaN on a device).
+struct RowCheck {
+  bool valid, bad;
 };
 struct BoxBody {
   static constexpr int SHAPE = SHAPE_BOX;
   static constexpr bool LABEL_TARGETS = false, ELEMENT_WEIGHTS = true, COLUMN_PARAM = false,
-                        IGNORE_INDEX = false, HISTOGRAM = false, MASKED_WEIGHTS = true;
+                        IGNORE_INDEX = false, HISTOGRAM = false, MASKED_WEIGHTS = true, SCAN = false;
 };
 
 // v * w, or exactly 0 where a MASKED_WEIGHTS body's weight is 0.

@@ -564,6 +564,129 @@ template <class E, class T> int64_t row_backward(const Args& args) {
   return 0;
 }
 
+// ---- Scan-row bodies: the body scans its row through a HostScan (common.cuh, ScanRowBody).
+// Each reduction first writes f(j) to the row's buffer, a loop that vectorizes where f does, then
+// reduces the buffer in fixed lanes.
+template <class T, class A> struct HostScan {
+  const T* xr;
+  const T* tr;    // the dense target row (TARGET_DENSE), else null
+  int64_t label;  // the class-index target (TARGET_LABELS), else -1
+  int64_t c;
+  T* g;           // the row's gradient (write), else null
+  double* space;  // c values of any type up to double: the reductions' buffer
+  DL_HD A x(int64_t j) const { return ld<T, A>(xr, j); }
+  DL_HD A t(int64_t j) const { return ld<T, A>(tr, j); }
+  // The reductions run in f's result type R (a body may compute wider than A).
+  template <class F> DL_HD auto sum(int64_t m, F f) const -> decltype(f(int64_t(0))) {
+    using R = decltype(f(int64_t(0)));
+    R* buf = reinterpret_cast<R*>(space);
+    for (int64_t j = 0; j < m; ++j) buf[j] = f(j);
+    return lane_sum(buf, m);
+  }
+  // torch's log-sum-exp: the maximum, then the sum of exp(v - max); -inf for no columns.
+  template <class F> DL_HD auto lse(int64_t n, F f) const -> decltype(f(int64_t(0))) {
+    using R = decltype(f(int64_t(0)));
+    R* buf = reinterpret_cast<R*>(space);
+    for (int64_t j = 0; j < n; ++j) buf[j] = f(j);
+    R lanes[8];
+    for (int l = 0; l < 8; ++l) lanes[l] = n > 0 ? buf[0] : R(0);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+      for (int l = 0; l < 8; ++l) lanes[l] = dl_max(lanes[l], buf[j + l]);
+    R m = dl_max(dl_max(dl_max(lanes[0], lanes[1]), dl_max(lanes[2], lanes[3])),
+                 dl_max(dl_max(lanes[4], lanes[5]), dl_max(lanes[6], lanes[7])));
+    for (; j < n; ++j) m = dl_max(m, buf[j]);
+    for (int64_t k = 0; k < n; ++k) buf[k] = dl_exp(buf[k] - m);
+    return m + dl_log(lane_sum(buf, n));
+  }
+  template <class F> DL_HD void write(F f) const {
+    for (int64_t j = 0; j < c; ++j) g[j] = static_cast<T>(A(f(j)));
+  }
+};
+
+template <class T, class A> inline HostScan<T, A> host_scan(const Args& a, int64_t i, T* g, double* space) {
+  const int64_t c = a.c;
+  const bool dense = a.target_mode == TARGET_DENSE;
+  return {reinterpret_cast<const T*>(a.pred) + i * c,
+          dense ? reinterpret_cast<const T*>(a.target) + i * c : nullptr,
+          dense ? int64_t(-1) : reinterpret_cast<const int64_t*>(a.target)[i],
+          c,
+          g,
+          space};
+}
+
+template <class E, class T, bool WG> int64_t scan_forward(const Args& args) {
+  using A = typename AccOf<T>::type;
+  const E e(args);
+  const int64_t n = args.n, c = args.c;
+  const int64_t rows_per_chunk = std::max<int64_t>(1, CHUNK_ELEMS / std::max<int64_t>(c, 1));
+  const int64_t n_chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
+  const T* weight = reinterpret_cast<const T*>(args.weight);
+  T* out = reinterpret_cast<T*>(args.out);
+  T* grad = reinterpret_cast<T*>(args.grad_buf);
+  double* stat_out = reinterpret_cast<double*>(args.row_stat);
+  const A lw = A(args.loss_weight);
+  const A gscale = lw / reduction_divisor<A>(args);
+  std::vector<double> partial(n_chunks, 0.0);
+  std::vector<int64_t> invalid(n_chunks, 0);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<double> buf(size_t(std::max<int64_t>(c, 1)));
+    for (int64_t ch = cb; ch < ce; ++ch) {
+      double acc = 0.0;
+      for (int64_t i = ch * rows_per_chunk; i < std::min(n, (ch + 1) * rows_per_chunk); ++i) {
+        T* g = WG ? grad + i * c : nullptr;
+        const HostScan<T, A> s = host_scan<T, A>(args, i, g, buf.data());
+        const RowCheck rc = e.check(s);
+        A l = A(0);
+        if (rc.bad) invalid[ch]++;
+        if (rc.valid && !rc.bad) {
+          double stat[SCAN_STATS];
+          l = e.forward(s, stat);
+          if (stat_out)
+            for (int k = 0; k < SCAN_STATS; ++k) stat_out[i * SCAN_STATS + k] = stat[k];
+          const A w = weight ? ld<T, A>(weight, i * args.w_sn) : A(1);
+          l *= w;
+          if (WG) e.backward(s, stat, w * gscale);
+        } else if (WG) {
+          for (int64_t j = 0; j < c; ++j) g[j] = static_cast<T>(A(0));
+        }
+        if (args.reduction == RED_NONE)
+          out[i] = static_cast<T>(lw * l);
+        else
+          acc += double(l);
+      }
+      partial[ch] = acc;
+    }
+  });
+  return finish_forward<T, A>(args, partial, invalid);
+}
+
+template <class E, class T> int64_t scan_backward(const Args& args) {
+  using A = typename AccOf<T>::type;
+  const E e(args);
+  const int64_t n = args.n, c = args.c;
+  const T* weight = reinterpret_cast<const T*>(args.weight);
+  const T* go = reinterpret_cast<const T*>(args.grad_out);
+  const double* stat_in = reinterpret_cast<const double*>(args.row_stat);
+  T* out = reinterpret_cast<T*>(args.out);
+  const A scale = A(args.loss_weight) / reduction_divisor<A>(args);
+  at::parallel_for(0, n, std::max<int64_t>(1, CHUNK_ELEMS / std::max<int64_t>(c, 1)), [&](int64_t b, int64_t end) {
+    std::vector<double> buf(size_t(std::max<int64_t>(c, 1)));
+    for (int64_t i = b; i < end; ++i) {
+      T* g = out + i * c;
+      const HostScan<T, A> s = host_scan<T, A>(args, i, g, buf.data());
+      const RowCheck rc = e.check(s);
+      if (!rc.valid || rc.bad) {
+        for (int64_t j = 0; j < c; ++j) g[j] = static_cast<T>(rc.bad ? A(0) / A(0) : A(0));
+        continue;
+      }
+      const A coef = (weight ? ld<T, A>(weight, i * args.w_sn) : A(1)) * scale * ld<T, A>(go, i * args.g_sn);
+      e.backward(s, stat_in + i * SCAN_STATS, coef);
+    }
+  });
+  return 0;
+}
+
 // ---- Box bodies: one box pair (4 coordinates) per row of [n, 4]. WM: no weight (0), one per box
 // (1), or one per coordinate (2), averaged over the box (the IoU family's (N, 4) weight).
 template <int WM, class T, class A> DL_HD A box_weight(const T* w, int64_t w_sn, int64_t i, A (&wk)[4]) {
@@ -725,18 +848,32 @@ template <class E, class T> int64_t run(int32_t pass, const Args& a) {
     if (!a.weight) return by_weight(IntC<0>{});
     return a.w_sc == 0 ? by_weight(IntC<1>{}) : by_weight(IntC<2>{});
   } else if constexpr (E::SHAPE == SHAPE_ROW) {
+    using A = typename AccOf<T>::type;
     if (a.weight != 0 && a.w_sc != 0) return -2;
+    if constexpr (E::SCAN) {
+      if (a.target_mode != (E::LABEL_TARGETS ? TARGET_LABELS : TARGET_DENSE)) return -2;
+    }
     if (pass == PASS_FORWARD) {
       if (a.has_avg_factor == AVG_COUNT_VALID && a.reduction == RED_MEAN) {
-        using A = typename AccOf<T>::type;
         const E e(a);
         int64_t count = 0;
-        for (int64_t i = 0; i < a.n; ++i) count += row_target<E, T, A>(e, a, i).valid;
+        for (int64_t i = 0; i < a.n; ++i) {
+          if constexpr (E::SCAN)
+            count += e.check(host_scan<T, A>(a, i, nullptr, nullptr)).valid;
+          else
+            count += row_target<E, T, A>(e, a, i).valid;
+        }
         *reinterpret_cast<A*>(a.avg_factor) = A(count);
       }
-      return a.grad_buf ? row_forward<E, T, true>(a) : row_forward<E, T, false>(a);
+      if constexpr (E::SCAN)
+        return a.grad_buf ? scan_forward<E, T, true>(a) : scan_forward<E, T, false>(a);
+      else
+        return a.grad_buf ? row_forward<E, T, true>(a) : row_forward<E, T, false>(a);
     }
-    return row_backward<E, T>(a);
+    if constexpr (E::SCAN)
+      return scan_backward<E, T>(a);
+    else
+      return row_backward<E, T>(a);
   } else {
     const bool dense = a.target_mode == TARGET_DENSE;
     const bool welem = a.weight != 0 && a.w_sc != 0;

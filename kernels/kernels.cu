@@ -2,7 +2,7 @@
 // body shape (DESIGN.md section 9). build.rs compiles this file with nvcc into one embedded fatbin.
 //
 // Element bodies: a grid-stride pass over the elements. Row bodies: a warp per row (online max
-// and sum of the row's softmax). Both forward passes write the losses ('none') or one partial sum
+// and sum of the row's softmax; scan-row bodies scan their row through the warp). Both forward passes write the losses ('none') or one partial sum
 // per block, then dl_finalize_* adds the partials in a fixed order and applies the divisor and
 // loss_weight on the device (no value is read back to the host). Backward: one pass that writes
 // the gradient of pred. Histogram bodies (GHM) run a pre-pass first: per-block integer bin counts,
@@ -452,6 +452,108 @@ template <class E, class T, class I> __device__ __forceinline__ void box_backwar
   }
 }
 
+// ---- Scan-row executor: a warp per row, as the row executor; the body scans its row through a
+// DevScan (common.cuh, ScanRowBody). Lane l takes columns l, l + 32, ...; each reduction ends in
+// a butterfly, after which every lane holds the same value (each step adds the same two values
+// on both sides of a pair), so the body's branches on them stay uniform across the warp.
+template <class T, class A, class I> struct DevScan {
+  const T* xr;
+  const T* tr;    // the dense target row (TARGET_DENSE), else null
+  int64_t label;  // the class-index target (TARGET_LABELS), else -1
+  int64_t c;
+  T* g;  // the row's gradient (write), else null
+  int lane;
+  __device__ __forceinline__ A x(int64_t j) const { return ld<A>(xr, I(j)); }
+  __device__ __forceinline__ A t(int64_t j) const { return ld<A>(tr, I(j)); }
+  // The reductions run in f's result type R (a body may compute wider than A).
+  template <class F> __device__ __forceinline__ auto sum(int64_t m, F f) const -> decltype(f(int64_t(0))) {
+    using R = decltype(f(int64_t(0)));
+    R v = R(0);
+    for (I j = I(lane); j < I(m); j += 32) v += f(int64_t(j));
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+  }
+  template <class F> __device__ __forceinline__ auto lse(int64_t m, F f) const -> decltype(f(int64_t(0))) {
+    using R = decltype(f(int64_t(0)));
+    Lse<R> r{R(0), R(0)};
+    for (I j = I(lane); j < I(m); j += 32) r.add(f(int64_t(j)));
+    for (int o = 16; o > 0; o >>= 1) {
+      const R om = __shfl_xor_sync(0xffffffffu, r.m, o), os = __shfl_xor_sync(0xffffffffu, r.s, o);
+      r.merge(om, os);
+    }
+    return r.value();
+  }
+  template <class F> __device__ __forceinline__ void write(F f) const {
+    for (I j = I(lane); j < I(c); j += 32) g[j] = st<T>(A(f(int64_t(j))));
+  }
+};
+
+template <class T, class A, class I> __device__ __forceinline__ DevScan<T, A, I> dev_scan(const Args& a, I i, T* g) {
+  const bool dense = a.target_mode == TARGET_DENSE;
+  return {reinterpret_cast<const T*>(a.pred) + i * I(a.c),
+          dense ? reinterpret_cast<const T*>(a.target) + i * I(a.c) : nullptr,
+          dense ? int64_t(-1) : reinterpret_cast<const int64_t*>(a.target)[i],
+          a.c,
+          g,
+          int(threadIdx.x & 31)};
+}
+
+template <class E, class T, class I> __device__ __forceinline__ void scan_forward(const Args& a) {
+  using A = typename AccOf<T>::type;
+  const E e(a);
+  const I n = I(a.n);
+  const int lane = threadIdx.x & 31;
+  T* out = reinterpret_cast<T*>(a.out);
+  double* stat_out = reinterpret_cast<double*>(a.row_stat);
+  const A lw = A(a.loss_weight), nan = A(0) / A(0);
+  A acc = A(0), valid = A(0);
+  for (I i = I(blockIdx.x) * WARPS + (threadIdx.x >> 5); i < n; i += I(gridDim.x) * WARPS) {
+    const DevScan<T, A, I> s = dev_scan<T, A, I>(a, i, nullptr);
+    const RowCheck rc = e.check(s);
+    A l = A(0);
+    double stat[SCAN_STATS] = {};
+    if (rc.valid && !rc.bad) l = e.forward(s, stat);
+    if (lane == 0) {
+      if (rc.bad) {
+        l = nan;
+      } else if (rc.valid) {
+        l *= weight_at<A, T>(a, i, I(0));
+        if (stat_out)
+          for (int k = 0; k < SCAN_STATS; ++k) stat_out[int64_t(i) * SCAN_STATS + k] = stat[k];
+      }
+      valid += A(rc.valid);
+      if (a.reduction == RED_NONE)
+        out[i] = st<T>(lw * l);
+      else
+        acc += l;
+    }
+  }
+  if (a.reduction != RED_NONE) write_partials<true, false, A>(a, acc, valid, ShortcutAcc<A, false>(a));
+}
+
+template <class E, class T, class I> __device__ __forceinline__ void scan_backward(const Args& a) {
+  using A = typename AccOf<T>::type;
+  const E e(a);
+  const I c = I(a.c), n = I(a.n);
+  const int lane = threadIdx.x & 31;
+  const T* go = reinterpret_cast<const T*>(a.grad_out);
+  const double* stat_in = reinterpret_cast<const double*>(a.row_stat);
+  T* out = reinterpret_cast<T*>(a.out);
+  const A scale = A(a.loss_weight) / reduction_divisor<A>(a), nan = A(0) / A(0);
+  for (I i = I(blockIdx.x) * WARPS + (threadIdx.x >> 5); i < n; i += I(gridDim.x) * WARPS) {
+    T* g = out + i * c;
+    const DevScan<T, A, I> s = dev_scan<T, A, I>(a, i, g);
+    const RowCheck rc = e.check(s);
+    if (rc.bad || !rc.valid) {
+      const T v = st<T>(rc.bad ? nan : A(0));
+      for (I j = lane; j < c; j += 32) g[j] = v;
+      continue;
+    }
+    const A coef = weight_at<A, T>(a, i, I(0)) * scale * ld<A>(go, I(i * I(a.g_sn)));
+    e.backward(s, stat_in + int64_t(i) * SCAN_STATS, coef);
+  }
+}
+
 // ---- Histogram executor, pass 1: per-block counts of the elements with weight > 0 in each bin
 // (integer atomics in shared memory: exact in any order) and their total count.
 template <class E, class T, class I> __device__ __forceinline__ void histogram(const Args& a) {
@@ -484,7 +586,12 @@ template <class E, class T, class I> __device__ __forceinline__ void histogram(c
 // I: the index type. 32-bit indexing (a much cheaper division) serves whenever the element
 // count allows it; the host picks the *_k64 entry points otherwise.
 template <class E, class T, class I> __device__ __forceinline__ void run(int32_t pass, const Args& a) {
-  if constexpr (E::SHAPE == SHAPE_ROW) {
+  if constexpr (E::SHAPE == SHAPE_ROW && E::SCAN) {
+    if (pass == PASS_FORWARD)
+      scan_forward<E, T, I>(a);
+    else
+      scan_backward<E, T, I>(a);
+  } else if constexpr (E::SHAPE == SHAPE_ROW) {
     if (pass == PASS_FORWARD)
       row_forward<E, T, I>(a);
     else
@@ -537,7 +644,7 @@ template <class T> __device__ __forceinline__ void finalize(const Args& a) {
     cnt = block_sum(cnt);
     // The count is the divisor's avg_factor, for this pass and the backward one.
     if (threadIdx.x == 0 && a.reduction == RED_MEAN) *reinterpret_cast<A*>(a.avg_factor) = A(cnt);
-    divisor = A(cnt) + A(AVG_FACTOR_EPS);
+    divisor = count_divisor(a, A(cnt));
   } else {
     divisor = reduction_divisor<A>(a);
   }

@@ -30,6 +30,10 @@ pub(crate) const FLAG_ROW_SUM: i32 = 4;
 pub(crate) const FLAG_STRICT_LABELS: i32 = 8;
 pub(crate) const FLAG_SIGMOID: i32 = 16;
 pub(crate) const FLAG_SHORTCUT: i32 = 64;
+pub(crate) const FLAG_PLAIN_MEAN: i32 = 128;
+
+/// `SCAN_STATS`: the values per row in the row executors' `row_stat` buffer.
+pub(crate) const SCAN_STATS: i64 = 2;
 
 // `TARGET_*`: what `target` (and `score`) hold.
 pub(crate) const TARGET_DENSE: i32 = 0;

@@ -10,8 +10,8 @@ use tch::{Device, Kind, Tensor};
 pub(crate) use crate::abi::Shape;
 use crate::abi::{
     dtype_code, DlArgs, Pass, AVG_COUNT_VALID, AVG_TENSOR, AVG_VALUE, FLAG_ACTIVATED, FLAG_ROW_SUM,
-    FLAG_SHORTCUT, MAX_BINS, SLOTS_WITH_COUNT, SLOTS_WITH_SHORTCUT, TARGET_DENSE, TARGET_LABELS,
-    TARGET_LABELS_SCORES, TARGET_ROW_VALUE,
+    FLAG_SHORTCUT, MAX_BINS, SCAN_STATS, SLOTS_WITH_COUNT, SLOTS_WITH_SHORTCUT, TARGET_DENSE,
+    TARGET_LABELS, TARGET_LABELS_SCORES, TARGET_ROW_VALUE,
 };
 pub(crate) use crate::bodies::Body;
 use crate::checks;
@@ -34,6 +34,9 @@ pub(crate) struct Spec {
     pub flags: i32,
     /// The body's vector parameter (`aux`), one value per class, in any floating kind.
     pub class_param: Option<Tensor>,
+    /// The class parameter's length where it is not one value per column (SeesawLoss's
+    /// mitigation matrix and its log).
+    pub class_param_len: Option<i64>,
     /// 'mean' without `avg_factor` divides by the count of valid elements (or rows), which the
     /// forward pass makes on the device (CrossEntropyLoss's `avg_non_ignore`).
     pub count_valid: bool,
@@ -66,6 +69,7 @@ impl Spec {
             int_param: 0,
             flags: 0,
             class_param: None,
+            class_param_len: None,
             count_valid: false,
             hist: None,
             shortcut: false,
@@ -386,9 +390,10 @@ fn prepare(
             .f_to_device(device)?
             .f_to_kind(acc)?
             .f_contiguous()?;
+        let len = spec.class_param_len.unwrap_or(c);
         ensure!(
-            t.numel() as i64 == c,
-            "{name}: class_weight has {} values for {c} classes",
+            t.numel() as i64 == len,
+            "{name}: the class parameter has {} values, not {len}",
             t.numel()
         );
         args.aux = ptr(&t);
@@ -402,8 +407,9 @@ fn prepare(
         buffers.push(t);
     }
     if spec.shape == Shape::Row {
-        // Each row's log-sum-exp, written by the forward pass for the backward pass.
-        let t = Tensor::f_zeros([n.max(1)], (acc, device))?;
+        // Each row's log-sum-exp (a scan-row body's SCAN_STATS values), written by the forward
+        // pass for the backward pass.
+        let t = Tensor::f_zeros([SCAN_STATS * n.max(1)], (Kind::Double, device))?;
         args.row_stat = ptr(&t);
         buffers.push(t);
     }

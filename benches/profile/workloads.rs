@@ -72,8 +72,7 @@ pub const WORKLOADS: &[Workload] = &[
         cuda_kinds: F32,
         inputs: labelled_anchors,
     },
-    // LVIS's Seesaw RoI head: 1,203 classes + background, 2 objectness logits (composed of stock
-    // ops: 1.0x).
+    // LVIS's Seesaw RoI head: 1,203 classes + background, 2 objectness logits.
     Workload {
         name: "SeesawLoss",
         config: r#"{"type": "SeesawLoss", "num_classes": 1203}"#,
@@ -177,7 +176,7 @@ pub const WORKLOADS: &[Workload] = &[
         cuda_kinds: F32,
         inputs: heatmaps,
     },
-    // LD's distillation of the teacher's side distributions (composed of stock ops: 1.0x).
+    // LD's distillation of the teacher's side distributions.
     Workload {
         name: "KnowledgeDistillationKLDivLoss",
         config: r#"{"type": "KnowledgeDistillationKLDivLoss", "T": 10}"#,

@@ -5,9 +5,10 @@ use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::{begin, single_target};
+use super::{begin, row_weight, single_target};
+use crate::fused::{self, Body, KTarget, Shape, Spec};
 use crate::reduction::{weight_reduce_loss, Reduction};
-use crate::{LossArgs, Target};
+use crate::{Loss, LossArgs, Target};
 
 const NAME: &str = "KnowledgeDistillationKLDivLoss";
 
@@ -16,7 +17,9 @@ const NAME: &str = "KnowledgeDistillationKLDivLoss";
 /// distribution detached (no gradient reaches `soft_label`). pred and the soft label are `(N, C)`
 /// logits; 'none' gives `(N,)`; the weight is per row.
 ///
-/// Composed of stock ops (`log_softmax`, `softmax`, `kl_div`).
+/// Fused: one scan-row kernel (kernels/kd.cuh) reads both rows and writes the loss and, on the
+/// CPU, the gradient in the same pass; [`Loss::forward_unfused`] is the stock-op composition
+/// (`log_softmax`, `softmax`, `kl_div`).
 ///
 /// ```
 /// use tch::{Device, Kind, Tensor};
@@ -62,8 +65,13 @@ impl KnowledgeDistillationKLDivLoss {
 }
 
 impl KnowledgeDistillationKLDivLoss {
-    /// `knowledge_distillation_kl_div_loss` in stock ops.
-    fn composed(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
+    /// The checks both paths share; returns the call's reduction and the soft label.
+    fn begin<'a>(
+        &self,
+        pred: &Tensor,
+        target: Target<'a>,
+        args: &LossArgs<'_>,
+    ) -> Result<(Reduction, &'a Tensor)> {
         self.validate()?;
         let reduction = begin(NAME, pred, target, args, self.reduction)?;
         let soft = single_target(NAME, target)?;
@@ -74,6 +82,12 @@ impl KnowledgeDistillationKLDivLoss {
             soft.size()
         );
         crate::checks::floating(NAME, "target", soft)?;
+        Ok((reduction, soft))
+    }
+
+    /// `knowledge_distillation_kl_div_loss` in stock ops.
+    fn composed(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
+        let (reduction, soft) = self.begin(pred, target, args)?;
         let t = self.t;
         let teacher = soft
             .f_div_scalar(t)?
@@ -94,4 +108,35 @@ impl KnowledgeDistillationKLDivLoss {
     }
 }
 
-super::composed_loss!(KnowledgeDistillationKLDivLoss, NAME);
+impl Loss for KnowledgeDistillationKLDivLoss {
+    fn type_name(&self) -> &str {
+        NAME
+    }
+
+    fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
+        let (reduction, soft) = self.begin(pred, target, args)?;
+        let weight = args
+            .weight
+            .map(|w| row_weight(NAME, w, pred.size()[0]))
+            .transpose()?;
+        let mut spec = Spec::new(Body::Kd, NAME, Shape::Row, reduction, self.loss_weight);
+        spec.params[0] = self.t;
+        fused::run(
+            spec,
+            pred,
+            KTarget::Dense(soft),
+            weight.as_ref(),
+            args.avg_factor.as_ref(),
+        )
+    }
+
+    /// The stock-op composition.
+    fn forward_unfused(
+        &self,
+        pred: &Tensor,
+        target: Target<'_>,
+        args: &LossArgs<'_>,
+    ) -> Result<Tensor> {
+        self.composed(pred, target, args)
+    }
+}

@@ -3,13 +3,15 @@
 
 use std::sync::Mutex;
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::{begin, single_target};
+use super::{begin, row_weight, single_target};
+use crate::abi::FLAG_PLAIN_MEAN;
+use crate::fused::{self, Body, KTarget, Shape, Spec};
 use crate::reduction::{weight_reduce_loss, Reduction};
-use crate::{LossArgs, Target};
+use crate::{Loss, LossArgs, Target};
 
 const NAME: &str = "SeesawLoss";
 
@@ -24,15 +26,19 @@ const NAME: &str = "SeesawLoss";
 ///
 /// The class counts `cum_samples` (float32, `num_classes + 1`, background included) are state:
 /// each call adds its labels' counts first, on the device, then computes the loss with them
-/// ([`Loss::state`](crate::Loss::state), [`Loss::load_state`](crate::Loss::load_state)).
+/// ([`Loss::state`], [`Loss::load_state`]).
 ///
-/// [`Loss::forward_parts`](crate::Loss::forward_parts) gives MMDetection's dict, `loss_cls_objectness` and
-/// `loss_cls_classes` (with `return_dict`); [`Loss::forward`](crate::Loss::forward) their sum (MMDetection's
+/// [`Loss::forward_parts`] gives MMDetection's dict, `loss_cls_objectness` and
+/// `loss_cls_classes` (with `return_dict`); [`Loss::forward`] their sum (MMDetection's
 /// `return_dict=False`). Without a positive, `loss_cls_classes` is a 0.0 that is not multiplied
 /// by `loss_weight`, as in MMDetection.
 ///
-/// Composed of stock ops, with MMDetection's host reads: whether there is a positive, and the
-/// gather of the positives (the classes' loss has one row per positive).
+/// Fused: each part is one scan-row kernel over the whole rows (kernels/seesaw.cuh), with no copy
+/// of its columns; the classes' leaves the background rows out (a zero that is not multiplied by
+/// `loss_weight` is still 0), so 'mean' and 'sum' read nothing back. 'none' gathers the
+/// positives' losses (a host read, as in MMDetection). [`Loss::forward_unfused`] is the stock-op composition with MMDetection's host
+/// reads (whether there is a positive, the gather of the positives). A label outside
+/// `[0, num_classes]` is an error on the CPU and gives NaN on a device.
 ///
 /// ```
 /// use tch::{Device, Kind, Tensor};
@@ -61,7 +67,7 @@ pub struct SeesawLoss {
     pub reduction: Reduction,
     /// Multiplies both parts.
     pub loss_weight: f64,
-    /// [`Loss::forward_parts`](crate::Loss::forward_parts) gives the two parts (else their sum).
+    /// [`Loss::forward_parts`] gives the two parts (else their sum).
     pub return_dict: bool,
     /// The class counts `cum_samples`, not part of the config.
     #[serde(skip)]
@@ -143,28 +149,51 @@ impl SeesawLoss {
     }
 
     /// Adds the counts of `labels` to `cum_samples` (on their device, float32) and returns it.
+    /// A label outside `[0, num_classes]` is an error on the CPU; on a device it adds nothing
+    /// here (no host read) and makes the loss NaN.
     fn count(&self, labels: &Tensor, device: Device) -> Result<Tensor> {
         let mut guard = self
             .cum_samples
             .lock()
             .map_err(|_| anyhow!("{NAME}: the cum_samples lock is poisoned"))?;
-        let counts = labels
-            .f_one_hot(self.num_classes + 1)
-            .map_err(|e| {
-                anyhow!(
-                    "{NAME}: labels outside [0, {}] ({} is background): {e}",
-                    self.num_classes,
-                    self.num_classes
-                )
-            })?
-            .f_sum_dim_intlist(0, false, Kind::Float)?;
+        let c = self.num_classes;
+        let valid = labels.f_ge(0)?.f_logical_and(&labels.f_le(c)?)?;
+        if labels.device() == Device::Cpu && !bool::try_from(valid.f_all()?)? {
+            let bad = labels.numel() as i64 - valid.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+            bail!("{NAME}: {bad} label(s) outside [0, {c}] ({c} is background)");
+        }
+        let counts = Tensor::f_zeros([c + 1], (Kind::Float, labels.device()))?.f_scatter_add(
+            0,
+            &labels.f_clamp(0, c)?,
+            &valid.f_to_kind(Kind::Float)?,
+        )?;
         let cum = match guard.take() {
             Some(c) => c.f_to_device(device)?,
-            None => Tensor::f_zeros([self.num_classes + 1], (Kind::Float, device))?,
+            None => Tensor::f_zeros([c + 1], (Kind::Float, device))?,
         };
         let cum = cum.f_add(&counts)?;
         *guard = Some(cum.shallow_clone());
         Ok(cum)
+    }
+
+    /// MMDetection's `[C, C]` float32 mitigation matrix from the class counts (row `i`: label
+    /// `i`), in its ops; None for `p = 0`.
+    fn mitigation(&self, cum: &Tensor) -> Result<Option<Tensor>> {
+        if self.p <= 0.0 {
+            return Ok(None);
+        }
+        let cum = cum.f_narrow(0, 0, self.num_classes)?;
+        let ratio = cum
+            .f_unsqueeze(0)?
+            .f_clamp_min(1.0)?
+            .f_div(&cum.f_unsqueeze(1)?.f_clamp_min(1.0)?)?;
+        let index = ratio.f_lt(1.0)?.f_to_kind(Kind::Float)?;
+        Ok(Some(
+            ratio
+                .f_pow_tensor_scalar(self.p)?
+                .f_mul(&index)?
+                .f_add(&index.f_neg()?.f_add_scalar(1.0)?)?,
+        ))
     }
 
     /// `seesaw_ce_loss` of the positives.
@@ -180,17 +209,7 @@ impl SeesawLoss {
         let c = self.num_classes;
         let onehot = labels.f_one_hot(c)?;
         let mut weights = cls.f_ones_like()?;
-        if self.p > 0.0 {
-            let cum = cum.f_narrow(0, 0, c)?;
-            let ratio = cum
-                .f_unsqueeze(0)?
-                .f_clamp_min(1.0)?
-                .f_div(&cum.f_unsqueeze(1)?.f_clamp_min(1.0)?)?;
-            let index = ratio.f_lt(1.0)?.f_to_kind(Kind::Float)?;
-            let sample = ratio
-                .f_pow_tensor_scalar(self.p)?
-                .f_mul(&index)?
-                .f_add(&index.f_neg()?.f_add_scalar(1.0)?)?;
+        if let Some(sample) = self.mitigation(cum)? {
             weights = weights.f_mul(&sample.f_index_select(0, labels)?)?;
         }
         if self.q > 0.0 {
@@ -215,13 +234,14 @@ impl SeesawLoss {
         )
     }
 
-    /// The two parts, `(loss_cls_objectness, loss_cls_classes)`.
-    fn parts(
+    /// The checks both paths share, and the class counts with this call's labels added:
+    /// `(reduction, labels, label_weights, cum_samples)`.
+    fn begin_call(
         &self,
         pred: &Tensor,
         target: Target<'_>,
         args: &LossArgs<'_>,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Reduction, Tensor, Tensor, Tensor)> {
         self.validate()?;
         let reduction = begin(NAME, pred, target, args, self.reduction)?;
         let labels = single_target(NAME, target)?;
@@ -235,7 +255,6 @@ impl SeesawLoss {
         );
         let labels = labels.f_to_kind(Kind::Int64)?;
         let cum = self.count(&labels, pred.device())?;
-        let c = self.num_classes;
         let label_weights = match args.weight {
             Some(w) => {
                 ensure!(
@@ -247,6 +266,92 @@ impl SeesawLoss {
             }
             None => Tensor::f_ones([n], (Kind::Float, labels.device()))?,
         };
+        Ok((reduction, labels, label_weights, cum))
+    }
+
+    /// The two parts, `(loss_cls_objectness, loss_cls_classes)`, from the fused kernels: one
+    /// scan-row kernel (kernels/seesaw.cuh) per part over the whole rows, the classes' leaving
+    /// the background rows out (so that 'mean' and 'sum' read nothing back).
+    fn parts(
+        &self,
+        pred: &Tensor,
+        target: Target<'_>,
+        args: &LossArgs<'_>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (reduction, labels, label_weights, cum) = self.begin_call(pred, target, args)?;
+        let (n, c) = (pred.size()[0], self.num_classes);
+        let weight = row_weight(NAME, &label_weights, n)?;
+        let avg_factor = args.avg_factor.as_ref();
+        let part = |i0: i64, class_param: Option<Tensor>| {
+            let mut spec = Spec::new(Body::Seesaw, NAME, Shape::Row, reduction, self.loss_weight);
+            // Slots: i0 = the part, p1 = q, p2 = eps, aux = the mitigation matrix and its log.
+            spec.int_param = i0;
+            spec.params = [0.0, self.q, self.eps, 0.0];
+            spec.class_param_len = Some(2 * c * c);
+            spec.class_param = class_param;
+            spec.valid_targets =
+                Some("class indices in [0, num_classes], num_classes is background");
+            spec
+        };
+        // The log as MMDetection takes it, in the kind of its seesaw weights (pred's, at least
+        // float32).
+        let acc = if pred.kind() == Kind::Double {
+            Kind::Double
+        } else {
+            Kind::Float
+        };
+        let mitigation = match self.mitigation(&cum)? {
+            Some(m) => {
+                let m = m.f_to_kind(acc)?;
+                let log = m.f_log()?;
+                Some(Tensor::f_cat(&[m, log], 0)?)
+            }
+            None => None,
+        };
+        let mut classes = part(0, mitigation);
+        // MMDetection's mean over the positives it gathers: their count, without eps.
+        classes.count_valid = true;
+        classes.flags = FLAG_PLAIN_MEAN;
+        let rows = fused::run(
+            classes,
+            pred,
+            KTarget::Labels(&labels),
+            Some(&weight),
+            avg_factor,
+        )?;
+        let classes = if reduction == Reduction::None {
+            // One loss per positive (a host read, as MMDetection's gather); without one, their
+            // sum, 0.
+            let idx = labels.f_lt(c)?.f_nonzero()?.f_squeeze_dim(1)?;
+            let pos = rows.f_index_select(0, &idx)?;
+            if idx.numel() == 0 {
+                pos.f_sum(pos.kind())?
+            } else {
+                pos
+            }
+        } else {
+            rows
+        };
+        let objectness = fused::run(
+            part(1, None),
+            pred,
+            KTarget::Labels(&labels),
+            Some(&weight),
+            avg_factor,
+        )?;
+        Ok((objectness, classes))
+    }
+
+    /// The two parts in stock ops, with MMDetection's host reads: whether there is a positive,
+    /// and the gather of the positives.
+    fn parts_unfused(
+        &self,
+        pred: &Tensor,
+        target: Target<'_>,
+        args: &LossArgs<'_>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (reduction, labels, label_weights, cum) = self.begin_call(pred, target, args)?;
+        let c = self.num_classes;
         let cls = pred.f_narrow(1, 0, c)?;
         let obj = pred.f_narrow(1, c, 2)?;
         let pos = labels.f_lt(c)?;
@@ -280,17 +385,32 @@ impl SeesawLoss {
     }
 }
 
-impl SeesawLoss {
-    /// The loss in stock ops.
-    fn composed(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
-        let (objectness, classes) = self.parts(pred, target, args)?;
-        classes.f_add(&objectness).map_err(|e| {
-            anyhow!("{NAME}: the classes' and the objectness losses do not broadcast ('none' without return_dict needs one positive or all): {e}")
-        })
-    }
+/// `return_dict=False`: the sum of the two parts.
+fn sum_parts((objectness, classes): (Tensor, Tensor)) -> Result<Tensor> {
+    classes.f_add(&objectness).map_err(|e| {
+        anyhow!("{NAME}: the classes' and the objectness losses do not broadcast ('none' without return_dict needs one positive or all): {e}")
+    })
 }
 
-super::composed_loss!(SeesawLoss, NAME, {
+impl Loss for SeesawLoss {
+    fn type_name(&self) -> &str {
+        NAME
+    }
+
+    fn forward(&self, pred: &Tensor, target: Target<'_>, args: &LossArgs<'_>) -> Result<Tensor> {
+        sum_parts(self.parts(pred, target, args)?)
+    }
+
+    /// The stock-op composition.
+    fn forward_unfused(
+        &self,
+        pred: &Tensor,
+        target: Target<'_>,
+        args: &LossArgs<'_>,
+    ) -> Result<Tensor> {
+        sum_parts(self.parts_unfused(pred, target, args)?)
+    }
+
     fn forward_parts(
         &self,
         pred: &Tensor,
@@ -344,4 +464,4 @@ super::composed_loss!(SeesawLoss, NAME, {
     fn get_activation(&self, cls_score: &Tensor) -> Result<Option<Tensor>> {
         Self::get_activation(self, cls_score).map(Some)
     }
-});
+}

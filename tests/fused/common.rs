@@ -69,7 +69,7 @@ pub struct Variant {
     /// in that dtype rather than with float64.
     pub stock: bool,
     /// The loss reads the device back or copies host data to it, as MMDetection's does
-    /// (SeesawLoss's positives, BoundedIoULoss's zero-weight short-cut, L2Loss's counts,
+    /// (BoundedIoULoss's zero-weight short-cut, L2Loss's counts,
     /// TripletLoss's negatives check, AssociativeEmbeddingLoss's match): left out of the GPU's
     /// sync-free check.
     #[cfg_attr(not(feature = "gpu-tests"), allow(dead_code))]
@@ -165,18 +165,12 @@ variant_table! { $
         prob: true,
         ..v(r#"{"type": "GaussianFocalLoss", "alpha": 3.0, "gamma": 2.0, "pos_weight": 2.0, "neg_weight": 0.5, "loss_weight": 0.7}"#, Tgt::Dense)
     },
-    kd_t10 => stock(r#"{"type": "KnowledgeDistillationKLDivLoss"}"#, Tgt::Dense),
-    kd_t2_5_lw0_5 => stock(r#"{"type": "KnowledgeDistillationKLDivLoss", "T": 2.5, "loss_weight": 0.5}"#, Tgt::Dense),
+    kd_t10 => v(r#"{"type": "KnowledgeDistillationKLDivLoss"}"#, Tgt::Dense),
+    kd_t2_5_lw0_5 => v(r#"{"type": "KnowledgeDistillationKLDivLoss", "T": 2.5, "loss_weight": 0.5}"#, Tgt::Dense),
     dice => stock(r#"{"type": "DiceLoss"}"#, Tgt::Dense),
     dice_naive_eps1_lw2 => stock(r#"{"type": "DiceLoss", "naive_dice": true, "eps": 1.0, "loss_weight": 2.0}"#, Tgt::Dense),
-    seesaw => Variant {
-        host_reads: true,
-        ..stock(r#"{"type": "SeesawLoss", "num_classes": CLASSES_BELOW}"#, Tgt::LabelsBelow(2))
-    },
-    seesaw_p1_5_q1_eps0_1_lw2_sum => Variant {
-        host_reads: true,
-        ..stock(r#"{"type": "SeesawLoss", "num_classes": CLASSES_BELOW, "p": 1.5, "q": 1.0, "eps": 0.1, "loss_weight": 2.0, "reduction": "sum", "return_dict": false}"#, Tgt::LabelsBelow(2))
-    },
+    seesaw => v(r#"{"type": "SeesawLoss", "num_classes": CLASSES_BELOW}"#, Tgt::LabelsBelow(2)),
+    seesaw_p1_5_q1_eps0_1_lw2_sum => v(r#"{"type": "SeesawLoss", "num_classes": CLASSES_BELOW, "p": 1.5, "q": 1.0, "eps": 0.1, "loss_weight": 2.0, "reduction": "sum", "return_dict": false}"#, Tgt::LabelsBelow(2)),
     eqlv2 => stock(r#"{"type": "EQLV2Loss", "num_classes": CLASSES_BELOW}"#, Tgt::LabelsBelow(1)),
     eqlv2_mu0_5_a2_g6_lw2 => stock(r#"{"type": "EQLV2Loss", "num_classes": CLASSES_BELOW, "mu": 0.5, "alpha": 2.0, "gamma": 6, "loss_weight": 2.0}"#, Tgt::LabelsBelow(1)),
     multipos_ce => stock(r#"{"type": "MultiPosCrossEntropyLoss"}"#, Tgt::Pairs),
