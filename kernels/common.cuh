@@ -266,9 +266,11 @@ template <class A> DL_HD A prob_guard(A p, A v) { return (p >= A(0) && p <= A(1)
 // scan `s` of the row, a loop on the CPU and the row's warp on a device, with
 //   s.x(j), s.t(j)   pred and the dense target at column j (accumulation type); s.label, the
 //                    class-index target; s.c, the row length;
-//   s.sum(m, f), s.lse(m, f)  the sum and the log-sum-exp of f(j) over the row's first m columns:
-//                    every thread of the row gets the same value, so a body branches on them
-//                    freely;
+//   s.sum(m, f), s.lse(m, f[, slot])  the sum and the log-sum-exp of f(j) over the row's first m
+//                    columns: every thread of the row gets the same value, so a body branches on
+//                    them freely;
+//   s.softmax(slot, j, f, lse)  exp(f(j) - lse) for the lse that lse(m, f, slot) gave: on the CPU
+//                    from what that call kept in the slot (no exp), on a device recomputed;
 //   s.write(f)       the row's gradient, g[j] = f(j);
 // and the functor has
 //   RowCheck check(const S& s)                   whether the row counts and whether its target is bad;
@@ -295,6 +297,8 @@ struct ScanRowBody : RowBody {
 // so that a body computing in double keeps its precision (the row_stat buffer is float64, this
 // many per row, for every row body; the row executor's log-sum-exps take its first n values of A).
 constexpr int SCAN_STATS = 2;
+// The softmax slots of a scan (s.lse(.., slot), s.softmax).
+constexpr int SCAN_SLOTS = 2;
 // A scan row's standing: `valid` false leaves it out (loss 0, not counted), `bad` marks its target
 // out of range (an error on the CPU, NaN on a device).
 struct RowCheck {

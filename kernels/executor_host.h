@@ -573,20 +573,25 @@ template <class T, class A> struct HostScan {
   int64_t label;  // the class-index target (TARGET_LABELS), else -1
   int64_t c;
   T* g;           // the row's gradient (write), else null
-  double* space;  // c values of any type up to double: the reductions' buffer
+  double* space;  // (1 + SCAN_SLOTS) c values of any type up to double: scratch, then the slots
+  // What lse(.., slot) kept: the slot holds exp(f(j) - max), and `scale` turns it into
+  // exp(f(j) - lse). A fresh scan (the backward pass's) keeps nothing and recomputes.
+  mutable bool kept[SCAN_SLOTS] = {};
+  mutable double scale[SCAN_SLOTS] = {};
+  template <class R> DL_HD R* buffer(int slot) const { return reinterpret_cast<R*>(space + (slot + 1) * c); }
   DL_HD A x(int64_t j) const { return ld<T, A>(xr, j); }
   DL_HD A t(int64_t j) const { return ld<T, A>(tr, j); }
   // The reductions run in f's result type R (a body may compute wider than A).
   template <class F> DL_HD auto sum(int64_t m, F f) const -> decltype(f(int64_t(0))) {
     using R = decltype(f(int64_t(0)));
-    R* buf = reinterpret_cast<R*>(space);
+    R* buf = buffer<R>(-1);
     for (int64_t j = 0; j < m; ++j) buf[j] = f(j);
     return lane_sum(buf, m);
   }
   // torch's log-sum-exp: the maximum, then the sum of exp(v - max); -inf for no columns.
-  template <class F> DL_HD auto lse(int64_t n, F f) const -> decltype(f(int64_t(0))) {
+  template <class F> DL_HD auto lse(int64_t n, F f, int slot = -1) const -> decltype(f(int64_t(0))) {
     using R = decltype(f(int64_t(0)));
-    R* buf = reinterpret_cast<R*>(space);
+    R* buf = buffer<R>(slot);
     for (int64_t j = 0; j < n; ++j) buf[j] = f(j);
     R lanes[8];
     for (int l = 0; l < 8; ++l) lanes[l] = n > 0 ? buf[0] : R(0);
@@ -597,7 +602,18 @@ template <class T, class A> struct HostScan {
                  dl_max(dl_max(lanes[4], lanes[5]), dl_max(lanes[6], lanes[7])));
     for (; j < n; ++j) m = dl_max(m, buf[j]);
     for (int64_t k = 0; k < n; ++k) buf[k] = dl_exp(buf[k] - m);
-    return m + dl_log(lane_sum(buf, n));
+    const R s = lane_sum(buf, n);
+    if (slot >= 0) {
+      kept[slot] = true;
+      scale[slot] = double(R(1) / s);
+    }
+    return m + dl_log(s);
+  }
+  // exp(f(j) - lse): the softmax of what lse(.., slot) reduced, from the slot where it was kept.
+  template <class F> DL_HD auto softmax(int slot, int64_t j, F f, decltype(f(int64_t(0))) lse) const
+      -> decltype(f(int64_t(0))) {
+    using R = decltype(f(int64_t(0)));
+    return kept[slot] ? buffer<R>(slot)[j] * R(scale[slot]) : dl_exp(f(j) - lse);
   }
   template <class F> DL_HD void write(F f) const {
     for (int64_t j = 0; j < c; ++j) g[j] = static_cast<T>(A(f(j)));
@@ -612,7 +628,9 @@ template <class T, class A> inline HostScan<T, A> host_scan(const Args& a, int64
           dense ? int64_t(-1) : reinterpret_cast<const int64_t*>(a.target)[i],
           c,
           g,
-          space};
+          space,
+          {},
+          {}};
 }
 
 template <class E, class T, bool WG> int64_t scan_forward(const Args& args) {
@@ -630,7 +648,7 @@ template <class E, class T, bool WG> int64_t scan_forward(const Args& args) {
   std::vector<double> partial(n_chunks, 0.0);
   std::vector<int64_t> invalid(n_chunks, 0);
   at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<double> buf(size_t(std::max<int64_t>(c, 1)));
+    std::vector<double> buf(size_t((1 + SCAN_SLOTS) * std::max<int64_t>(c, 1)));
     for (int64_t ch = cb; ch < ce; ++ch) {
       double acc = 0.0;
       for (int64_t i = ch * rows_per_chunk; i < std::min(n, (ch + 1) * rows_per_chunk); ++i) {
@@ -671,7 +689,7 @@ template <class E, class T> int64_t scan_backward(const Args& args) {
   T* out = reinterpret_cast<T*>(args.out);
   const A scale = A(args.loss_weight) / reduction_divisor<A>(args);
   at::parallel_for(0, n, std::max<int64_t>(1, CHUNK_ELEMS / std::max<int64_t>(c, 1)), [&](int64_t b, int64_t end) {
-    std::vector<double> buf(size_t(std::max<int64_t>(c, 1)));
+    std::vector<double> buf(size_t((1 + SCAN_SLOTS) * std::max<int64_t>(c, 1)));
     for (int64_t i = b; i < end; ++i) {
       T* g = out + i * c;
       const HostScan<T, A> s = host_scan<T, A>(args, i, g, buf.data());

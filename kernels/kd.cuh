@@ -20,20 +20,23 @@ template <class A> struct KnowledgeDistillation : ScanRowBody {
   double t, tt;
   DL_HD explicit KnowledgeDistillation(const Args& a) : t(a.p0), tt(a.p0 * a.p0) {}
   template <class S> DL_HD RowCheck check(const S&) const { return {true, false}; }
+  // The slots of the two softmaxes (s.softmax): the student's q, the teacher's p.
+  enum { Q = 0, P = 1 };
   template <class S> DL_HD A forward(const S& s, double* stat) const {
-    const double lq = s.lse(s.c, [&](int64_t j) { return double(s.x(j)) / t; });
-    const double lp = s.lse(s.c, [&](int64_t j) { return double(s.t(j)) / t; });
-    const double kl = s.sum(s.c, [&](int64_t j) {
-      const double log_p = double(s.t(j)) / t - lp;
-      return dl_exp(log_p) * (log_p - (double(s.x(j)) / t - lq));
-    });
+    const auto a = [&](int64_t j) { return double(s.x(j)) / t; };
+    const auto b = [&](int64_t j) { return double(s.t(j)) / t; };
+    const double lq = s.lse(s.c, a, Q);
+    const double lp = s.lse(s.c, b, P);
+    const double kl = s.sum(s.c, [&](int64_t j) { return s.softmax(P, j, b, lp) * ((b(j) - lp) - (a(j) - lq)); });
     stat[0] = lq;
     stat[1] = lp;
     return A(kl / double(s.c) * tt);
   }
   template <class S> DL_HD void backward(const S& s, const double* stat, A coef) const {
+    const auto a = [&](int64_t j) { return double(s.x(j)) / t; };
+    const auto b = [&](int64_t j) { return double(s.t(j)) / t; };
     const double lq = stat[0], lp = stat[1], k = double(coef) * t / double(s.c);
-    s.write([&](int64_t j) { return (dl_exp(double(s.x(j)) / t - lq) - dl_exp(double(s.t(j)) / t - lp)) * k; });
+    s.write([&](int64_t j) { return (s.softmax(Q, j, a, lq) - s.softmax(P, j, b, lp)) * k; });
   }
 };
 

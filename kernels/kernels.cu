@@ -473,7 +473,7 @@ template <class T, class A, class I> struct DevScan {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
   }
-  template <class F> __device__ __forceinline__ auto lse(int64_t m, F f) const -> decltype(f(int64_t(0))) {
+  template <class F> __device__ __forceinline__ auto lse(int64_t m, F f, int = -1) const -> decltype(f(int64_t(0))) {
     using R = decltype(f(int64_t(0)));
     Lse<R> r{R(0), R(0)};
     for (I j = I(lane); j < I(m); j += 32) r.add(f(int64_t(j)));
@@ -482,6 +482,11 @@ template <class T, class A, class I> struct DevScan {
       r.merge(om, os);
     }
     return r.value();
+  }
+  // Recomputed: a device keeps nothing of a row but registers.
+  template <class F> __device__ __forceinline__ auto softmax(int, int64_t j, F f, decltype(f(int64_t(0))) lse) const
+      -> decltype(f(int64_t(0))) {
+    return dl_exp(f(j) - lse);
   }
   template <class F> __device__ __forceinline__ void write(F f) const {
     for (I j = I(lane); j < I(c); j += 32) g[j] = st<T>(A(f(int64_t(j))));

@@ -80,7 +80,7 @@ template <class A> struct Seesaw : ScanRowBody {
     }
     const A lse_x = q > A(0) ? s.lse(c, [&](int64_t j) { return s.x(j); }) : A(0);
     const Ctx k = ctx(s, lse_x);
-    const A lse_z = s.lse(c, [&](int64_t j) { return z(s, j, k); });
+    const A lse_z = s.lse(c, [&](int64_t j) { return z(s, j, k); }, 0);
     stat[0] = lse_x;
     stat[1] = lse_z;
     return lse_z - s.x(s.label);
@@ -94,7 +94,8 @@ template <class A> struct Seesaw : ScanRowBody {
     }
     const Ctx k = ctx(s, A(stat[0]));
     const A lse_z = A(stat[1]);
-    s.write([&](int64_t j) { return j < c ? (dl_exp(z(s, j, k) - lse_z) - A(j == s.label)) * coef : A(0); });
+    const auto zj = [&](int64_t j) { return z(s, j, k); };
+    s.write([&](int64_t j) { return j < c ? (s.softmax(0, j, zj, lse_z) - A(j == s.label)) * coef : A(0); });
   }
 };
 
